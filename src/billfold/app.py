@@ -1,0 +1,150 @@
+"""Builds the ASGI app: platform resources, the gateway edge, and the enabled services."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.asyncio import Redis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from billfold import users
+from billfold.config import Settings
+from billfold.gateway.errors import install_error_handlers
+from billfold.gateway.middleware import Edge, EdgeConfig
+from billfold.platform.blobs import FilesystemBlobStore
+from billfold.platform.db import create_engine
+from billfold.platform.keys import SealedBox
+from billfold.platform.observability import Metrics
+from billfold.platform.ratelimit import RateLimiter
+from billfold.users.api import router as users_router
+
+API_DESCRIPTION = """
+billfold: a digital wallet API.
+
+* Money is always `amount` (integer minor units) + `currency` (ISO 4217).
+* Every error is RFC 9457 `application/problem+json` with a stable `code`.
+* Send `Idempotency-Key` on POST requests: a retry replays the first answer.
+* Authenticate with `Authorization: Bearer <access token>` from `POST /v1/auth/token`.
+"""
+
+
+def resolve_secret_key(settings: Settings) -> str:
+    """The key that seals secrets at rest: configured, or (development only) kept in data_dir."""
+    if settings.secret_key:
+        return settings.secret_key
+    if settings.environment == "production":
+        raise RuntimeError("BILLFOLD_SECRET_KEY must be set in production")
+    path = Path(settings.data_dir) / "secret.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(SealedBox.generate_b64())
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+@dataclass
+class Resources:
+    """Process-wide connections, opened in the lifespan and closed on shutdown."""
+
+    settings: Settings
+    engine: AsyncEngine
+    redis: Redis
+    metrics: Metrics
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The API with every service of this issue mounted; URLs must already be resolved."""
+    if not settings.database_url or not settings.redis_url:
+        raise RuntimeError("create_app needs database_url and redis_url (billfold up sets them)")
+    secret = resolve_secret_key(settings)
+    settings = settings.model_copy(update={"secret_key": secret})
+    sealed = SealedBox(base64.b64decode(secret))
+    engine = create_engine(settings.database_url)
+    redis = Redis.from_url(settings.redis_url, decode_responses=False)
+    metrics = Metrics()
+    keyring = users.KeyRing(engine, sealed, settings)
+    tokens = users.AccessTokens(keyring, redis, settings)
+    blobs = FilesystemBlobStore(Path(settings.data_dir) / "blobs")
+    users_rt = users.UsersRuntime(
+        settings=settings, redis=redis, tokens=tokens, sealed=sealed, blobs=blobs
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await keyring.start()
+        try:
+            yield
+        finally:
+            await redis.aclose()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="billfold",
+        version="0.1.0",
+        description=API_DESCRIPTION,
+        lifespan=lifespan,
+        openapi_tags=[
+            {"name": "users", "description": "Registration, profile, verification"},
+            {"name": "auth", "description": "Tokens, device sign-in, sessions"},
+            {"name": "devices", "description": "Enrolled phones, watches and browsers"},
+            {"name": "ops", "description": "Health and metrics"},
+        ],
+    )
+    app.state.resources = Resources(settings, engine, redis, metrics)
+    app.state.users = users_rt
+    install_error_handlers(app)
+    app.include_router(users_router)
+    _ops_routes(app)
+    limiter = RateLimiter(redis, settings.redis_prefix) if settings.rate_limits_enabled else None
+    app.add_middleware(Edge, config=EdgeConfig(settings, engine, tokens, limiter, metrics))
+    return app
+
+
+def _ops_routes(app: FastAPI) -> None:
+    @app.get("/healthz", tags=["ops"], summary="Liveness: the process answers")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        tags=["ops"],
+        summary="Readiness: PostgreSQL and Redis answer",
+        responses={503: {"description": "A dependency is down"}},
+    )
+    async def readyz(request: Request) -> Response:
+        res: Resources = request.app.state.resources
+        checks: dict[str, Any] = {}
+
+        async def db() -> None:
+            async with res.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+
+        async def cache() -> None:
+            await res.redis.ping()
+
+        for name, check in (("database", db), ("redis", cache)):
+            try:
+                await asyncio.wait_for(check(), 2.0)
+                checks[name] = "ok"
+            except Exception:
+                checks[name] = "unavailable"
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse(
+            {"status": "ok" if ok else "unavailable", "checks": checks},
+            status_code=200 if ok else 503,
+        )
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response)
+    async def metrics(request: Request) -> Response:
+        res: Resources = request.app.state.resources
+        return Response(generate_latest(res.metrics.registry), media_type=CONTENT_TYPE_LATEST)

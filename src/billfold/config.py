@@ -1,0 +1,70 @@
+"""One Settings object for the whole process, read from `BILLFOLD_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Runtime configuration; every field can be set as `BILLFOLD_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="BILLFOLD_", extra="ignore")
+
+    environment: str = "development"
+    data_dir: Path = Path(".billfold")
+    # Empty means "start the embedded server in data_dir".
+    database_url: str = ""
+    redis_url: str = ""
+    # Prefix for every Redis key, so runs sharing one Redis never collide.
+    redis_prefix: str = "bf:"
+    public_url: str = "http://127.0.0.1:8000"
+
+    # Base64 of 32 random bytes; encrypts secrets at rest (JWT keys, TOTP seeds).
+    # Empty in development means "generate one into data_dir".
+    secret_key: str = ""
+
+    jwt_issuer: str = "billfold"
+    jwt_audience: str = "billfold-api"
+    access_token_ttl_seconds: int = Field(default=900, le=900, gt=0)
+    refresh_token_ttl_seconds: int = 30 * 24 * 3600
+    session_ttl_seconds: int = 30 * 24 * 3600
+    signing_key_rotation_seconds: int = 24 * 3600
+
+    login_max_failures: int = 5
+    login_lockout_base_seconds: int = 60
+
+    verification_code_ttl_seconds: int = 600
+    verification_max_attempts: int = 5
+
+    max_body_bytes: int = 1_100_000
+    avatar_max_bytes: int = 1_000_000
+
+    rate_limits_enabled: bool = True
+    # "requests/seconds" per route class and key kind.
+    rate_limit_auth_ip: str = "30/60"
+    rate_limit_write_ip: str = "300/60"
+    rate_limit_read_ip: str = "1200/60"
+    rate_limit_auth_user: str = "30/60"
+    rate_limit_write_user: str = "120/60"
+    rate_limit_read_user: str = "600/60"
+
+    idempotency_ttl_seconds: int = 24 * 3600
+
+    webauthn_rp_id: str = "localhost"
+    webauthn_rp_name: str = "billfold"
+    webauthn_origin: str = "http://localhost:8000"
+
+    sanctions_list_path: Path | None = None
+    # Behind Kong or another proxy we trust, take the client address from X-Forwarded-For.
+    trust_forwarded_for: bool = False
+    log_level: str = "INFO"
+    log_json: bool = True
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""Event buses: the outbox relay hands committed events to sinks in outbox order."""

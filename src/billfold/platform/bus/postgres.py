@@ -1,0 +1,123 @@
+"""The embedded bus: relay the outbox with LISTEN/NOTIFY plus polling, in `seq` order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from billfold.platform.events import OUTBOX_CHANNEL
+from billfold.platform.observability import Metrics, get_logger
+
+log = get_logger(__name__)
+
+Sink = Callable[[dict[str, Any]], Awaitable[None]]
+
+_BATCH = text(
+    """
+    SELECT seq, id, type, source, subject, time, data FROM platform.outbox
+    WHERE published_at IS NULL ORDER BY seq LIMIT :limit FOR UPDATE SKIP LOCKED
+    """
+)
+_MARK = text("UPDATE platform.outbox SET published_at = now() WHERE seq = ANY(:seqs)")
+
+
+def _envelope(row: Any) -> dict[str, Any]:
+    return {
+        "specversion": "1.0",
+        "id": row.id,
+        "type": row.type,
+        "source": row.source,
+        "subject": row.subject,
+        "time": row.time.isoformat().replace("+00:00", "Z"),
+        "datacontenttype": "application/json",
+        "data": row.data,
+    }
+
+
+async def dev_log_sink(event: dict[str, Any]) -> None:
+    """Development delivery: log the event (verification codes show up here, unredacted)."""
+    data = event["data"]
+    if event["type"].endswith("verification.requested") or event["type"].endswith("code_requested"):
+        # Printed on purpose: in development this log line *is* the SMS/email.
+        print(
+            f"[dev-sink] {data.get('channel')} code for {data.get('target')}: {data.get('code')}",
+            flush=True,
+        )
+    log.info("event", type=event["type"], subject=event["subject"], id=event["id"])
+
+
+class OutboxRelay:
+    """Publishes committed outbox events to `sink`, at least once, in order."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        database_url: str,
+        sink: Sink,
+        metrics: Metrics | None = None,
+        poll_seconds: float = 1.0,
+        batch: int = 200,
+    ) -> None:
+        self._engine = engine
+        self._url = database_url
+        self._sink = sink
+        self._metrics = metrics
+        self._poll = poll_seconds
+        self._batch = batch
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    async def relay_once(self) -> int:
+        async with self._engine.begin() as conn:
+            rows = (await conn.execute(_BATCH, {"limit": self._batch})).all()
+            for row in rows:
+                envelope = _envelope(row)
+                await self._sink(envelope)
+                if self._metrics:
+                    self._metrics.events_published.labels(row.type).inc()
+            if rows:
+                await conn.execute(_MARK, {"seqs": [r.seq for r in rows]})
+        return len(rows)
+
+    async def run(self) -> None:
+        listener = await self._listen()
+        try:
+            while not self._stopping:
+                try:
+                    while await self.relay_once() == self._batch:
+                        pass
+                except Exception:
+                    log.exception("outbox relay failed; retrying")
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._poll)
+        finally:
+            if listener is not None:
+                await listener.close()
+
+    async def _listen(self) -> asyncpg.Connection | None:
+        url = make_url(self._url)
+        try:
+            conn = await asyncpg.connect(
+                user=url.username,
+                password=url.password,
+                database=url.database,
+                host=url.query.get("host") or url.host,
+                port=url.port,
+            )
+        except Exception:
+            log.warning("outbox relay could not LISTEN; polling only")
+            return None
+        await conn.add_listener(OUTBOX_CHANNEL, lambda *_: self._wake.set())
+        return conn
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()

@@ -1,0 +1,64 @@
+"""Cursor pagination: `{"data": [...], "next_cursor": ...}` with `?limit=` and `?cursor=`."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Generic, TypeVar
+
+from fastapi import Query
+from pydantic import BaseModel
+
+from billfold.platform.errors import FieldError, ProblemError
+
+T = TypeVar("T")
+
+DEFAULT_LIMIT = 20
+MAX_LIMIT = 100
+
+
+class Page(BaseModel, Generic[T]):
+    data: list[T]
+    next_cursor: str | None = None
+
+
+def encode_cursor(value: str) -> str:
+    return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> str | None:
+    if cursor is None:
+        return None
+    try:
+        value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        value = ""
+    if not value or not value.isprintable() or len(value) > 200:
+        raise ProblemError(
+            "The cursor is not valid; use next_cursor from the previous page",
+            status=422,
+            code="invalid_cursor",
+            errors=[FieldError(parameter="cursor", detail="not a cursor from this API")],
+        )
+    return value
+
+
+class PageParams(BaseModel):
+    limit: int
+    after: str | None
+
+
+def page_params(
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+    cursor: Annotated[str | None, Query(max_length=400)] = None,
+) -> PageParams:
+    """Dependency: validated `limit` and the decoded `cursor`."""
+    return PageParams(limit=limit, after=decode_cursor(cursor))
+
+
+def make_page(items: list[T], limit: int, key: str) -> Page[T]:
+    """`items` was fetched with limit + 1 rows; `key` names the sort attribute of each item."""
+    more = len(items) > limit
+    items = items[:limit]
+    next_cursor = encode_cursor(str(getattr(items[-1], key))) if more and items else None
+    return Page[T](data=items, next_cursor=next_cursor)

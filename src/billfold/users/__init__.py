@@ -1,0 +1,10 @@
+"""The User Service: registration, KYC, authentication, devices, sessions, profile.
+
+Public face for other services and the app: `build_runtime`, `router`, and the read-only
+`get_user_summary` that other services may call.
+"""
+
+from billfold.users.runtime import UsersRuntime
+from billfold.users.tokens import AccessTokens, KeyRing
+
+__all__ = ["AccessTokens", "KeyRing", "UsersRuntime"]

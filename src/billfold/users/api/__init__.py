@@ -1,0 +1,10 @@
+"""HTTP routes of the User Service."""
+
+from fastapi import APIRouter
+
+from billfold.users.api import accounts, auth, devices
+
+router = APIRouter()
+router.include_router(accounts.router)
+router.include_router(auth.router)
+router.include_router(devices.router)

@@ -1,0 +1,17 @@
+"""Dependencies shared by the User Service routes."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from billfold.gateway import client_ip, user_agent
+from billfold.users.auth import ClientContext
+from billfold.users.runtime import UsersRuntime
+
+
+def users_runtime(request: Request) -> UsersRuntime:
+    return request.app.state.users  # type: ignore[no-any-return]
+
+
+def client_context(request: Request) -> ClientContext:
+    return ClientContext(ip=client_ip(request), user_agent=user_agent(request))

@@ -1,0 +1,80 @@
+"""Device routes: enrol, list, get, rename, revoke."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Response, status
+
+from billfold.gateway import Principal, get_uow, require_scopes
+from billfold.platform.db import UnitOfWork
+from billfold.platform.errors import problem_responses
+from billfold.platform.pagination import Page, PageParams, make_page, page_params
+from billfold.users import devices
+from billfold.users.api.deps import users_runtime
+from billfold.users.models import Device, EnrolDevice, UpdateDevice
+from billfold.users.runtime import UsersRuntime
+from billfold.users.store import sessions as store
+
+router = APIRouter(tags=["devices"])
+Uow = Annotated[UnitOfWork, Depends(get_uow)]
+Runtime = Annotated[UsersRuntime, Depends(users_runtime)]
+Me = Annotated[Principal, Depends(require_scopes("devices"))]
+DeviceId = Annotated[str, Path(max_length=64)]
+
+
+@router.post(
+    "/v1/devices",
+    status_code=status.HTTP_201_CREATED,
+    response_model=Device,
+    summary="Enrol a device",
+    responses=problem_responses(401, 403, 422),
+)
+async def enrol(body: EnrolDevice, me: Me, uow: Uow) -> Device:
+    """Send the public half of a P-256 key made in the Secure Enclave / TEE to enable
+    device-signature (biometric) sign-in. Watches get the `pay` scope only."""
+    return await devices.enrol_device(uow, me.user_id, body)
+
+
+@router.get(
+    "/v1/devices",
+    response_model=Page[Device],
+    summary="Your devices",
+    responses=problem_responses(401, 403, 422),
+)
+async def list_devices(
+    me: Me, uow: Uow, page: Annotated[PageParams, Depends(page_params)]
+) -> Page[Device]:
+    rows = await store.list_devices(await uow.connection(), me.user_id, page.limit + 1, page.after)
+    return make_page([devices.to_device(r, me.device_id) for r in rows], page.limit, "id")
+
+
+@router.get(
+    "/v1/devices/{device_id}",
+    response_model=Device,
+    summary="One of your devices",
+    responses=problem_responses(401, 403, 404),
+)
+async def get_device(device_id: DeviceId, me: Me, uow: Uow) -> Device:
+    return await devices.get_device(await uow.connection(), me.user_id, device_id, me.device_id)
+
+
+@router.patch(
+    "/v1/devices/{device_id}",
+    response_model=Device,
+    summary="Rename a device or update its push token",
+    responses=problem_responses(401, 403, 404, 422),
+)
+async def patch_device(device_id: DeviceId, body: UpdateDevice, me: Me, uow: Uow) -> Device:
+    return await devices.update_device(uow, me.user_id, device_id, body, me.device_id)
+
+
+@router.delete(
+    "/v1/devices/{device_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Revoke a device and all its sessions",
+    responses=problem_responses(401, 403, 404),
+)
+async def delete_device(device_id: DeviceId, me: Me, uow: Uow, rt: Runtime) -> Response:
+    await devices.revoke_device(uow, rt, me.user_id, device_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

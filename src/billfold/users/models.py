@@ -1,0 +1,297 @@
+"""Request and response shapes of the User Service."""
+
+from __future__ import annotations
+
+import re
+from datetime import date, datetime
+from typing import Annotated, Any, Literal
+from zoneinfo import available_timezones
+
+import phonenumbers
+from babel import Locale, UnknownLocaleError
+from email_validator import EmailNotValidError, validate_email
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+_COUNTRIES: frozenset[str] | None = None
+
+
+def normalize_email(value: str) -> str:
+    try:
+        info = validate_email(value, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise ValueError(f"not a valid email address: {exc}") from None
+    return info.normalized.lower()
+
+
+def normalize_phone(value: str) -> str:
+    """E.164 form (`+14155550123`); only numbers that are possible and valid for their region."""
+    if not value.startswith("+"):
+        raise ValueError("phone must be in E.164 form, starting with + and the country code")
+    try:
+        number = phonenumbers.parse(value, None)
+    except phonenumbers.NumberParseException:
+        raise ValueError("not a valid phone number") from None
+    if not phonenumbers.is_valid_number(number):
+        raise ValueError("not a valid phone number")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def check_country(value: str) -> str:
+    global _COUNTRIES
+    if _COUNTRIES is None:
+        _COUNTRIES = frozenset(Locale("en").territories) - {"ZZ", "EU", "UN", "EZ", "QO"}
+        _COUNTRIES = frozenset(c for c in _COUNTRIES if len(c) == 2 and c.isalpha())
+    value = value.upper()
+    if value not in _COUNTRIES:
+        raise ValueError("must be an ISO 3166-1 alpha-2 country code such as US")
+    return value
+
+
+def check_locale(value: str) -> str:
+    try:
+        Locale.parse(value.replace("-", "_"))
+    except (UnknownLocaleError, ValueError):
+        raise ValueError("not a known locale (e.g. en, en_US, de_DE)") from None
+    return value.replace("-", "_")
+
+
+def check_timezone(value: str) -> str:
+    if value not in available_timezones():
+        raise ValueError("not an IANA time zone (e.g. Europe/Berlin)")
+    return value
+
+
+def check_password(value: str) -> str:
+    if len(value) < 10:
+        raise ValueError("password must be at least 10 characters")
+    if len(value) > 256:
+        raise ValueError("password must be at most 256 characters")
+    if len(set(value)) < 4:
+        raise ValueError("password is too simple")
+    return value
+
+
+Email = Annotated[str, StringConstraints(max_length=254), AfterValidator(normalize_email)]
+Phone = Annotated[str, StringConstraints(max_length=32), AfterValidator(normalize_phone)]
+Country = Annotated[
+    str, StringConstraints(min_length=2, max_length=2), AfterValidator(check_country)
+]
+Password = Annotated[str, AfterValidator(check_password)]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=120)]
+LocaleCode = Annotated[str, StringConstraints(max_length=20), AfterValidator(check_locale)]
+TimeZone = Annotated[str, StringConstraints(max_length=64), AfterValidator(check_timezone)]
+_HANDLE = re.compile(r"^[a-z0-9_]{3,30}$")
+
+
+def check_handle(value: str) -> str:
+    value = value.removeprefix("@").lower()
+    if not _HANDLE.match(value):
+        raise ValueError("handle must be 3-30 letters, digits or underscores")
+    return value
+
+
+Handle = Annotated[str, AfterValidator(check_handle)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+
+class Address(Strict):
+    line1: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+    line2: Annotated[str, StringConstraints(strip_whitespace=True, max_length=200)] | None = None
+    city: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+    region: Annotated[str, StringConstraints(strip_whitespace=True, max_length=100)] | None = None
+    postal_code: Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20)
+    ]
+    country: Country
+
+
+class RegisterUser(Strict):
+    email: Email
+    phone: Phone
+    password: Password
+    name: Name
+    date_of_birth: date
+    country: Country
+    handle: Handle | None = None
+    locale: LocaleCode = "en"
+    timezone: TimeZone = "UTC"
+
+
+class User(BaseModel):
+    """A user as they see themselves (`GET /v1/me`)."""
+
+    id: str
+    email: str
+    phone: str
+    name: str
+    handle: str | None
+    date_of_birth: date
+    country: str
+    address: Address | None
+    locale: str
+    timezone: str
+    avatar_url: str | None
+    email_verified: bool
+    phone_verified: bool
+    kyc_status: Literal["unverified", "pending", "verified", "rejected", "review"]
+    kyc_tier: int
+    two_factor_enabled: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class UpdateProfile(Strict):
+    name: Name | None = None
+    email: Email | None = None
+    phone: Phone | None = None
+    handle: Handle | None = None
+    address: Address | None = None
+    locale: LocaleCode | None = None
+    timezone: TimeZone | None = None
+
+
+class StartVerification(Strict):
+    channel: Literal["email", "phone"]
+
+
+class Verification(BaseModel):
+    id: str
+    channel: Literal["email", "phone"]
+    target: str = Field(description="Masked address the code was sent to")
+    status: Literal["pending", "confirmed", "expired", "failed"]
+    expires_at: datetime
+    attempts_left: int
+
+
+class ConfirmVerification(Strict):
+    code: Annotated[str, StringConstraints(pattern=r"^\d{6}$")]
+
+
+def mask_email(email: str) -> str:
+    local, _, domain = email.partition("@")
+    return f"{local[:1]}***@{domain}"
+
+
+def mask_phone(phone: str) -> str:
+    return f"{phone[:3]}*****{phone[-2:]}"
+
+
+def public_json(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(mode="json")
+
+
+# --- devices and sessions -------------------------------------------------------------------------
+
+DeviceName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=80)]
+PushToken = Annotated[
+    str, StringConstraints(min_length=8, max_length=4096, pattern=r"^[\x21-\x7e]+$")
+]
+
+
+class EnrolDevice(Strict):
+    name: DeviceName
+    platform: Literal["ios", "android", "web", "watch"]
+    push_token: PushToken | None = None
+    public_key: Annotated[str, StringConstraints(max_length=4096)] | None = Field(
+        default=None,
+        description="The device's P-256 public key (Secure Enclave / TEE), PEM or base64 DER "
+        "SPKI; enables device-signature (biometric) sign-in",
+    )
+    attestation: dict[str, Any] | None = Field(
+        default=None, description="Platform attestation (App Attest / Play Integrity), stored as is"
+    )
+
+
+class UpdateDevice(Strict):
+    name: DeviceName | None = None
+    push_token: PushToken | None = None
+
+
+class Device(BaseModel):
+    id: str
+    name: str
+    platform: Literal["ios", "android", "web", "watch"]
+    has_push_token: bool
+    has_device_key: bool
+    scopes: list[str]
+    created_at: datetime
+    last_seen_at: datetime | None
+    current: bool = False
+
+
+class Session(BaseModel):
+    id: str
+    device_id: str | None
+    auth_method: str
+    scopes: list[str]
+    ip: str | None
+    user_agent: str | None
+    created_at: datetime
+    last_used_at: datetime
+    expires_at: datetime
+    current: bool
+
+
+# --- tokens ---------------------------------------------------------------------------------------
+
+Scope = Annotated[str, StringConstraints(max_length=200, pattern=r"^[a-z_ ]*$")]
+
+
+class PasswordGrant(Strict):
+    grant_type: Literal["password"]
+    username: Annotated[str, StringConstraints(max_length=254)] = Field(description="The email")
+    password: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    device_id: Annotated[str, StringConstraints(max_length=64)] | None = None
+    scope: Scope | None = None
+
+
+class RefreshGrant(Strict):
+    grant_type: Literal["refresh_token"]
+    refresh_token: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    scope: Scope | None = None
+
+
+class DeviceSignatureGrant(Strict):
+    grant_type: Literal["device_signature"]
+    device_id: Annotated[str, StringConstraints(max_length=64)]
+    challenge_id: Annotated[str, StringConstraints(max_length=64)]
+    signature: Annotated[str, StringConstraints(max_length=512)] = Field(
+        description="base64url ECDSA P-256/SHA-256 signature (DER or raw r||s) of `signing_input`"
+    )
+    scope: Scope | None = None
+
+
+class PasskeyGrant(Strict):
+    grant_type: Literal["passkey"]
+    challenge_id: Annotated[str, StringConstraints(max_length=64)]
+    credential: dict[str, Any] = Field(description="The PublicKeyCredential JSON from the browser")
+    scope: Scope | None = None
+
+
+TokenRequest = Annotated[
+    PasswordGrant | RefreshGrant | DeviceSignatureGrant | PasskeyGrant,
+    Field(discriminator="grant_type"),
+]
+
+
+class TokenResponse(BaseModel):
+    access_token: str
+    token_type: Literal["Bearer"] = "Bearer"
+    expires_in: int
+    refresh_token: str
+    scope: str
+    session_id: str
+
+
+class DeviceChallengeRequest(Strict):
+    device_id: Annotated[str, StringConstraints(max_length=64)]
+
+
+class DeviceChallenge(BaseModel):
+    challenge_id: str
+    nonce: str
+    signing_input: str = Field(description="The exact UTF-8 string the device key must sign")
+    expires_at: datetime

@@ -1,0 +1,1 @@
+"""SQL for the `users` schema, one module per aggregate; nothing else writes these tables."""

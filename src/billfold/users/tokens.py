@@ -1,0 +1,255 @@
+"""ES256 access tokens: a key ring in PostgreSQL (private keys sealed), rotation, JWKS, verify."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
+from redis.asyncio import Redis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from billfold.config import Settings
+from billfold.gateway import Principal
+from billfold.platform.clock import utcnow
+from billfold.platform.errors import Unauthorized
+from billfold.platform.ids import new_id
+from billfold.platform.keys import SealedBox
+
+_CLOCK_SKEW = 30
+_RELOAD_EVERY = 60.0
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    kid: str
+    private_key: ec.EllipticCurvePrivateKey
+    public_key: ec.EllipticCurvePublicKey
+    public_jwk: dict[str, Any]
+    created_at: datetime
+    retired_at: datetime | None
+
+
+def _invalid(detail: str = "The access token is invalid or expired") -> Unauthorized:
+    return Unauthorized(
+        detail,
+        code="invalid_token",
+        headers={"WWW-Authenticate": 'Bearer realm="billfold", error="invalid_token"'},
+    )
+
+
+class KeyRing:
+    """The JWT signing keys. The newest unretired key signs; every key verifies until the
+    last token it could have signed has expired."""
+
+    def __init__(self, engine: AsyncEngine, sealed: SealedBox, settings: Settings) -> None:
+        self._engine = engine
+        self._sealed = sealed
+        self._settings = settings
+        self._keys: dict[str, SigningKey] = {}
+        self._active: SigningKey | None = None
+        self._loaded_at = 0.0
+        self._lock = asyncio.Lock()
+
+    @property
+    def _grace(self) -> timedelta:
+        return timedelta(seconds=self._settings.access_token_ttl_seconds + _CLOCK_SKEW)
+
+    async def start(self) -> None:
+        """Load the keys, creating or rotating the active one when it is missing or too old."""
+        await self.reload()
+        active = self._active
+        age = (utcnow() - active.created_at).total_seconds() if active else None
+        if age is None or age > self._settings.signing_key_rotation_seconds:
+            await self.rotate()
+
+    async def reload(self) -> None:
+        async with self._engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    text(
+                        "SELECT kid, private_key, public_jwk, created_at, retired_at "
+                        "FROM users.signing_keys WHERE retired_at IS NULL OR retired_at > :cutoff "
+                        "ORDER BY created_at"
+                    ),
+                    {"cutoff": utcnow() - self._grace},
+                )
+            ).all()
+        keys: dict[str, SigningKey] = {}
+        for row in rows:
+            pem = self._sealed.open(bytes(row.private_key), aad=row.kid.encode())
+            private = serialization.load_pem_private_key(pem, password=None)
+            assert isinstance(private, ec.EllipticCurvePrivateKey)
+            keys[row.kid] = SigningKey(
+                row.kid,
+                private,
+                private.public_key(),
+                dict(row.public_jwk),
+                row.created_at,
+                row.retired_at,
+            )
+        self._keys = keys
+        unretired = [k for k in keys.values() if k.retired_at is None]
+        self._active = unretired[-1] if unretired else None
+        self._loaded_at = time.monotonic()
+
+    async def rotate(self) -> str:
+        """Add a new signing key and retire the others (they keep verifying for one token TTL)."""
+        private = ec.generate_private_key(ec.SECP256R1())
+        kid = new_id("key")
+        jwk = json.loads(ECAlgorithm.to_jwk(private.public_key()))
+        jwk.update({"kid": kid, "use": "sig", "alg": "ES256"})
+        pem = private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        async with self._engine.begin() as conn:
+            # One rotation at a time across replicas.
+            await conn.execute(text("SELECT pg_advisory_xact_lock(727275)"))
+            now = utcnow()
+            await conn.execute(
+                text("UPDATE users.signing_keys SET retired_at = :now WHERE retired_at IS NULL"),
+                {"now": now},
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO users.signing_keys (kid, private_key, public_jwk, created_at) "
+                    "VALUES (:kid, :pk, CAST(:jwk AS jsonb), :now)"
+                ),
+                {
+                    "kid": kid,
+                    "pk": self._sealed.seal(pem, aad=kid.encode()),
+                    "jwk": json.dumps(jwk),
+                    "now": now,
+                },
+            )
+        await self.reload()
+        return kid
+
+    async def _maybe_reload(self, kid: str | None = None) -> None:
+        stale = time.monotonic() - self._loaded_at > _RELOAD_EVERY
+        if stale or (kid is not None and kid not in self._keys):
+            async with self._lock:
+                if time.monotonic() - self._loaded_at > 1.0:
+                    await self.reload()
+
+    def jwks(self) -> dict[str, Any]:
+        return {"keys": [k.public_jwk for k in self._keys.values()]}
+
+    async def sign(self, claims: dict[str, Any]) -> str:
+        await self._maybe_reload()
+        if self._active is None:
+            await self.rotate()
+        active = self._active
+        assert active is not None
+        return jwt.encode(
+            claims, active.private_key, algorithm="ES256", headers={"kid": active.kid}
+        )
+
+    async def decode(self, token: str) -> dict[str, Any]:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise _invalid() from exc
+        kid = header.get("kid")
+        if header.get("alg") != "ES256" or not isinstance(kid, str):
+            raise _invalid()
+        await self._maybe_reload(kid)
+        key = self._keys.get(kid)
+        if key is None:
+            raise _invalid()
+        try:
+            return jwt.decode(
+                token,
+                key.public_key,
+                algorithms=["ES256"],
+                audience=self._settings.jwt_audience,
+                issuer=self._settings.jwt_issuer,
+                leeway=_CLOCK_SKEW,
+                options={"require": ["exp", "iat", "sub", "sid", "iss", "aud", "jti"]},
+            )
+        except jwt.PyJWTError as exc:
+            raise _invalid() from exc
+
+
+class AccessTokens:
+    """Issues and verifies access tokens; implements the gateway's `TokenVerifier`."""
+
+    def __init__(self, keyring: KeyRing, redis: Redis, settings: Settings) -> None:
+        self.keyring = keyring
+        self._redis = redis
+        self._settings = settings
+
+    def _revoked_key(self, session_id: str) -> str:
+        return f"{self._settings.redis_prefix}revoked-session:{session_id}"
+
+    async def issue(
+        self,
+        *,
+        user_id: str,
+        session_id: str,
+        scopes: list[str],
+        role: str,
+        device_id: str | None,
+        auth_method: str,
+        extra: dict[str, Any] | None = None,
+        ttl_seconds: int | None = None,
+    ) -> tuple[str, int]:
+        now = int(time.time())
+        ttl = min(
+            ttl_seconds or self._settings.access_token_ttl_seconds,
+            self._settings.access_token_ttl_seconds,
+        )
+        claims: dict[str, Any] = {
+            "iss": self._settings.jwt_issuer,
+            "aud": self._settings.jwt_audience,
+            "sub": user_id,
+            "sid": session_id,
+            "scope": " ".join(scopes),
+            "role": role,
+            "amr": [auth_method],
+            "iat": now,
+            "nbf": now,
+            "exp": now + ttl,
+            "jti": new_id("evt").removeprefix("evt_"),
+        }
+        if device_id:
+            claims["did"] = device_id
+        if extra:
+            claims.update(extra)
+        return await self.keyring.sign(claims), ttl
+
+    async def verify(self, token: str) -> Principal:
+        claims = await self.keyring.decode(token)
+        if claims.get("token_use", "access") != "access":
+            raise _invalid()
+        if await self._redis.exists(self._revoked_key(str(claims["sid"]))):
+            raise _invalid("The session of this token has been revoked")
+        return Principal(
+            user_id=str(claims["sub"]),
+            session_id=str(claims["sid"]),
+            scopes=frozenset(str(claims.get("scope", "")).split()),
+            role=str(claims.get("role", "user")),
+            device_id=claims.get("did"),
+            auth_method=(claims.get("amr") or ["pwd"])[0],
+            claims=claims,
+        )
+
+    async def revoke_sessions(self, session_ids: list[str]) -> None:
+        """Reject live access tokens of these sessions for as long as they could still be valid."""
+        if not session_ids:
+            return
+        ttl = self._settings.access_token_ttl_seconds + _CLOCK_SKEW
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for sid in session_ids:
+                pipe.set(self._revoked_key(sid), "1", ex=ttl)
+            await pipe.execute()

@@ -1,0 +1,175 @@
+"""Fixtures on real servers: PostgreSQL and Redis from the environment, or embedded ones.
+
+Each pytest worker gets a fresh database and its own Redis key prefix, so runs never collide.
+With CI=true a server that cannot be reached is a failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from billfold.app import create_app
+from billfold.config import Settings
+from billfold.migrations import upgrade
+from billfold.platform.db import async_url
+from billfold.platform.keys import SealedBox
+
+PASSWORD = "correct horse battery staple"
+
+
+def _worker() -> str:
+    return os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix=f"billfold-test-{_worker()}-") as d:
+        yield Path(d)
+
+
+@pytest.fixture(scope="session")
+def server_urls(data_dir: Path) -> Iterator[tuple[str, str]]:
+    from billfold.platform.embedded import start_embedded
+
+    db_url = os.environ.get("BILLFOLD_DATABASE_URL", "")
+    redis_url = os.environ.get("BILLFOLD_REDIS_URL", "")
+    stack = start_embedded(data_dir, postgres=not db_url, redis=not redis_url)
+    try:
+        yield db_url or stack.database_url or "", redis_url or stack.redis_url or ""
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(server_urls: tuple[str, str]) -> Iterator[str]:
+    """A fresh, migrated database for this worker, dropped afterwards."""
+    admin_url = server_urls[0]
+    name = f"billfold_test_{_worker()}_{uuid.uuid4().hex[:8]}"
+
+    async def admin(sql: str) -> None:
+        engine = create_async_engine(async_url(admin_url), isolation_level="AUTOCOMMIT")
+        async with engine.connect() as conn:
+            await conn.execute(text(sql))
+        await engine.dispose()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    upgrade(url)
+    yield url
+    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def redis_url(server_urls: tuple[str, str]) -> str:
+    return server_urls[1]
+
+
+def make_settings(database_url: str, redis_url: str, data_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "redis_url": redis_url,
+        "redis_prefix": f"bft:{uuid.uuid4().hex[:8]}:",
+        "data_dir": data_dir,
+        "secret_key": SealedBox.generate_b64(),
+        "environment": "test",
+        "rate_limit_auth_ip": "100000/60",
+        "rate_limit_write_ip": "100000/60",
+        "rate_limit_read_ip": "100000/60",
+        "rate_limit_auth_user": "100000/60",
+        "rate_limit_write_user": "100000/60",
+        "rate_limit_read_user": "100000/60",
+        "log_json": True,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, redis_url: str, data_dir: Path) -> Settings:
+    return make_settings(database_url, redis_url, data_dir)
+
+
+@pytest.fixture(scope="session")
+async def app(settings: Settings) -> AsyncIterator[Any]:
+    application = create_app(settings)
+    async with LifespanManager(application) as manager:
+        yield manager.app
+
+
+@pytest.fixture(scope="session")
+async def client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        yield c
+
+
+_counter = iter(range(10**9))
+
+
+def new_phone() -> str:
+    # +1 415 555 01xx is a valid US mobile range for phonenumbers; keep numbers unique per run.
+    n = next(_counter) + secrets.randbelow(10**6) * 1000
+    return f"+4915{(n % 10**9):09d}"
+
+
+def registration(**overrides: Any) -> dict[str, Any]:
+    tag = uuid.uuid4().hex[:10]
+    body = {
+        "email": f"user-{tag}@example.com",
+        "phone": new_phone(),
+        "password": PASSWORD,
+        "name": "Ada Lovelace",
+        "date_of_birth": "1990-05-17",
+        "country": "DE",
+    }
+    body.update(overrides)
+    return body
+
+
+@dataclass
+class SignedIn:
+    user: dict[str, Any]
+    tokens: dict[str, Any]
+    email: str
+    password: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens['access_token']}"}
+
+
+async def sign_up(client: httpx.AsyncClient, **overrides: Any) -> SignedIn:
+    body = registration(**overrides)
+    r = await client.post("/v1/users", json=body)
+    assert r.status_code == 201, r.text
+    t = await client.post(
+        "/v1/auth/token",
+        data={"grant_type": "password", "username": body["email"], "password": body["password"]},
+    )
+    assert t.status_code == 200, t.text
+    return SignedIn(r.json(), t.json(), body["email"], body["password"])
+
+
+@pytest.fixture
+async def alice(client: httpx.AsyncClient) -> SignedIn:
+    return await sign_up(client, name="Alice Example")
+
+
+@pytest.fixture
+async def bob(client: httpx.AsyncClient) -> SignedIn:
+    return await sign_up(client, name="Bob Example")
