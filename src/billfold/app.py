@@ -148,3 +148,12 @@ def _ops_routes(app: FastAPI) -> None:
     async def metrics(request: Request) -> Response:
         res: Resources = request.app.state.resources
         return Response(generate_latest(res.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory for `billfold serve`: configuration from BILLFOLD_* variables."""
+    from billfold.platform.observability import configure_logging
+
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_json)
+    return create_app(settings)

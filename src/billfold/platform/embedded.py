@@ -29,6 +29,21 @@ class EmbeddedStack:
             self._valkey.stop()
         if self._pg is not None:
             self._pg.cleanup()
+            _stop_postmaster(self._pg)
+
+
+def _stop_postmaster(server: Any) -> None:
+    """pgserver stops only when its handle list says we are the last user; a process that was
+    killed earlier leaves a stale entry behind, so make sure the server we used is down."""
+    info = getattr(server, "_postmaster_info", None)
+    if info is None or not info.process.is_running():
+        return
+    from pgserver._commands import pg_ctl
+
+    try:
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
+    except Exception:
+        info.process.terminate()
 
 
 def start_postgres(data_dir: Path) -> tuple[str, Any]:

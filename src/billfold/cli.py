@@ -1,0 +1,255 @@
+"""The `billfold` command: up, serve, worker, migrate, seed, keys."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from billfold.config import Settings
+
+app = typer.Typer(help="billfold: a digital wallet backend", no_args_is_help=True)
+keys_app = typer.Typer(help="Signing keys")
+app.add_typer(keys_app, name="keys")
+
+DataDir = Annotated[Path, typer.Option("--data-dir", help="Where embedded servers keep their data")]
+
+
+def _settings(**overrides: object) -> Settings:
+    values = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def _require_urls(settings: Settings) -> None:
+    if not settings.database_url or not settings.redis_url:
+        typer.echo(
+            "BILLFOLD_DATABASE_URL and BILLFOLD_REDIS_URL must be set "
+            "(or use `billfold up` for embedded servers)",
+            err=True,
+        )
+        raise typer.Exit(2)
+
+
+@app.command()
+def up(
+    host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="API port")] = 8000,
+    data_dir: DataDir = Path(".billfold"),
+    seed: Annotated[bool, typer.Option(help="Create the demo users")] = True,
+) -> None:
+    """Run the whole wallet on this machine: embedded PostgreSQL + Valkey (unless
+    BILLFOLD_DATABASE_URL / BILLFOLD_REDIS_URL are set), migrations, demo data, API, worker."""
+    from billfold.platform.embedded import start_embedded
+    from billfold.platform.observability import configure_logging
+
+    settings = _settings(data_dir=data_dir.resolve(), public_url=f"http://{host}:{port}")
+    configure_logging(settings.log_level, json_logs=os.environ.get("BILLFOLD_LOG_JSON") == "true")
+    for noisy in ("pgserver", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    def stop_on_term(signum: int, frame: object) -> None:
+        # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into an exception so
+        # the embedded servers below are stopped instead of the process dying on the spot.
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_on_term)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    typer.echo(f"billfold: starting in {settings.data_dir}")
+    stack = start_embedded(
+        settings.data_dir, postgres=not settings.database_url, redis=not settings.redis_url
+    )
+    try:
+        settings = settings.model_copy(
+            update={
+                "database_url": settings.database_url or stack.database_url,
+                "redis_url": settings.redis_url or stack.redis_url,
+            }
+        )
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_up(settings, host, port, seed))
+    finally:
+        stack.stop()
+        typer.echo("billfold: stopped")
+
+
+async def _up(settings: Settings, host: str, port: int, seed: bool) -> None:
+    import uvicorn
+
+    from billfold.app import create_app
+    from billfold.migrations import upgrade_async
+    from billfold.platform.bus.postgres import OutboxRelay, dev_log_sink
+    from billfold.users.seed import DEMO_PASSWORD, seed_demo_users
+
+    await upgrade_async(settings.database_url)
+    api = create_app(settings)
+    resources = api.state.resources
+    if seed:
+        await seed_demo_users(resources.engine, api.state.users)
+    relay = OutboxRelay(resources.engine, settings.database_url, dev_log_sink, resources.metrics)
+    config = uvicorn.Config(
+        api,
+        host=host,
+        port=port,
+        log_config=None,
+        lifespan="on",
+        server_header=False,
+        proxy_headers=False,
+    )
+    server = uvicorn.Server(config)
+    base = f"http://{host}:{port}"
+    banner = [
+        "",
+        "billfold is up",
+        f"  API            {base}/v1/",
+        f"  API docs       {base}/docs",
+        f"  OpenAPI        {base}/openapi.json",
+        f"  health         {base}/healthz  {base}/readyz",
+        f"  metrics        {base}/metrics",
+        f"  JWKS           {base}/.well-known/jwks.json",
+        "  database       "
+        + ("embedded PostgreSQL" if "host=" in settings.database_url else "configured PostgreSQL"),
+        "",
+        f"  demo users (password: {DEMO_PASSWORD})",
+        "    alice@demo.billfold.dev   bob@demo.billfold.dev   admin@demo.billfold.dev (admin)",
+        "",
+        "  try: curl -s -d grant_type=password -d username=alice@demo.billfold.dev "
+        f"-d password={DEMO_PASSWORD} {base}/v1/auth/token",
+        "  Ctrl-C stops everything.",
+        "",
+    ]
+    relay_task = asyncio.create_task(relay.run())
+
+    async def announce() -> None:
+        while not server.started:  # noqa: ASYNC110 - uvicorn offers no start event
+            await asyncio.sleep(0.05)
+        print("\n".join(banner), flush=True)
+
+    announce_task = asyncio.create_task(announce())
+    try:
+        await server.serve()
+    finally:
+        relay.stop()
+        announce_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(relay_task, 5)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option()] = "0.0.0.0",  # noqa: S104 - a container listens on all interfaces
+    port: Annotated[int, typer.Option()] = 8000,
+    workers: Annotated[int, typer.Option(help="Worker processes")] = 1,
+) -> None:
+    """Production API: stateless workers on configured PostgreSQL and Redis."""
+    import uvicorn
+
+    settings = _settings()
+    _require_urls(settings)
+    uvicorn.run(
+        "billfold.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,
+        proxy_headers=True,
+        server_header=False,
+    )
+
+
+@app.command()
+def worker() -> None:
+    """Production worker: outbox relay and housekeeping (expired idempotency keys)."""
+    from billfold.platform.observability import configure_logging
+
+    settings = _settings()
+    _require_urls(settings)
+    configure_logging(settings.log_level, settings.log_json)
+    asyncio.run(_worker(settings))
+
+
+async def _worker(settings: Settings) -> None:
+    from billfold.platform import idempotency
+    from billfold.platform.bus.postgres import OutboxRelay, dev_log_sink
+    from billfold.platform.db import create_engine, unit_of_work
+
+    engine = create_engine(settings.database_url, pool_size=4)
+    relay = OutboxRelay(engine, settings.database_url, dev_log_sink)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def housekeeping() -> None:
+        while not stop.is_set():
+            async with unit_of_work(engine) as uow:
+                await idempotency.purge_expired(await uow.connection())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 3600)
+
+    tasks = [asyncio.create_task(relay.run()), asyncio.create_task(housekeeping())]
+    await stop.wait()
+    relay.stop()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await engine.dispose()
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations (safe to run from several replicas at once)."""
+    from billfold.migrations import upgrade
+
+    settings = _settings()
+    _require_urls(settings)
+    upgrade(settings.database_url)
+    typer.echo("migrated to head")
+
+
+@app.command("seed")
+def seed_command() -> None:
+    """Create the demo users (idempotent)."""
+    settings = _settings()
+    _require_urls(settings)
+
+    async def run() -> None:
+        from billfold.app import create_app
+        from billfold.users.seed import seed_demo_users
+
+        api = create_app(settings)
+        result = await seed_demo_users(api.state.resources.engine, api.state.users)
+        for demo, created in result:
+            typer.echo(f"{'created' if created else 'exists '} {demo.email}")
+        await api.state.resources.engine.dispose()
+        await api.state.resources.redis.aclose()
+
+    asyncio.run(run())
+
+
+@keys_app.command("rotate-jwt")
+def rotate_jwt() -> None:
+    """Make a new token-signing key; older keys keep verifying until their tokens expire."""
+    settings = _settings()
+    _require_urls(settings)
+
+    async def run() -> None:
+        from billfold.app import create_app
+
+        api = create_app(settings)
+        kid = await api.state.users.tokens.keyring.rotate()
+        typer.echo(f"new signing key {kid}")
+        await api.state.resources.engine.dispose()
+        await api.state.resources.redis.aclose()
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    app()

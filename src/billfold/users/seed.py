@@ -1,0 +1,72 @@
+"""Demo users for `billfold up` and `billfold seed`: idempotent, verified, with known passwords."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from billfold.platform.clock import utcnow
+from billfold.platform.db import unit_of_work
+from billfold.users.models import RegisterUser
+from billfold.users.runtime import UsersRuntime
+from billfold.users.service import register_user
+from billfold.users.store import accounts as store
+
+DEMO_PASSWORD = "billfold-demo-pass"
+
+
+@dataclass(frozen=True)
+class DemoUser:
+    email: str
+    phone: str
+    name: str
+    handle: str
+    role: str = "user"
+
+
+DEMO_USERS = (
+    DemoUser("alice@demo.billfold.dev", "+14155550132", "Alice Demo", "alice"),
+    DemoUser("bob@demo.billfold.dev", "+14155550133", "Bob Demo", "bob"),
+    DemoUser("admin@demo.billfold.dev", "+14155550134", "Ada Admin", "admin_ada", role="admin"),
+)
+
+
+async def seed_demo_users(engine: AsyncEngine, rt: UsersRuntime) -> list[tuple[DemoUser, bool]]:
+    """Create the demo users that do not exist yet; returns (user, created) pairs."""
+    out: list[tuple[DemoUser, bool]] = []
+    for demo in DEMO_USERS:
+        async with unit_of_work(engine) as uow:
+            conn = await uow.connection()
+            if await store.find_user_by_email(conn, demo.email) is not None:
+                out.append((demo, False))
+                continue
+            user = await register_user(
+                uow,
+                rt,
+                RegisterUser(
+                    email=demo.email,
+                    phone=demo.phone,
+                    password=DEMO_PASSWORD,
+                    name=demo.name,
+                    date_of_birth=date(1990, 1, 1),
+                    country="US",
+                    handle=demo.handle,
+                ),
+                role=demo.role,
+            )
+            now = utcnow()
+            await store.update_user(
+                conn,
+                user.id,
+                {
+                    "email_verified_at": now,
+                    "phone_verified_at": now,
+                    "kyc_status": "verified",
+                    "kyc_tier": 2,
+                },
+                now,
+            )
+            out.append((demo, True))
+    return out
