@@ -86,7 +86,7 @@ def _token_hash(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-async def _open_session(
+async def open_session(
     uow: UnitOfWork,
     rt: UsersRuntime,
     *,
@@ -201,7 +201,7 @@ async def password_grant(
         )
         if device is None:
             raise invalid_grant("Unknown device")
-    return await _open_session(
+    return await open_session(
         uow, rt, user=user, device=device, method="pwd", scope=scope, client=client
     )
 
@@ -345,7 +345,7 @@ async def device_signature_grant(
     user = await accounts_store.get_user(conn, device.user_id)
     if user is None or user.status != "active":
         raise invalid_grant("This account cannot sign in; contact support")
-    return await _open_session(
+    return await open_session(
         uow, rt, user=user, device=device, method="device", scope=scope, client=client
     )
 

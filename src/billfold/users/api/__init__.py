@@ -2,9 +2,11 @@
 
 from fastapi import APIRouter
 
-from billfold.users.api import accounts, auth, devices
+from billfold.users.api import accounts, auth, devices, mfa, passkeys
 
 router = APIRouter()
 router.include_router(accounts.router)
 router.include_router(auth.router)
 router.include_router(devices.router)
+router.include_router(mfa.router)
+router.include_router(passkeys.router)
