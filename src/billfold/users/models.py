@@ -297,100 +297,119 @@ class DeviceChallenge(BaseModel):
     expires_at: datetime
 
 
-# --- two-factor, step-up and passkeys ---
+# --- kyc ------------------------------------------------------------------------------------------
 
-OtpCode = Annotated[str, StringConstraints(pattern=r"^\d{6}$")]
-StepUpMethod = Literal["totp", "sms", "email", "device_signature"]
-StepUpPurpose = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,39}$")]
-StepUpReference = Annotated[
-    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
+KycStatus = Literal["unverified", "pending", "verified", "rejected", "review"]
+DocumentType = Literal["passport", "national_id", "driving_licence"]
+CheckResult = Literal["pass", "fail", "review"]
+_DOCUMENT_NUMBER = re.compile(r"^[A-Z0-9]{4,20}$")
+_NAME_PUNCTUATION = frozenset(" -'\u2019.,")  # \u2019: typographic apostrophe
+
+
+def normalize_document_number(value: str) -> str:
+    """Upper case without spaces and hyphens; the per-country format is the provider's check."""
+    cleaned = re.sub(r"[\s\-]", "", value).upper()
+    if not _DOCUMENT_NUMBER.match(cleaned):
+        raise ValueError("must be 4 to 20 letters or digits (spaces and hyphens are ignored)")
+    return cleaned
+
+
+def check_legal_name(value: str) -> str:
+    value = " ".join(value.split())
+    if not any(c.isalpha() for c in value):
+        raise ValueError("a legal name must contain letters")
+    if any(not (c.isalpha() or c in _NAME_PUNCTUATION) for c in value):
+        raise ValueError("a legal name may contain only letters, spaces, hyphens and apostrophes")
+    return value
+
+
+LegalName = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=2, max_length=140),
+    AfterValidator(check_legal_name),
 ]
-ChallengeId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
-PasskeyName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=80)]
+DocumentNumber = Annotated[
+    str, StringConstraints(max_length=40), AfterValidator(normalize_document_number)
+]
 
 
-class TotpEnrolment(BaseModel):
-    """Shown once: put `provisioning_uri` in a QR code for the authenticator app."""
+class SubmitKyc(Strict):
+    """Identity data for `POST /v1/me/kyc`; the document number is never stored or shown in clear."""
 
-    secret: str = Field(description="The base32 TOTP seed; it is never shown again")
-    provisioning_uri: str = Field(description="`otpauth://totp/...` for authenticator apps")
-    issuer: str
-    digits: int = 6
-    period: int = 30
-    algorithm: Literal["SHA1"] = "SHA1"
-
-
-class TotpCode(Strict):
-    code: OtpCode
-
-
-class TwoFactorStatus(BaseModel):
-    totp_enabled: bool
-    totp_pending: bool = Field(description="An enrolment was started but not confirmed")
-    confirmed_at: datetime | None
-
-
-class StartStepUp(Strict):
-    method: StepUpMethod
-    purpose: StepUpPurpose = Field(description="What the step-up is for, e.g. `payment`")
-    reference: StepUpReference | None = Field(
-        default=None, description="The id of the payment, transfer or change it authorises"
+    legal_name: LegalName
+    date_of_birth: date
+    address: Address
+    document_type: DocumentType
+    document_country: Country
+    document_number: DocumentNumber = Field(
+        description="As printed on the document; stored only as its last 4 characters and a keyed hash"
     )
 
 
-class StepUpChallenge(BaseModel):
-    id: str
-    method: StepUpMethod
-    purpose: str
-    reference: str | None
-    expires_at: datetime
-    target: str | None = Field(
-        default=None, description="Masked phone or email the code was sent to (sms, email)"
-    )
-    signing_input: str | None = Field(
-        default=None, description="device_signature: the exact UTF-8 string the device key signs"
-    )
-
-
-class VerifyStepUp(Strict):
-    code: OtpCode | None = Field(default=None, description="totp, sms, email: the 6-digit code")
-    signature: Annotated[str, StringConstraints(min_length=1, max_length=512)] | None = Field(
-        default=None,
-        description="device_signature: base64url ECDSA P-256/SHA-256 signature of `signing_input`",
-    )
-
-
-class StepUpToken(BaseModel):
-    step_up_token: str = Field(description="Short-lived, single-use; not an access token")
-    token_type: Literal["step_up"] = "step_up"
-    expires_in: int
-    amr: list[str]
-
-
-class PasskeyOptions(BaseModel):
-    """WebAuthn options for `navigator.credentials.create()` / `.get()` (JSON form)."""
-
-    challenge_id: str
-    options: dict[str, Any]
-    expires_at: datetime
-
-
-class RegisterPasskey(Strict):
-    challenge_id: ChallengeId
-    credential: dict[str, Any] = Field(description="The PublicKeyCredential JSON from the browser")
-    name: PasskeyName = "Passkey"
-
-
-class PasskeyAuthenticationRequest(Strict):
-    email: Email | None = Field(
-        default=None, description="Optional; without it the browser offers discoverable passkeys"
-    )
-
-
-class Passkey(BaseModel):
-    id: str
+class KycCheck(BaseModel):
     name: str
-    credential_id: str = Field(description="base64url WebAuthn credential id")
-    transports: list[str]
+    result: CheckResult
+    reason: str | None = None
+
+
+class AdminKycCheck(KycCheck):
+    detail: dict[str, Any] | None = Field(
+        default=None, description="Evidence, e.g. the sanctions list entry and match score"
+    )
+
+
+class KycSubmission(BaseModel):
+    """A KYC submission as its owner sees it (no document number, no screening details)."""
+
+    id: str
+    status: Literal["pending", "verified", "rejected", "review"]
+    tier: int
+    document_type: DocumentType
+    document_country: str
+    checks: list[KycCheck]
+    reason: str | None = Field(default=None, description="Why it was rejected or is in review")
     created_at: datetime
-    last_used_at: datetime | None
+    decided_at: datetime | None
+
+
+class KycState(BaseModel):
+    """`GET /v1/me/kyc`: where the caller stands and their latest submission."""
+
+    status: KycStatus
+    tier: int = Field(description="0 unverified, 1 identity verified, 2 identity + email + phone")
+    can_submit: bool
+    submission: KycSubmission | None
+
+
+class KycAuditEntry(BaseModel):
+    from_status: KycStatus
+    to_status: KycStatus
+    actor: str
+    reason: str | None
+    at: datetime
+
+
+class AdminKycSubmission(BaseModel):
+    """A KYC submission as a reviewer sees it: identity data, every check, and its history."""
+
+    id: str
+    user_id: str
+    status: Literal["pending", "verified", "rejected", "review"]
+    tier: int
+    legal_name: str
+    date_of_birth: date
+    address: Address
+    document_type: DocumentType
+    document_country: str
+    document_number_last4: str
+    checks: list[AdminKycCheck]
+    reason: str | None
+    decided_by: str | None
+    created_at: datetime
+    decided_at: datetime | None
+    history: list[KycAuditEntry] = Field(default_factory=list)
+
+
+class KycDecisionRequest(Strict):
+    decision: Literal["verified", "rejected"]
+    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=500)]

@@ -2,11 +2,10 @@
 
 from fastapi import APIRouter
 
-from billfold.users.api import accounts, auth, devices, mfa, passkeys
+from billfold.users.api import accounts, auth, devices, kyc
 
 router = APIRouter()
 router.include_router(accounts.router)
 router.include_router(auth.router)
 router.include_router(devices.router)
-router.include_router(mfa.router)
-router.include_router(passkeys.router)
+router.include_router(kyc.router)
