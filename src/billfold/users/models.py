@@ -297,6 +297,105 @@ class DeviceChallenge(BaseModel):
     expires_at: datetime
 
 
+# --- two-factor, step-up and passkeys ---
+
+OtpCode = Annotated[str, StringConstraints(pattern=r"^\d{6}$")]
+StepUpMethod = Literal["totp", "sms", "email", "device_signature"]
+StepUpPurpose = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,39}$")]
+StepUpReference = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
+]
+ChallengeId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+PasskeyName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=80)]
+
+
+class TotpEnrolment(BaseModel):
+    """Shown once: put `provisioning_uri` in a QR code for the authenticator app."""
+
+    secret: str = Field(description="The base32 TOTP seed; it is never shown again")
+    provisioning_uri: str = Field(description="`otpauth://totp/...` for authenticator apps")
+    issuer: str
+    digits: int = 6
+    period: int = 30
+    algorithm: Literal["SHA1"] = "SHA1"
+
+
+class TotpCode(Strict):
+    code: OtpCode
+
+
+class TwoFactorStatus(BaseModel):
+    totp_enabled: bool
+    totp_pending: bool = Field(description="An enrolment was started but not confirmed")
+    confirmed_at: datetime | None
+
+
+class StartStepUp(Strict):
+    method: StepUpMethod
+    purpose: StepUpPurpose = Field(description="What the step-up is for, e.g. `payment`")
+    reference: StepUpReference | None = Field(
+        default=None, description="The id of the payment, transfer or change it authorises"
+    )
+
+
+class StepUpChallenge(BaseModel):
+    id: str
+    method: StepUpMethod
+    purpose: str
+    reference: str | None
+    expires_at: datetime
+    target: str | None = Field(
+        default=None, description="Masked phone or email the code was sent to (sms, email)"
+    )
+    signing_input: str | None = Field(
+        default=None, description="device_signature: the exact UTF-8 string the device key signs"
+    )
+
+
+class VerifyStepUp(Strict):
+    code: OtpCode | None = Field(default=None, description="totp, sms, email: the 6-digit code")
+    signature: Annotated[str, StringConstraints(min_length=1, max_length=512)] | None = Field(
+        default=None,
+        description="device_signature: base64url ECDSA P-256/SHA-256 signature of `signing_input`",
+    )
+
+
+class StepUpToken(BaseModel):
+    step_up_token: str = Field(description="Short-lived, single-use; not an access token")
+    token_type: Literal["step_up"] = "step_up"
+    expires_in: int
+    amr: list[str]
+
+
+class PasskeyOptions(BaseModel):
+    """WebAuthn options for `navigator.credentials.create()` / `.get()` (JSON form)."""
+
+    challenge_id: str
+    options: dict[str, Any]
+    expires_at: datetime
+
+
+class RegisterPasskey(Strict):
+    challenge_id: ChallengeId
+    credential: dict[str, Any] = Field(description="The PublicKeyCredential JSON from the browser")
+    name: PasskeyName = "Passkey"
+
+
+class PasskeyAuthenticationRequest(Strict):
+    email: Email | None = Field(
+        default=None, description="Optional; without it the browser offers discoverable passkeys"
+    )
+
+
+class Passkey(BaseModel):
+    id: str
+    name: str
+    credential_id: str = Field(description="base64url WebAuthn credential id")
+    transports: list[str]
+    created_at: datetime
+    last_used_at: datetime | None
+
+
 # --- kyc ------------------------------------------------------------------------------------------
 
 KycStatus = Literal["unverified", "pending", "verified", "rejected", "review"]

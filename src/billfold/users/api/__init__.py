@@ -2,10 +2,12 @@
 
 from fastapi import APIRouter
 
-from billfold.users.api import accounts, auth, devices, kyc
+from billfold.users.api import accounts, auth, devices, kyc, mfa, passkeys
 
 router = APIRouter()
 router.include_router(accounts.router)
 router.include_router(auth.router)
 router.include_router(devices.router)
+router.include_router(mfa.router)
+router.include_router(passkeys.router)
 router.include_router(kyc.router)
