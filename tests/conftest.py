@@ -107,8 +107,8 @@ def settings(database_url: str, redis_url: str, data_dir: Path) -> Settings:
 @pytest.fixture(scope="session")
 async def app(settings: Settings) -> AsyncIterator[Any]:
     application = create_app(settings)
-    async with LifespanManager(application) as manager:
-        yield manager.app
+    async with LifespanManager(application):
+        yield application
 
 
 @pytest.fixture(scope="session")
@@ -122,9 +122,9 @@ _counter = iter(range(10**9))
 
 
 def new_phone() -> str:
-    # +1 415 555 01xx is a valid US mobile range for phonenumbers; keep numbers unique per run.
-    n = next(_counter) + secrets.randbelow(10**6) * 1000
-    return f"+4915{(n % 10**9):09d}"
+    # German mobile numbers +49 151 xxxxxxxx are valid for phonenumbers; unique per run.
+    n = (next(_counter) + secrets.randbelow(10**5) * 1000) % 10**8
+    return f"+49151{n:08d}"
 
 
 def registration(**overrides: Any) -> dict[str, Any]:

@@ -29,7 +29,14 @@ def create_engine(url: str, *, pool_size: int = 10, max_overflow: int = 10) -> A
         max_overflow=max_overflow,
         pool_pre_ping=False,
         json_serializer=lambda v: json.dumps(v, separators=(",", ":"), default=str),
-        connect_args={"server_settings": {"application_name": "billfold"}},
+        connect_args={
+            "server_settings": {
+                "application_name": "billfold",
+                # A lock wait or a forgotten transaction fails loudly instead of hanging.
+                "lock_timeout": "10s",
+                "idle_in_transaction_session_timeout": "60s",
+            }
+        },
     )
 
 

@@ -71,7 +71,9 @@ def check_password(value: str) -> str:
     return value
 
 
-Email = Annotated[str, StringConstraints(max_length=254), AfterValidator(normalize_email)]
+Email = Annotated[
+    str, StringConstraints(strip_whitespace=True, max_length=254), AfterValidator(normalize_email)
+]
 Phone = Annotated[str, StringConstraints(max_length=32), AfterValidator(normalize_phone)]
 Country = Annotated[
     str, StringConstraints(min_length=2, max_length=2), AfterValidator(check_country)

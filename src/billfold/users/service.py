@@ -24,7 +24,7 @@ from billfold.platform.errors import (
     Unprocessable,
 )
 from billfold.platform.ids import is_valid_id, new_id
-from billfold.users import events
+from billfold.users import events, kyc
 from billfold.users.models import (
     Address,
     RegisterUser,
@@ -180,6 +180,8 @@ async def update_profile(
             user_id,
             {"fields": sorted(k for k in changes if not k.endswith("_verified_at"))},
         )
+        if "email" in changes or "phone" in changes:
+            await kyc.refresh_tier(conn, user_id)  # an unverified contact lowers the tier
     return await get_me(conn, user_id)
 
 
@@ -282,7 +284,9 @@ async def confirm_verification(
         raise Conflict("The contact changed since this code was sent", code="verification_stale")
     now = utcnow()
     if not hmac.compare_digest(bytes(row.code_hash), _code_hash(rt, verification_id, code)):
-        # Count the failure in its own transaction: this request's own work is rolled back.
+        # The failure must be counted though this request rolls back: release our row lock
+        # first, then count in a transaction of its own.
+        await uow.rollback()
         async with uow.engine.begin() as side:
             await store.record_verification_attempt(side, verification_id, confirmed_at=None)
         left = max(0, view.attempts_left - 1)
@@ -298,6 +302,7 @@ async def confirm_verification(
     await events.publish(
         conn, events.CONTACT_VERIFIED, user_id, {"channel": row.channel, "verification_id": row.id}
     )
+    await kyc.refresh_tier(conn, user_id)
     updated = await store.get_verification(conn, user_id, verification_id)
     assert updated is not None
     return _verification_view(rt, updated)

@@ -1,0 +1,112 @@
+"""`billfold up` as a user runs it: embedded PostgreSQL + Valkey, demo data, a real socket,
+Ctrl-C stops everything, and a second start on the same data dir keeps the data."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from billfold.users.seed import DEMO_PASSWORD
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BILLFOLD_")}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "billfold.cli",
+            "up",
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], base: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("billfold up did not become ready")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> str:
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out.decode()
+    return out.decode()
+
+
+def _servers_using(data_dir: Path) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info.get("cmdline") or [])
+        if str(data_dir) in cmd and ("postgres" in cmd or "valkey" in cmd):
+            found.append(p)
+    return found
+
+
+def _sign_in(base: str) -> dict:
+    r = httpx.post(
+        f"{base}/v1/auth/token",
+        data={
+            "grant_type": "password",
+            "username": "alice@demo.billfold.dev",
+            "password": DEMO_PASSWORD,
+        },
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    me = httpx.get(f"{base}/v1/me", headers={"Authorization": f"Bearer {r.json()['access_token']}"})
+    assert me.status_code == 200
+    return me.json()
+
+
+def test_up_serves_demo_data_stops_cleanly_and_reuses_data(tmp_path: Path) -> None:
+    data_dir = tmp_path / "wallet"
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = _start(data_dir, port)
+    try:
+        _wait_ready(proc, base)
+        me = _sign_in(base)
+        assert me["email"] == "alice@demo.billfold.dev" and me["kyc_status"] == "verified"
+        assert httpx.get(f"{base}/openapi.json").status_code == 200
+        assert httpx.get(f"{base}/metrics").status_code == 200
+    finally:
+        out = _stop(proc)
+    assert f"{base}/docs" in out and "alice@demo.billfold.dev" in out and DEMO_PASSWORD in out
+    time.sleep(0.5)
+    assert _servers_using(data_dir) == []
+
+    proc = _start(data_dir, port)
+    try:
+        _wait_ready(proc, base)
+        assert _sign_in(base)["id"] == me["id"]  # the same database, not a new one
+    finally:
+        _stop(proc)

@@ -1,0 +1,175 @@
+"""Token endpoint: password grant with lockout, refresh rotation with reuse detection, JWKS."""
+
+from __future__ import annotations
+
+import time
+
+from joserfc import jwt as jose_jwt
+from joserfc.jwk import KeySet
+
+from tests.conftest import make_settings, sign_up
+
+
+async def _password(client, email, password, **extra):
+    return await client.post(
+        "/v1/auth/token",
+        data={"grant_type": "password", "username": email, "password": password, **extra},
+    )
+
+
+async def _refresh(client, token):
+    return await client.post(
+        "/v1/auth/token", data={"grant_type": "refresh_token", "refresh_token": token}
+    )
+
+
+async def test_password_grant_issues_short_lived_es256_tokens(client, alice, settings):
+    tokens = alice.tokens
+    assert tokens["token_type"] == "Bearer"
+    assert 0 < tokens["expires_in"] <= 900
+    assert set(tokens["scope"].split()) == {"profile", "devices", "wallet", "pay"}
+    jwks = (await client.get("/.well-known/jwks.json")).json()
+    # An independent JOSE implementation verifies our token against the published JWKS.
+    token = jose_jwt.decode(
+        tokens["access_token"], KeySet.import_key_set(jwks), algorithms=["ES256"]
+    )
+    assert token.header["alg"] == "ES256"
+    assert token.header["kid"] in {k["kid"] for k in jwks["keys"]}
+    claims = token.claims
+    assert claims["sub"] == alice.user["id"]
+    assert claims["iss"] == settings.jwt_issuer and claims["aud"] == settings.jwt_audience
+    assert claims["exp"] - claims["iat"] <= 900
+    assert claims["sid"] == tokens["session_id"]
+    assert all("d" not in k for k in jwks["keys"])  # no private parts published
+
+
+async def test_json_token_request_is_accepted_too(client, alice):
+    r = await client.post(
+        "/v1/auth/token",
+        json={"grant_type": "password", "username": alice.email, "password": alice.password},
+    )
+    assert r.status_code == 200, r.text
+
+
+async def test_wrong_password_and_unknown_email_answer_alike(client, alice):
+    wrong = await _password(client, alice.email, "definitely wrong password")
+    unknown = await _password(client, "nobody-here@example.com", "definitely wrong password")
+    for r in (wrong, unknown):
+        assert r.status_code == 400
+        assert r.json()["code"] == "invalid_grant"
+        assert r.json()["error"] == "invalid_grant"
+    assert wrong.json()["detail"] == unknown.json()["detail"]
+
+
+async def test_repeated_failures_lock_sign_in_with_backoff(client):
+    user = await sign_up(client)
+    for _ in range(5):
+        r = await _password(client, user.email, "wrong password attempt")
+        assert r.status_code == 400
+    r = await _password(client, user.email, user.password)
+    assert r.status_code == 429
+    assert r.json()["code"] == "too_many_attempts"
+    assert int(r.headers["Retry-After"]) > 0
+
+
+async def test_unsupported_grant_and_media_type(client):
+    r = await client.post("/v1/auth/token", data={"grant_type": "client_credentials"})
+    assert r.status_code == 400 and r.json()["code"] == "unsupported_grant_type"
+    r = await client.post(
+        "/v1/auth/token", content=b"grant_type=password", headers={"content-type": "text/plain"}
+    )
+    assert r.status_code == 415
+    r = await client.post("/v1/auth/token", data={"grant_type": "password"})
+    assert r.status_code == 422
+    assert {e["pointer"] for e in r.json()["errors"]} == {"#/username", "#/password"}
+
+
+async def test_refresh_rotates_and_reuse_revokes_the_family(client, alice):
+    first = alice.tokens["refresh_token"]
+    r1 = await _refresh(client, first)
+    assert r1.status_code == 200, r1.text
+    second = r1.json()["refresh_token"]
+    assert second != first
+    assert r1.json()["session_id"] == alice.tokens["session_id"]
+    # The spent token comes back: someone has a copy. Revoke everything in its family.
+    reused = await _refresh(client, first)
+    assert reused.status_code == 400 and reused.json()["code"] == "invalid_grant"
+    assert (await _refresh(client, second)).status_code == 400
+    access = {"Authorization": f"Bearer {r1.json()['access_token']}"}
+    r = await client.get("/v1/me", headers=access)
+    assert r.status_code == 401 and r.json()["code"] == "invalid_token"
+
+
+async def test_refresh_token_garbage_and_narrowed_scope(client, alice):
+    assert (await _refresh(client, "not-a-token")).status_code == 400
+    r = await client.post(
+        "/v1/auth/token",
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": alice.tokens["refresh_token"],
+            "scope": "pay",
+        },
+    )
+    assert r.status_code == 200 and r.json()["scope"] == "pay"
+    me = await client.get("/v1/me", headers={"Authorization": f"Bearer {r.json()['access_token']}"})
+    assert me.status_code == 403 and me.json()["code"] == "insufficient_scope"
+    bad = await client.post(
+        "/v1/auth/token",
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": r.json()["refresh_token"],
+            "scope": "admin",
+        },
+    )
+    assert bad.status_code == 400 and bad.json()["code"] == "invalid_scope"
+
+
+async def test_logout_ends_the_session(client):
+    user = await sign_up(client)
+    r = await client.post("/v1/auth/logout", headers=user.headers)
+    assert r.status_code == 204
+    assert (await client.get("/v1/me", headers=user.headers)).status_code == 401
+    assert (await _refresh(client, user.tokens["refresh_token"])).status_code == 400
+
+
+async def test_key_rotation_keeps_old_tokens_valid_and_signs_with_the_new_key(client, app, alice):
+    keyring = app.state.users.tokens.keyring
+    old_kid = jose_jwt.decode(
+        alice.tokens["access_token"], KeySet.import_key_set(keyring.jwks()), algorithms=["ES256"]
+    ).header["kid"]
+    new_kid = await keyring.rotate()
+    assert new_kid != old_kid
+    assert (await client.get("/v1/me", headers=alice.headers)).status_code == 200
+    fresh = await _password(client, alice.email, alice.password)
+    jwks = (await client.get("/.well-known/jwks.json")).json()
+    assert {old_kid, new_kid} <= {k["kid"] for k in jwks["keys"]}
+    header = jose_jwt.decode(
+        fresh.json()["access_token"], KeySet.import_key_set(jwks), algorithms=["ES256"]
+    ).header
+    assert header["kid"] == new_kid
+
+
+async def test_tampered_and_foreign_tokens_are_refused(client, alice):
+    token = alice.tokens["access_token"]
+    head, body, sig = token.split(".")
+    tampered = f"{head}.{body[:-2]}AA.{sig}"
+    for bad in (tampered, "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.", "garbage"):
+        r = await client.get("/v1/me", headers={"Authorization": f"Bearer {bad}"})
+        assert r.status_code == 401
+        assert "WWW-Authenticate" in r.headers
+
+
+async def test_expired_token_is_refused(client, app, alice, database_url, redis_url, data_dir):
+    tokens = app.state.users.tokens
+    expired, _ = await tokens.issue(
+        user_id=alice.user["id"],
+        session_id=alice.tokens["session_id"],
+        scopes=["profile"],
+        role="user",
+        device_id=None,
+        auth_method="pwd",
+        extra={"exp": int(time.time()) - 120},
+    )
+    r = await client.get("/v1/me", headers={"Authorization": f"Bearer {expired}"})
+    assert r.status_code == 401 and r.json()["code"] == "invalid_token"
+    assert make_settings(database_url, redis_url, data_dir).access_token_ttl_seconds <= 900
