@@ -38,7 +38,7 @@ def _stop_postmaster(server: Any) -> None:
     info = getattr(server, "_postmaster_info", None)
     if info is None or not info.process.is_running():
         return
-    from pgserver._commands import pg_ctl
+    from pgserver._commands import pg_ctl  # type: ignore[attr-defined]  # made at import time
 
     try:
         pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
