@@ -379,6 +379,8 @@ async def test_delete_and_ownership(client, app):
 
     r = await client.delete(f"/v1/me/passkeys/{passkey['id']}", headers=alice.headers)
     assert r.status_code == 204
+    removed = await outbox(app, "billfold.users.passkey.removed", alice.user["id"])
+    assert [e["passkey_id"] for e in removed] == [passkey["id"]]
     r = await client.delete(f"/v1/me/passkeys/{passkey['id']}", headers=alice.headers)
     assert r.status_code == 404
     assert await list_passkeys(client, alice) == []

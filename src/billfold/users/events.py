@@ -24,6 +24,7 @@ TWO_FACTOR_ENABLED = "billfold.users.two_factor.enabled"
 TWO_FACTOR_DISABLED = "billfold.users.two_factor.disabled"
 STEP_UP_CODE_REQUESTED = "billfold.users.step_up.code_requested"
 PASSKEY_REGISTERED = "billfold.users.passkey.registered"
+PASSKEY_REMOVED = "billfold.users.passkey.removed"
 
 
 async def publish(conn: AsyncConnection, type_: str, user_id: str, data: dict[str, Any]) -> Event:

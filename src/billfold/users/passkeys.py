@@ -229,8 +229,10 @@ async def get_passkey(uow: UnitOfWork, user_id: str, passkey_id: str) -> Passkey
 
 async def delete_passkey(uow: UnitOfWork, user_id: str, passkey_id: str) -> None:
     await _own_passkey(uow, user_id, passkey_id)
-    if not await store.delete_credential(await uow.connection(), user_id, passkey_id):
+    conn = await uow.connection()
+    if not await store.delete_credential(conn, user_id, passkey_id):
         raise NotFound("No such passkey")
+    await events.publish(conn, events.PASSKEY_REMOVED, user_id, {"passkey_id": passkey_id})
 
 
 # --- authentication (anonymous) ------------------------------------------------------------------

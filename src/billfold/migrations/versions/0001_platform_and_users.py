@@ -125,6 +125,8 @@ CREATE TABLE users.kyc_submissions (
 );
 CREATE INDEX kyc_submissions_user ON users.kyc_submissions (user_id, created_at);
 CREATE INDEX kyc_submissions_status ON users.kyc_submissions (status, created_at);
+-- Finds the same identity document on another account (KYC reuse check).
+CREATE INDEX kyc_submissions_document ON users.kyc_submissions (document_number_hash);
 
 CREATE TABLE users.kyc_audit (
     id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
