@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from billfold.gateway.errors import install_error_handlers
 from billfold.gateway.middleware import Edge, EdgeConfig
 from billfold.platform.blobs import FilesystemBlobStore
 from billfold.platform.db import create_engine
+from billfold.platform.errors import PROBLEM_CONTENT_TYPE, Problem, problem_responses
 from billfold.platform.keys import SealedBox
 from billfold.platform.observability import Metrics
 from billfold.platform.ratelimit import RateLimiter
@@ -105,9 +107,42 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(users_router)
     _ops_routes(app)
+    _document_problems(app)
     limiter = RateLimiter(redis, settings.redis_prefix) if settings.rate_limits_enabled else None
     app.add_middleware(Edge, config=EdgeConfig(settings, engine, tokens, limiter, metrics))
     return app
+
+
+def _document_problems(app: FastAPI) -> None:
+    """Every 4xx is served as `application/problem+json`; the OpenAPI document says so, also for
+    FastAPI's automatic 422 (which would otherwise describe FastAPI's own error shape)."""
+    build = app.openapi
+    ref = "#/components/schemas/Problem"
+    validation = problem_responses(422)[422]["description"]
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = build()
+            schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+            if "Problem" not in schemas:
+                problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(problem.pop("$defs", {}))
+                schemas["Problem"] = problem
+            for operations in spec.get("paths", {}).values():
+                for op in operations.values():
+                    for code, response in op.get("responses", {}).items():
+                        if code.startswith("4"):
+                            response["content"] = {PROBLEM_CONTENT_TYPE: {"schema": {"$ref": ref}}}
+                            if response.get("description") == "Validation Error":
+                                response["description"] = validation
+            text_spec = json.dumps(spec)
+            for name in ("HTTPValidationError", "ValidationError"):
+                if f'"#/components/schemas/{name}"' not in text_spec:
+                    schemas.pop(name, None)
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _ops_routes(app: FastAPI) -> None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from billfold.config import Settings
@@ -49,8 +51,12 @@ _DOCS_CSP = (
 )
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised by the limited `receive`; an HTTPException so FastAPI's body parsing re-raises it
+    (any other exception there becomes a 400) and the problem handler answers 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"The request body exceeds {limit} bytes")
 
 
 def route_class(method: str, path: str) -> str:
@@ -96,6 +102,20 @@ def _problem_message(error: ProblemError, path: str, rid: str) -> tuple[Message,
     )
 
 
+def _route_template(scope: Scope) -> str:
+    """The matched route's template for metrics and logs; requests the edge answered before
+    routing are matched here. Never the raw path: ids in labels would be unbounded series."""
+    route = scope.get("route")
+    if route is None:
+        router = getattr(scope.get("app"), "router", None)
+        for candidate in getattr(router, "routes", ()):
+            match, _ = candidate.matches(scope)
+            if match is not Match.NONE:
+                route = candidate
+                break
+    return getattr(route, "path", None) or "unmatched"
+
+
 class Edge:
     def __init__(self, app: ASGIApp, config: EdgeConfig) -> None:
         self.app = app
@@ -131,10 +151,7 @@ class Edge:
         try:
             await self._handle(scope, receive, send_edge, state, extra_headers)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or (
-                "unmatched" if status_holder[0] == 404 else path
-            )
+            template = _route_template(scope)
             elapsed = time.perf_counter() - started
             self.cfg.metrics.requests.labels(method, template, str(status_holder[0])).inc()
             self.cfg.metrics.latency.labels(method, template).observe(elapsed)
@@ -396,7 +413,7 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise _BodyTooLarge
+            raise _BodyTooLarge(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
@@ -412,7 +429,7 @@ def _limited(receive: Receive, limit: int) -> Receive:
         if message["type"] == "http.request":
             size += len(message.get("body", b""))
             if size > limit:
-                raise _BodyTooLarge
+                raise _BodyTooLarge(limit)
         return message
 
     return wrapped

@@ -93,8 +93,9 @@ class Money:
         total = sum(ratios)
         parts = [self.amount * r // total for r in ratios]
         remainder = self.amount - sum(parts)
+        takers = [i for i, r in enumerate(ratios) if r > 0]  # a zero ratio gets nothing
         for i in range(abs(remainder)):
-            parts[i % len(parts)] += 1 if remainder > 0 else -1
+            parts[takers[i % len(takers)]] += 1 if remainder > 0 else -1
         return [Money(p, self.currency) for p in parts]
 
     def display(self, locale: str = "en_US") -> str:

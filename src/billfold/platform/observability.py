@@ -55,6 +55,9 @@ def redact(value: Any, key: str | None = None) -> Any:
         return REDACTED
     if isinstance(value, str):
         return redact_text(value)
+    if type(value) is int and value >= 10**12:  # a card number logged as a number
+        masked = redact_text(str(value))
+        return value if masked == str(value) else masked
     if isinstance(value, dict):
         return {k: redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple):

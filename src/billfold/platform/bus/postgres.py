@@ -90,12 +90,14 @@ class OutboxRelay:
         listener = await self._listen()
         try:
             while not self._stopping:
+                # Clear before the pass, not after: a NOTIFY that arrives during the pass
+                # must trigger another pass instead of waiting for the poll.
+                self._wake.clear()
                 try:
                     while await self.relay_once() == self._batch:
                         pass
                 except Exception:
                     log.exception("outbox relay failed; retrying")
-                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._poll)
         finally:
