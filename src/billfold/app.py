@@ -92,6 +92,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(
         title="billfold",
+        redirect_slashes=False,  # `/v1/me/` is a 404 problem, not a redirect
         version="0.1.0",
         description=API_DESCRIPTION,
         lifespan=lifespan,
@@ -109,7 +110,7 @@ def create_app(settings: Settings) -> FastAPI:
     _ops_routes(app)
     _document_problems(app)
     limiter = RateLimiter(redis, settings.redis_prefix) if settings.rate_limits_enabled else None
-    app.add_middleware(Edge, config=EdgeConfig(settings, engine, tokens, limiter, metrics))
+    app.add_middleware(Edge, config=EdgeConfig(settings, engine, tokens, limiter, metrics, sealed))
     return app
 
 

@@ -10,10 +10,12 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
+from billfold.platform.keys import SealedBox
 from billfold.platform.observability import (
     REDACTED,
     configure_logging,
     get_logger,
+    is_secret_key,
     luhn_valid,
     redact,
     redact_text,
@@ -275,7 +277,14 @@ async def test_gateway_request_log_has_request_id_and_no_secret(json_logging, ca
     engine = create_engine("postgresql://nobody@127.0.0.1:1/none")
     edge = Edge(
         inner,
-        EdgeConfig(Settings(rate_limits_enabled=False), engine, Verifier(), None, Metrics()),
+        EdgeConfig(
+            Settings(rate_limits_enabled=False),
+            engine,
+            Verifier(),
+            None,
+            Metrics(),
+            SealedBox(bytes(32)),
+        ),
     )
     sent: list[dict] = []
 
@@ -315,3 +324,33 @@ async def test_gateway_request_log_has_request_id_and_no_secret(json_logging, ca
     assert VISA not in err
     assert "eyJ" not in err
     assert "hunter2" not in err
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "password",
+        "refresh_token",
+        "accessToken",
+        "X-Api-Secret",
+        "cvv",
+        "code",
+        "otp_code",
+        "verification_code",
+        "cardNumber",
+        "document_number",
+        "private_key",
+        "Authorization",
+        "pin",
+    ],
+)
+def test_secret_keys_are_recognised(key):
+    assert is_secret_key(key)
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["country_code", "postal_code", "company", "shipping", "currency_code", "spinner", "name"],
+)
+def test_ordinary_keys_stay_readable(key):
+    assert not is_secret_key(key)

@@ -23,6 +23,7 @@ from billfold.platform import idempotency
 from billfold.platform.db import UnitOfWork
 from billfold.platform.errors import PROBLEM_CONTENT_TYPE, ProblemError, ServiceUnavailable
 from billfold.platform.ids import new_id
+from billfold.platform.keys import SealedBox
 from billfold.platform.observability import Metrics, get_logger, request_id_var
 from billfold.platform.ratelimit import Quota, RateLimiter
 
@@ -73,6 +74,7 @@ class EdgeConfig:
     verifier: TokenVerifier
     limiter: RateLimiter | None
     metrics: Metrics
+    sealed: SealedBox
 
     def quotas(self, klass: str) -> tuple[Quota, Quota]:
         s = self.settings
@@ -131,7 +133,8 @@ class Edge:
         token = request_id_var.set(rid)
         method: str = scope["method"]
         path: str = scope["path"]
-        state = scope.setdefault("state", {})
+        # A per-request copy: servers may hand every request the same lifespan state dict.
+        state = scope["state"] = dict(scope.get("state") or {})
         state["request_id"] = rid
         state["client_ip"] = self._client_ip(scope)
         status_holder = [500]
@@ -266,7 +269,9 @@ class Edge:
                 idempotency.check_key(idem_key)
                 fingerprint = idempotency.request_fingerprint(method, path, b"".join(body_chunks))
                 conn = await uow.connection()
-                stored = await idempotency.claim(conn, scope_key, idem_key, fingerprint)
+                stored = await idempotency.claim(
+                    conn, scope_key, idem_key, fingerprint, self.cfg.sealed
+                )
                 if stored is not None:
                     await uow.rollback()
                     headers = [(k.encode(), v.encode()) for k, v in stored.headers]
@@ -373,6 +378,7 @@ class Edge:
                         fingerprint=fingerprint,
                         response=idempotency.StoredResponse(status, kept, body),
                         ttl_seconds=self.cfg.settings.idempotency_ttl_seconds,
+                        sealed=self.cfg.sealed,
                     )
                 await uow.commit()
             except Exception:

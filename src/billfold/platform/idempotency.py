@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billfold.platform.clock import utcnow
 from billfold.platform.errors import Conflict, Unprocessable
+from billfold.platform.keys import SealedBox
 
 MAX_KEY_LENGTH = 255
 
@@ -63,8 +64,12 @@ def check_key(key: str) -> None:
         )
 
 
+def _aad(scope: str, key: str) -> bytes:
+    return f"idempotency\0{scope}\0{key}".encode()
+
+
 async def claim(
-    conn: AsyncConnection, scope: str, key: str, fingerprint: str
+    conn: AsyncConnection, scope: str, key: str, fingerprint: str, sealed: SealedBox
 ) -> StoredResponse | None:
     """Lock the key for this transaction and return the stored response, if any."""
     locked = (await conn.execute(_LOCK, {"scope": scope, "key": key})).scalar_one()
@@ -85,7 +90,7 @@ async def claim(
     return StoredResponse(
         status_code=row.status_code,
         headers=[tuple(h) for h in row.response_headers],  # type: ignore[misc]
-        body=bytes(row.response_body),
+        body=sealed.open(bytes(row.response_body), _aad(scope, key)),
     )
 
 
@@ -99,7 +104,9 @@ async def save(
     fingerprint: str,
     response: StoredResponse,
     ttl_seconds: int,
+    sealed: SealedBox,
 ) -> None:
+    """Store the response sealed: bodies may hold tokens or secrets shown only once."""
     now = utcnow()
     await conn.execute(
         _SAVE,
@@ -111,7 +118,7 @@ async def save(
             "request_hash": fingerprint,
             "status_code": response.status_code,
             "response_headers": json.dumps(response.headers),
-            "response_body": response.body,
+            "response_body": sealed.seal(response.body, _aad(scope, key)),
             "now": now,
             "expires_at": now + timedelta(seconds=ttl_seconds),
         },

@@ -13,11 +13,51 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
-_SECRET_KEYS = re.compile(
-    r"(pass(word)?|secret|token|authorization|cookie|pan|card_number|cvv|cvc|otp|code|"
-    r"signature|private|pin|assertion|attestation|document_number)",
-    re.IGNORECASE,
+# A key is secret when one of its words is (`refresh_token`, `cvv`, `X-Api-Secret`); `code` only
+# on its own or after verification/otp words, so `country_code` and `postal_code` stay readable.
+_SECRET_WORDS = frozenset(
+    {
+        "password",
+        "passwd",
+        "passphrase",
+        "secret",
+        "token",
+        "authorization",
+        "cookie",
+        "pan",
+        "cvv",
+        "cvc",
+        "cvv2",
+        "otp",
+        "totp",
+        "signature",
+        "private",
+        "pin",
+        "assertion",
+        "attestation",
+        "credential",
+        "credentials",
+        "apikey",
+        "nonce",
+    }
 )
+_SECRET_KEYS = frozenset({"code", "card_number", "document_number", "account_number", "api_key"})
+_CODE_QUALIFIERS = frozenset({"verification", "otp", "auth", "step_up", "totp", "sms", "email"})
+
+
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
+def is_secret_key(key: str) -> bool:
+    lowered = _CAMEL.sub("_", key).lower().replace("-", "_")
+    if lowered in _SECRET_KEYS:
+        return True
+    words = lowered.split("_")
+    if any(w in _SECRET_WORDS for w in words):
+        return True
+    return words[-1] == "code" and "_".join(words[:-1]) in _CODE_QUALIFIERS
+
+
 _PAN_CANDIDATE = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
@@ -51,7 +91,7 @@ def redact_text(value: str) -> str:
 
 
 def redact(value: Any, key: str | None = None) -> Any:
-    if key is not None and _SECRET_KEYS.search(key) and value not in (None, "", [], {}):
+    if key is not None and is_secret_key(key) and value not in (None, "", [], {}):
         return REDACTED
     if isinstance(value, str):
         return redact_text(value)
