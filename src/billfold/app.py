@@ -100,6 +100,9 @@ def create_app(settings: Settings) -> FastAPI:
             {"name": "users", "description": "Registration, profile, verification"},
             {"name": "auth", "description": "Tokens, device sign-in, sessions"},
             {"name": "devices", "description": "Enrolled phones, watches and browsers"},
+            {"name": "two-factor", "description": "TOTP and step-up challenges"},
+            {"name": "passkeys", "description": "WebAuthn passkeys for the web portal"},
+            {"name": "kyc", "description": "Identity verification and the review queue"},
             {"name": "ops", "description": "Health and metrics"},
         ],
     )

@@ -507,3 +507,18 @@ async def test_registration_with_the_shared_password_works(client):
     r = await client.post("/v1/users", json=registration(phone=phone(), password=PASSWORD))
     assert r.status_code == 201, r.text
     assert is_valid_id(r.json()["id"], "usr")
+
+
+async def test_trailing_slash_is_a_problem_not_a_redirect(client):
+    r = await client.get("/v1/me/")
+    assert r.status_code == 404
+    assert r.headers["content-type"].startswith("application/problem+json")
+
+
+async def test_every_route_tag_is_described(client):
+    spec = (await client.get("/openapi.json")).json()
+    described = {t["name"] for t in spec.get("tags", [])}
+    used = {
+        tag for ops in spec["paths"].values() for op in ops.values() for tag in op.get("tags", [])
+    }
+    assert used <= described
