@@ -173,3 +173,33 @@ async def test_expired_token_is_refused(client, app, alice, database_url, redis_
     r = await client.get("/v1/me", headers={"Authorization": f"Bearer {expired}"})
     assert r.status_code == 401 and r.json()["code"] == "invalid_token"
     assert make_settings(database_url, redis_url, data_dir).access_token_ttl_seconds <= 900
+
+
+async def test_due_rotation_makes_one_key_however_many_replicas_notice(app, settings):
+    import asyncio
+
+    from sqlalchemy import text
+
+    from billfold.users import KeyRing
+
+    engine = app.state.resources.engine
+    replicas = [KeyRing(engine, app.state.users.sealed, settings) for _ in range(4)]
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "UPDATE users.signing_keys SET created_at = created_at - interval '2 days' "
+                "WHERE retired_at IS NULL"
+            )
+        )
+    for ring in replicas:
+        await ring.reload()
+    made = await asyncio.gather(*(r.rotate(if_older_than=86400) for r in replicas))
+    assert len([k for k in made if k is not None]) == 1
+    async with engine.connect() as conn:
+        live = (
+            await conn.execute(
+                text("SELECT count(*) FROM users.signing_keys WHERE retired_at IS NULL")
+            )
+        ).scalar_one()
+    assert live == 1
+    await app.state.users.tokens.keyring.reload()

@@ -61,15 +61,24 @@ class KeyRing:
 
     @property
     def _grace(self) -> timedelta:
-        return timedelta(seconds=self._settings.access_token_ttl_seconds + _CLOCK_SKEW)
+        # A replica may sign with a just-retired key until its next reload, so a retired key
+        # verifies for one token lifetime past that.
+        return timedelta(
+            seconds=self._settings.access_token_ttl_seconds + _RELOAD_EVERY + _CLOCK_SKEW
+        )
+
+    def _rotation_due(self) -> bool:
+        active = self._active
+        if active is None:
+            return True
+        age = (utcnow() - active.created_at).total_seconds()
+        return age > self._settings.signing_key_rotation_seconds
 
     async def start(self) -> None:
         """Load the keys, creating or rotating the active one when it is missing or too old."""
         await self.reload()
-        active = self._active
-        age = (utcnow() - active.created_at).total_seconds() if active else None
-        if age is None or age > self._settings.signing_key_rotation_seconds:
-            await self.rotate()
+        if self._rotation_due():
+            await self.rotate(if_older_than=self._settings.signing_key_rotation_seconds)
 
     async def reload(self) -> None:
         async with self._engine.connect() as conn:
@@ -101,8 +110,11 @@ class KeyRing:
         self._active = unretired[-1] if unretired else None
         self._loaded_at = time.monotonic()
 
-    async def rotate(self) -> str:
-        """Add a new signing key and retire the others (they keep verifying for one token TTL)."""
+    async def rotate(self, *, if_older_than: float | None = None) -> str | None:
+        """Add a new signing key and retire the others (they keep verifying for one token TTL).
+
+        With `if_older_than`, rotate only when the newest key is older than that many seconds,
+        so replicas noticing the same due rotation make one new key, not one each."""
         private = ec.generate_private_key(ec.SECP256R1())
         kid = new_id("key")
         jwk = json.loads(ECAlgorithm.to_jwk(private.public_key()))
@@ -116,24 +128,42 @@ class KeyRing:
             # One rotation at a time across replicas.
             await conn.execute(text("SELECT pg_advisory_xact_lock(727275)"))
             now = utcnow()
-            await conn.execute(
-                text("UPDATE users.signing_keys SET retired_at = :now WHERE retired_at IS NULL"),
-                {"now": now},
-            )
-            await conn.execute(
-                text(
-                    "INSERT INTO users.signing_keys (kid, private_key, public_jwk, created_at) "
-                    "VALUES (:kid, :pk, CAST(:jwk AS jsonb), :now)"
-                ),
-                {
-                    "kid": kid,
-                    "pk": self._sealed.seal(pem, aad=kid.encode()),
-                    "jwk": json.dumps(jwk),
-                    "now": now,
-                },
-            )
+            if if_older_than is not None:
+                newest = (
+                    await conn.execute(
+                        text(
+                            "SELECT max(created_at) FROM users.signing_keys "
+                            "WHERE retired_at IS NULL"
+                        )
+                    )
+                ).scalar_one()
+                if newest is not None and (now - newest).total_seconds() <= if_older_than:
+                    made: str | None = None  # another replica rotated already
+                else:
+                    made = kid
+            else:
+                made = kid
+            if made is not None:
+                await conn.execute(
+                    text(
+                        "UPDATE users.signing_keys SET retired_at = :now WHERE retired_at IS NULL"
+                    ),
+                    {"now": now},
+                )
+                await conn.execute(
+                    text(
+                        "INSERT INTO users.signing_keys (kid, private_key, public_jwk, created_at) "
+                        "VALUES (:kid, :pk, CAST(:jwk AS jsonb), :now)"
+                    ),
+                    {
+                        "kid": kid,
+                        "pk": self._sealed.seal(pem, aad=kid.encode()),
+                        "jwk": json.dumps(jwk),
+                        "now": now,
+                    },
+                )
         await self.reload()
-        return kid
+        return made
 
     async def _maybe_reload(self, kid: str | None = None) -> None:
         stale = time.monotonic() - self._loaded_at > _RELOAD_EVERY
@@ -141,6 +171,8 @@ class KeyRing:
             async with self._lock:
                 if time.monotonic() - self._loaded_at > 1.0:
                     await self.reload()
+                    if self._rotation_due():  # a long-running process rotates on schedule too
+                        await self.rotate(if_older_than=self._settings.signing_key_rotation_seconds)
 
     def jwks(self) -> dict[str, Any]:
         return {"keys": [k.public_jwk for k in self._keys.values()]}
