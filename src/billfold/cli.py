@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -45,6 +46,8 @@ def up(
 ) -> None:
     """Run the whole wallet on this machine: embedded PostgreSQL + Valkey (unless
     BILLFOLD_DATABASE_URL / BILLFOLD_REDIS_URL are set), migrations, demo data, API, worker."""
+    # platformdirs warns on machines without XDG_RUNTIME_DIR; it is noise for the user here.
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     from billfold.platform.embedded import start_embedded
     from billfold.platform.observability import configure_logging
 
