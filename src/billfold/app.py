@@ -22,7 +22,7 @@ from billfold import users
 from billfold.config import Settings
 from billfold.gateway.errors import install_error_handlers
 from billfold.gateway.middleware import Edge, EdgeConfig
-from billfold.platform.blobs import FilesystemBlobStore
+from billfold.platform.blobs import build_blob_store
 from billfold.platform.db import create_engine
 from billfold.platform.errors import PROBLEM_CONTENT_TYPE, Problem, problem_responses
 from billfold.platform.keys import SealedBox
@@ -76,7 +76,7 @@ def create_app(settings: Settings) -> FastAPI:
     metrics = Metrics()
     keyring = users.KeyRing(engine, sealed, settings)
     tokens = users.AccessTokens(keyring, redis, settings)
-    blobs = FilesystemBlobStore(Path(settings.data_dir) / "blobs")
+    blobs = build_blob_store(settings)
     users_rt = users.UsersRuntime(
         settings=settings, redis=redis, tokens=tokens, sealed=sealed, blobs=blobs
     )
@@ -87,6 +87,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
+            await blobs.aclose()
             await redis.aclose()
             await engine.dispose()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -57,6 +58,17 @@ class Settings(BaseSettings):
     webauthn_rp_id: str = "localhost"
     webauthn_rp_name: str = "billfold"
     webauthn_origin: str = "http://localhost:8000"
+
+    # Where blobs (avatars, receipts) live: `filesystem` = data_dir/blobs, `s3` = the bucket below.
+    # S3 credentials come from the standard AWS chain (env, shared config, instance profile).
+    blob_store: Literal["filesystem", "s3"] = "filesystem"
+    s3_bucket: str = ""
+    s3_prefix: str = ""
+    # For MinIO or moto; empty = AWS. Region empty = from the AWS chain (AWS_DEFAULT_REGION…).
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    # Set to encrypt with SSE-KMS under this key; otherwise SSE-S3 (AES256).
+    s3_kms_key_id: str | None = None
 
     sanctions_list_path: Path | None = None
     # Behind Kong or another proxy we trust, take the client address from X-Forwarded-For.
