@@ -123,7 +123,7 @@ def app_paths(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
 
 def docs_paths() -> set[str]:
     """FastAPI's interactive docs: served by the app, deliberately not exposed at the edge."""
-    return {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+    return {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/static-offline-docs"}
 
 
 def routes(kong: dict[str, Any]) -> Iterator[dict[str, Any]]:

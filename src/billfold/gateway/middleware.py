@@ -31,7 +31,7 @@ log = get_logger("billfold.gateway")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _UNMETERED = frozenset({"/healthz", "/readyz", "/metrics"})
-_DOCS = ("/docs", "/redoc", "/openapi.json")
+_DOCS = ("/docs", "/redoc", "/openapi.json", "/static-offline-docs/")
 _MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
@@ -46,9 +46,8 @@ SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
 _API_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
 _DOCS_CSP = (
     b"content-security-policy",
-    b"default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
-    b"style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; img-src 'self' data: "
-    b"https://fastapi.tiangolo.com; frame-ancestors 'none'",
+    b"default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    b"img-src 'self' data:; worker-src 'self' blob:; frame-ancestors 'none'",
 )
 
 
