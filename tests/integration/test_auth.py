@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from joserfc import jwt as jose_jwt
 from joserfc.jwk import KeySet
 
@@ -82,6 +83,19 @@ async def test_unsupported_grant_and_media_type(client):
     r = await client.post("/v1/auth/token", data={"grant_type": "password"})
     assert r.status_code == 422
     assert {e["pointer"] for e in r.json()["errors"]} == {"#/username", "#/password"}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 100_000, b'{"grant_type": "password", "password": ' + b"1" * 5000 + b"}"],
+    ids=["deeply-nested", "huge-integer"],
+)
+async def test_unparseable_json_token_request_is_400_not_500(client, body):
+    r = await client.post(
+        "/v1/auth/token", content=body, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["code"] == "malformed_body"
 
 
 async def test_refresh_rotates_and_reuse_revokes_the_family(client, alice):

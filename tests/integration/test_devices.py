@@ -99,8 +99,17 @@ async def test_bad_device_input_is_422_and_changes_nothing(client, alice):
         {"name": "", "platform": "ios"},
         {"name": "x", "platform": "ios", "public_key": "not a key"},
         {"name": "x", "platform": "ios", "public_key": _rsa_pem()},
+        # PostgreSQL cannot store these; they were 500s
+        {"name": "a\u0000b", "platform": "ios"},
+        {"name": "x", "platform": "ios", "attestation": {"fmt": "\u0000"}},
+        {"name": "x", "platform": "ios", "attestation": {"\u0000": 1}},
+        '{"name": "x", "platform": "ios", "attestation": {"n": [NaN]}}',
     ):
-        r = await client.post("/v1/devices", json=body, headers=alice.headers)
+        if isinstance(body, str):
+            headers = {**alice.headers, "content-type": "application/json"}
+            r = await client.post("/v1/devices", content=body, headers=headers)
+        else:
+            r = await client.post("/v1/devices", json=body, headers=alice.headers)
         assert r.status_code == 422, body
         assert r.headers["content-type"].startswith("application/problem+json")
     assert (await client.get("/v1/devices", headers=alice.headers)).json()["data"] == before

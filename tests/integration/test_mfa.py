@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import secrets
 import time
 from typing import Any
@@ -16,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import text
 
 from billfold.platform.errors import ProblemError
-from billfold.users import verify_step_up
+from billfold.users import mfa, verify_step_up
 from tests.conftest import SignedIn, sign_up
 
 PROBLEM = "application/problem+json"
@@ -238,6 +240,22 @@ async def test_totp_lockout_survives_rollback(client, app):
     await enable_totp(client, other)
 
 
+async def test_totp_lockout_holds_for_concurrent_guesses(client):
+    """Guesses sent at once are counted one after another: at most 4 are answered
+    `invalid_code` before the lock, however many arrive together."""
+    user = await new_user(client)
+    r = await client.post("/v1/me/two-factor/totp", headers=user.headers)
+    secret = r.json()["secret"]
+    valid = {code_at(secret, k) for k in (-1, 0, 1, 2)}
+    guesses = [f"{n:06d}" for n in range(100) if f"{n:06d}" not in valid][:12]
+    url = "/v1/me/two-factor/totp/confirm"
+    rs = await asyncio.gather(
+        *(client.post(url, json={"code": g}, headers=user.headers) for g in guesses)
+    )
+    statuses = sorted(r.status_code for r in rs)
+    assert statuses == [422] * 4 + [429] * 8, statuses
+
+
 async def test_two_factor_routes_need_auth(client):
     r = await client.post("/v1/me/two-factor/totp")
     assert r.status_code == 401
@@ -413,6 +431,27 @@ async def test_sent_code_attempts_are_limited(client, app):
         assert r.json()["attempts_left"] == left
     r = await client.post(url, json={"code": code}, headers=user.headers)
     assert r.status_code == 404
+
+
+async def test_sent_code_attempts_hold_for_concurrent_guesses(client, app):
+    """A request that read the challenge before the 5th wrong answer dropped it (a concurrent
+    guess) must not be able to answer it, even with the right code."""
+    user = await new_user(client)
+    await verify_contact(app, client, user, "email")
+    challenge_id = (await start(client, user, "email")).json()["id"]
+    code = await step_up_code(app, user.user["id"], challenge_id)
+    rt = app.state.users
+    key = rt.key("step-up", challenge_id)
+    record = json.loads(await rt.redis.get(key))  # read before the wrong answers
+    bad = "000000" if code != "000000" else "111111"
+    url = f"/v1/auth/step-up/challenges/{challenge_id}/verify"
+    rs = await asyncio.gather(
+        *(client.post(url, json={"code": bad}, headers=user.headers) for _ in range(5))
+    )
+    assert all(r.status_code == 422 for r in rs)
+    with pytest.raises(ProblemError) as refused:
+        await mfa._verify_sent_code(rt, key, challenge_id, record, code)
+    assert refused.value.code == "invalid_code"
 
 
 async def test_sent_codes_are_rate_limited(client, app):

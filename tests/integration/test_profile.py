@@ -61,6 +61,9 @@ async def test_bad_profile_input_changes_nothing(client, alice):
         {"email": "not-an-email"},
         {"kyc_tier": 2},
         {"address": {"line1": "x"}},
+        # PostgreSQL cannot store a NUL character; these were 500s
+        {"name": "Ada\u0000"},
+        {"address": {"line1": "Main St 1\u0000", "city": "B", "postal_code": "1", "country": "DE"}},
     ):
         r = await client.patch("/v1/me", json=body, headers=alice.headers)
         assert r.status_code == 422, body

@@ -69,6 +69,15 @@ async def test_future_birth_date_and_unknown_fields_are_refused(client):
     assert r.json()["errors"][0]["pointer"] == "#/role"
 
 
+async def test_nul_characters_are_422_not_500(client, app):
+    body = registration(name="Ada\u0000Lovelace")
+    r = await client.post("/v1/users", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["code"] == "validation_failed"
+    sql = "SELECT count(*) FROM users.users WHERE email = :e"
+    assert await _count(app, sql, e=body["email"]) == 0
+
+
 async def test_amount_like_types_are_strict(client):
     r = await client.post("/v1/users", json={**registration(), "date_of_birth": 19900101})
     assert r.status_code == 422

@@ -356,3 +356,16 @@ async def test_unit_of_work_that_never_touches_the_database_opens_nothing(app):
     async with unit_of_work(engine) as uow:
         assert not uow.active
     assert engine.pool.checkedout() == before
+
+
+async def test_database_errors_do_not_carry_bound_values(app):
+    """A failed statement is logged with its exception; the values (password hashes, personal
+    data, one-time codes) must not be part of it."""
+    secret = "argon2-hash-that-must-not-be-logged"
+    with pytest.raises(Exception) as failed:  # any driver error will do
+        async with unit_of_work(app.state.resources.engine) as uow:
+            conn = await uow.connection()
+            # PostgreSQL refuses the NUL; its message does not quote the value, SQLAlchemy's did
+            await conn.execute(text("SELECT CAST(:v AS text)"), {"v": secret + "\x00"})
+    assert "invalid byte sequence" in str(failed.value)
+    assert secret not in str(failed.value)

@@ -28,6 +28,9 @@ def create_engine(url: str, *, pool_size: int = 10, max_overflow: int = 10) -> A
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_pre_ping=False,
+        # Errors are logged with their statement; bound values (password hashes, personal
+        # data, codes in outbox events) must not be in those log lines.
+        hide_parameters=True,
         json_serializer=lambda v: json.dumps(v, separators=(",", ":"), default=str),
         connect_args={
             "server_settings": {

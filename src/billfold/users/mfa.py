@@ -129,9 +129,10 @@ async def _use_code(
     uow: UnitOfWork, rt: UsersRuntime, user_id: str, code: str, *, confirmed: bool
 ) -> int:
     """Check a TOTP code against the user's (confirmed or pending) factor and spend its step."""
-    await _check_not_locked(rt, user_id)
     conn = await uow.connection()
     row = await store.get_totp(conn, user_id, for_update=True)  # one use of a code at a time
+    # Only under the row lock: checked before it, concurrent guesses all passed the check.
+    await _check_not_locked(rt, user_id)
     if row is None or (row.confirmed_at is not None) != confirmed:
         if confirmed:
             raise Conflict(
@@ -473,16 +474,20 @@ async def verify_step_up_challenge(
 async def _verify_sent_code(
     rt: UsersRuntime, key: str, challenge_id: str, record: dict[str, Any], code: str
 ) -> None:
-    if hmac.compare_digest(record["code_hash"], _code_hash(rt, challenge_id, code)):
-        return
+    # Count before comparing, so concurrent guesses cannot outnumber the attempts; the counter
+    # outlives the challenge, so requests that read the challenge before it was dropped fail too.
     attempts_key = key + ":attempts"
     async with rt.redis.pipeline(transaction=True) as pipe:
         pipe.incr(attempts_key)
         pipe.expire(attempts_key, STEP_UP_CODE_TTL_SECONDS)
         attempts, _ = await pipe.execute()
+    if int(attempts) <= STEP_UP_MAX_ATTEMPTS and hmac.compare_digest(
+        record["code_hash"], _code_hash(rt, challenge_id, code)
+    ):
+        return
     left = max(0, STEP_UP_MAX_ATTEMPTS - int(attempts))
     if left == 0:
-        await rt.redis.delete(key, attempts_key)
+        await rt.redis.delete(key)
     raise ProblemError(
         "The code is not correct" + ("" if left else "; start a new step-up"),
         status=422,

@@ -65,7 +65,8 @@ async def _parse_token_request(request: Request) -> Any:
                 code="unsupported_media_type",
                 title="Unsupported media type",
             )
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    # ValueError: also integers over Python's digit limit; RecursionError: deep nesting.
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise ProblemError("The request body could not be parsed", code="malformed_body") from None
     if not isinstance(data, dict) or data.get("grant_type") not in _GRANTS:
         raise ProblemError(
