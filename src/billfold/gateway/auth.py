@@ -44,7 +44,9 @@ def _state(request: Request) -> dict[str, Any]:
     return request.scope.setdefault("state", {})
 
 
-def current_principal(
+# The dependencies below are `async def` although they do no I/O: FastAPI runs a plain `def`
+# dependency in the thread pool, a thread hop per request (bench/auth.py, docs/performance.md).
+async def current_principal(
     request: Request, _: HTTPAuthorizationCredentials | None = Depends(_bearer)
 ) -> Principal:
     state = _state(request)
@@ -85,7 +87,7 @@ async def require_admin(principal: Principal = Depends(current_principal)) -> Pr
     return principal
 
 
-def get_uow(request: Request) -> UnitOfWork:
+async def get_uow(request: Request) -> UnitOfWork:
     """The request's unit of work; the edge commits it when the response is a success."""
     uow = _state(request).get("uow")
     if uow is None:

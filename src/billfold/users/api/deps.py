@@ -9,9 +9,10 @@ from billfold.users.auth import ClientContext
 from billfold.users.runtime import UsersRuntime
 
 
-def users_runtime(request: Request) -> UsersRuntime:
+# `async def` without I/O on purpose: a plain `def` dependency costs a thread-pool hop.
+async def users_runtime(request: Request) -> UsersRuntime:
     return request.app.state.users  # type: ignore[no-any-return]
 
 
-def client_context(request: Request) -> ClientContext:
+async def client_context(request: Request) -> ClientContext:
     return ClientContext(ip=client_ip(request), user_agent=user_agent(request))
