@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 from PIL import Image
@@ -122,6 +123,57 @@ async def test_wrong_codes_are_counted_and_exhaust_the_verification(client, app,
         f"/v1/me/verifications/{v['id']}/confirm", json={"code": "12ab"}, headers=user.headers
     )
     assert bad.status_code == 422
+
+
+async def test_parallel_wrong_codes_cannot_exceed_the_attempt_limit(client, app, settings):
+    """Each guess takes an attempt atomically before its code is compared: however many arrive
+    at once, at most `verification_max_attempts` are compared; the rest are refused unread."""
+    user = await sign_up(client)
+    v = (
+        await client.post("/v1/me/verifications", json={"channel": "email"}, headers=user.headers)
+    ).json()
+    code = await _latest_code(app, user.user["id"])
+    wrong = "000000" if code != "000000" else "111111"
+    url = f"/v1/me/verifications/{v['id']}/confirm"
+    answers = await asyncio.gather(
+        *(client.post(url, json={"code": wrong}, headers=user.headers) for _ in range(30))
+    )
+    codes = [r.json()["code"] for r in answers]
+    invalid = [r for r in answers if r.json()["code"] == "invalid_code"]
+    assert len(invalid) == settings.verification_max_attempts, codes
+    assert all(r.status_code == 422 for r in invalid)
+    assert sorted(r.json()["attempts_left"] for r in invalid) == list(
+        range(settings.verification_max_attempts)
+    )
+    rest = [r for r in answers if r not in invalid]
+    assert {(r.status_code, r.json()["code"]) for r in rest} <= {(409, "verification_failed")}
+    # The right code after the attempts are spent is refused, and nothing was verified.
+    r = await client.post(url, json={"code": code}, headers=user.headers)
+    assert r.status_code == 409 and r.json()["code"] == "verification_failed"
+    assert (await client.get("/v1/me", headers=user.headers)).json()["email_verified"] is False
+
+
+async def test_right_code_among_parallel_wrong_ones_is_one_of_the_counted_attempts(
+    client, app, settings
+):
+    user = await sign_up(client)
+    v = (
+        await client.post("/v1/me/verifications", json={"channel": "email"}, headers=user.headers)
+    ).json()
+    code = await _latest_code(app, user.user["id"])
+    wrong = "000000" if code != "000000" else "111111"
+    url = f"/v1/me/verifications/{v['id']}/confirm"
+    bodies = [{"code": wrong}] * 29 + [{"code": code}]
+    answers = await asyncio.gather(
+        *(client.post(url, json=b, headers=user.headers) for b in bodies)
+    )
+    accepted = [r for r in answers if r.status_code == 200]
+    invalid = [r for r in answers if r.json().get("code") == "invalid_code"]
+    # At most the allowed number of codes were compared, the right one included if accepted.
+    assert len(accepted) <= 1
+    assert len(invalid) + len(accepted) <= settings.verification_max_attempts
+    me = (await client.get("/v1/me", headers=user.headers)).json()
+    assert me["email_verified"] is bool(accepted)
 
 
 async def test_someone_elses_verification_is_404(client, alice, bob):

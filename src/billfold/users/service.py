@@ -270,33 +270,46 @@ async def confirm_verification(
 ) -> Verification:
     if not is_valid_id(verification_id, "vrf"):
         raise NotFound("No such verification")
-    conn = await uow.connection()
-    row = await store.get_verification(conn, user_id, verification_id, for_update=True)
-    if row is None:
-        raise NotFound("No such verification")
-    view = _verification_view(rt, row)
-    if view.status != "pending":
-        raise Conflict(f"This verification is {view.status}", code=f"verification_{view.status}")
-    user = await store.get_user(conn, user_id, for_update=True)
-    assert user is not None
-    current = user.email if row.channel == "email" else user.phone
-    if current != row.target:
-        raise Conflict("The contact changed since this code was sent", code="verification_stale")
-    now = utcnow()
+    max_attempts = rt.settings.verification_max_attempts
+    # The attempt is counted before the code is compared, atomically and in a transaction of its
+    # own that commits whatever this request does: parallel guesses each take one attempt, so at
+    # most `max_attempts` codes are ever compared. The request's own connection is not taken
+    # until the code is right, so a request never holds two pool connections here.
+    async with uow.engine.begin() as side:
+        row = await store.get_verification(side, user_id, verification_id)
+        if row is None:
+            raise NotFound("No such verification")
+        status = _verification_view(rt, row).status
+        if status != "pending":
+            raise _not_pending(status)
+        user = await store.get_user(side, user_id)
+        assert user is not None
+        _ensure_current(row, user)
+        attempts = await store.spend_verification_attempt(
+            side, user_id, verification_id, max_attempts
+        )
+        if attempts is None:
+            # A parallel request spent the last attempt or confirmed it, or it just expired.
+            row = await store.get_verification(side, user_id, verification_id)
+            assert row is not None
+            status = _verification_view(rt, row).status
+            # Still pending by our clock means the database's clock saw it expire.
+            raise _not_pending("expired" if status == "pending" else status)
     if not hmac.compare_digest(bytes(row.code_hash), _code_hash(rt, verification_id, code)):
-        # The failure must be counted though this request rolls back: release our row lock
-        # first, then count in a transaction of its own.
-        await uow.rollback()
-        async with uow.engine.begin() as side:
-            await store.record_verification_attempt(side, verification_id, confirmed_at=None)
-        left = max(0, view.attempts_left - 1)
+        left = max(0, max_attempts - attempts)
         raise ProblemError(
             "The code is not correct" + ("" if left else "; request a new code"),
             status=422,
             code="invalid_code",
             extra={"attempts_left": left},
         )
-    await store.record_verification_attempt(conn, verification_id, confirmed_at=now)
+    conn = await uow.connection()
+    user = await store.get_user(conn, user_id, for_update=True)
+    assert user is not None
+    _ensure_current(row, user)
+    now = utcnow()
+    if not await store.mark_verification_confirmed(conn, verification_id, now):
+        raise Conflict("This verification is confirmed", code="verification_confirmed")
     column = "email_verified_at" if row.channel == "email" else "phone_verified_at"
     await store.update_user(conn, user_id, {column: now}, now)
     await events.publish(
@@ -306,6 +319,16 @@ async def confirm_verification(
     updated = await store.get_verification(conn, user_id, verification_id)
     assert updated is not None
     return _verification_view(rt, updated)
+
+
+def _not_pending(status: str) -> Conflict:
+    return Conflict(f"This verification is {status}", code=f"verification_{status}")
+
+
+def _ensure_current(row: Row[Any], user: Row[Any]) -> None:
+    current = user.email if row.channel == "email" else user.phone
+    if current != row.target:
+        raise Conflict("The contact changed since this code was sent", code="verification_stale")
 
 
 def sniff_image(data: bytes) -> str:

@@ -146,13 +146,34 @@ async def count_recent_verifications(conn: AsyncConnection, user_id: str, since:
     )
 
 
-async def record_verification_attempt(
-    conn: AsyncConnection, verification_id: str, *, confirmed_at: datetime | None
-) -> None:
-    await conn.execute(
-        text(
-            "UPDATE users.verifications SET attempts = attempts + 1, confirmed_at = :confirmed "
-            "WHERE id = :id"
-        ),
-        {"id": verification_id, "confirmed": confirmed_at},
-    )
+async def spend_verification_attempt(
+    conn: AsyncConnection, user_id: str, verification_id: str, max_attempts: int
+) -> int | None:
+    """Take one attempt of a pending verification; its new count, or None if none is left
+    (spent, confirmed or expired). Atomic, so parallel guesses cannot exceed `max_attempts`."""
+    return (
+        await conn.execute(
+            text(
+                "UPDATE users.verifications SET attempts = attempts + 1 "
+                "WHERE id = :id AND user_id = :uid AND attempts < :max "
+                "AND confirmed_at IS NULL AND expires_at > now() RETURNING attempts"
+            ),
+            {"id": verification_id, "uid": user_id, "max": max_attempts},
+        )
+    ).scalar_one_or_none()
+
+
+async def mark_verification_confirmed(
+    conn: AsyncConnection, verification_id: str, confirmed_at: datetime
+) -> bool:
+    """Confirm once: False when it already was (a parallel request with the right code)."""
+    row = (
+        await conn.execute(
+            text(
+                "UPDATE users.verifications SET confirmed_at = :confirmed "
+                "WHERE id = :id AND confirmed_at IS NULL RETURNING id"
+            ),
+            {"id": verification_id, "confirmed": confirmed_at},
+        )
+    ).first()
+    return row is not None
