@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     refresh_token_ttl_seconds: int = 30 * 24 * 3600
     session_ttl_seconds: int = 30 * 24 * 3600
     signing_key_rotation_seconds: int = 24 * 3600
+    # Adding a sign-in credential or changing a contact needs a sign-in this recent, or step-up.
+    recent_auth_seconds: int = 600
 
     login_max_failures: int = 5
     login_lockout_base_seconds: int = 60

@@ -352,15 +352,16 @@ async def test_step_up_with_totp(client, app):
 
 async def test_step_up_token_bound_to_session(client, app):
     user = await new_user(client)
-    secret, _ = await enable_totp(client, user)
-    r = await start(client, user, "totp", purpose="sensitive_change")
-    challenge_id = r.json()["id"]
-    # Another session of the same user cannot answer it.
+    # A second session of the same user (signed in before TOTP was on: no second factor yet).
     t = await client.post(
         "/v1/auth/token",
         data={"grant_type": "password", "username": user.email, "password": user.password},
     )
     second = {"Authorization": f"Bearer {t.json()['access_token']}"}
+    secret, _ = await enable_totp(client, user)
+    r = await start(client, user, "totp", purpose="sensitive_change")
+    challenge_id = r.json()["id"]
+    # The other session cannot answer this session's challenge.
     r = await client.post(
         f"/v1/auth/step-up/challenges/{challenge_id}/verify",
         json={"code": code_at(secret, 1)},

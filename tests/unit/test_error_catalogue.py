@@ -12,6 +12,8 @@ _DERIVED = {
     "verification_confirmed",
     "verification_expired",
     "verification_failed",
+    # users/mfa.py: step_up_required(..., code="step_up_required") as a keyword default
+    "step_up_required",
     # gateway/errors.py maps routing errors by status
     "method_not_allowed",
     "not_acceptable",

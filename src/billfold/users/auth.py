@@ -143,6 +143,7 @@ async def open_session(
         role=user.role,
         device_id=device.id if device else None,
         auth_method=method,
+        extra={"auth_time": int(now.timestamp())},
     )
     return TokenGrant(access, ttl, refresh, " ".join(scopes), session_id)
 
@@ -150,11 +151,41 @@ async def open_session(
 # --- password grant, with backoff after repeated failures ----------------------------------------
 
 
-def _lockout_seconds(rt: UsersRuntime, failures: int) -> int:
-    over = failures - rt.settings.login_max_failures
-    if over < 0:
-        return 0
-    return min(rt.settings.login_lockout_base_seconds * (2**over), 3600)
+# Takes a numbered attempt atomically. The attempt that reaches the limit locks the account
+# *before* its password is checked, so concurrent guesses past the limit are refused unchecked.
+# KEYS: failures, locked; ARGV: max_failures, base_seconds, cap_seconds, window_seconds.
+# Returns {allowed, attempt_or_retry_after}.
+_TAKE_ATTEMPT = """
+local ttl = redis.call('TTL', KEYS[2])
+if ttl > 0 then return {0, ttl} end
+local n = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+local max = tonumber(ARGV[1])
+if n >= max then
+  local lock = math.min(tonumber(ARGV[2]) * (2 ^ (n - max)), tonumber(ARGV[3]))
+  redis.call('SET', KEYS[2], '1', 'EX', math.floor(lock))
+end
+return {1, n}
+"""
+_LOCKOUT_CAP_SECONDS = 3600
+_FAILURE_WINDOW_SECONDS = 24 * 3600
+MFA_TOKEN_TTL_SECONDS = 300
+
+
+def mfa_required(mfa_token: str) -> ProblemError:
+    """The password was right; the account also needs its second factor (`mfa_otp` grant)."""
+    return ProblemError(
+        "This account has two-factor authentication: send a code with grant_type=mfa_otp",
+        status=403,
+        code="mfa_required",
+        title="Second factor required",
+        extra={
+            "error": "mfa_required",
+            "mfa_token": mfa_token,
+            "methods": ["totp"],
+            "expires_in": MFA_TOKEN_TTL_SECONDS,
+        },
+    )
 
 
 async def password_grant(
@@ -170,26 +201,27 @@ async def password_grant(
     """Same answer and the same work for an unknown email as for a wrong password."""
     failures_key = rt.key("login-failures", hashlib.sha256(email.encode()).hexdigest())
     locked_key = failures_key + ":locked"
-    ttl = await rt.redis.ttl(locked_key)
-    if ttl and ttl > 0:
+    allowed, value = await rt.redis.register_script(_TAKE_ATTEMPT)(
+        keys=[failures_key, locked_key],
+        args=[
+            rt.settings.login_max_failures,
+            rt.settings.login_lockout_base_seconds,
+            _LOCKOUT_CAP_SECONDS,
+            _FAILURE_WINDOW_SECONDS,
+        ],
+    )
+    if not allowed:
         raise TooManyRequests(
             "Too many failed sign-in attempts; try again later",
             code="too_many_attempts",
-            headers={"Retry-After": str(ttl)},
+            headers={"Retry-After": str(int(value))},
         )
     conn = await uow.connection()
     user = await accounts_store.find_user_by_email(conn, email)
     ok = await rt.verify_password(user.password_hash if user else None, password)
     if not ok or user is None:
-        async with rt.redis.pipeline(transaction=True) as pipe:
-            pipe.incr(failures_key)
-            pipe.expire(failures_key, 24 * 3600)
-            failures, _ = await pipe.execute()
-        lock_for = _lockout_seconds(rt, int(failures))
-        if lock_for:
-            await rt.redis.set(locked_key, "1", ex=lock_for)
         raise invalid_grant("The email or password is not correct")
-    await rt.redis.delete(failures_key)
+    await rt.redis.delete(failures_key, locked_key)  # the right password ends the backoff
     if user.status != "active":
         raise invalid_grant("This account cannot sign in; contact support")
     device = None
@@ -201,8 +233,55 @@ async def password_grant(
         )
         if device is None:
             raise invalid_grant("Unknown device")
+    if user.two_factor_enabled:
+        mfa_token = secrets.token_urlsafe(32)
+        await rt.redis.set(
+            rt.key("mfa-pending", mfa_token),
+            json.dumps({"user_id": user.id, "device_id": device_id, "scope": scope}),
+            ex=MFA_TOKEN_TTL_SECONDS,
+        )
+        raise mfa_required(mfa_token)
     return await open_session(
         uow, rt, user=user, device=device, method="pwd", scope=scope, client=client
+    )
+
+
+async def take_mfa_pending(rt: UsersRuntime, mfa_token: str) -> dict[str, Any]:
+    """The sign-in waiting for its second factor (kept until the factor succeeds or expires)."""
+    raw = await rt.redis.get(rt.key("mfa-pending", mfa_token))
+    if raw is None:
+        raise invalid_grant("The mfa_token is unknown or expired; sign in again")
+    return dict(json.loads(raw))
+
+
+async def finish_mfa_sign_in(
+    uow: UnitOfWork,
+    rt: UsersRuntime,
+    *,
+    mfa_token: str,
+    pending: dict[str, Any],
+    client: ClientContext,
+) -> TokenGrant:
+    """Open the session once the second factor has been checked; the mfa_token is spent."""
+    if not await rt.redis.delete(rt.key("mfa-pending", mfa_token)):
+        raise invalid_grant("The mfa_token was already used; sign in again")
+    conn = await uow.connection()
+    user = await accounts_store.get_user(conn, pending["user_id"])
+    if user is None or user.status != "active":
+        raise invalid_grant("This account cannot sign in; contact support")
+    device = None
+    if pending.get("device_id"):
+        device = await store.get_device(conn, user.id, pending["device_id"])
+        if device is None:
+            raise invalid_grant("Unknown device")
+    return await open_session(
+        uow,
+        rt,
+        user=user,
+        device=device,
+        method="mfa",
+        scope=pending.get("scope"),
+        client=client,
     )
 
 
@@ -253,6 +332,8 @@ async def refresh_grant(
         role=row.role,
         device_id=row.device_id,
         auth_method=row.auth_method,
+        # A refresh is not a fresh sign-in: "recent authentication" stays the session's start.
+        extra={"auth_time": int(row.created_at.timestamp())},
     )
     return TokenGrant(access, ttl, new_refresh, " ".join(scopes), row.id)
 

@@ -12,11 +12,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from billfold.gateway import Principal
 from billfold.platform.clock import utcnow
 from billfold.platform.db import UnitOfWork
 from billfold.platform.errors import NotFound, Unprocessable
 from billfold.platform.ids import is_valid_id, new_id
-from billfold.users import events
+from billfold.users import events, mfa
 from billfold.users.auth import allowed_scopes
 from billfold.users.models import Device, EnrolDevice, UpdateDevice
 from billfold.users.runtime import UsersRuntime
@@ -60,7 +61,17 @@ def to_device(row: Row[Any], current_device: str | None = None) -> Device:
     )
 
 
-async def enrol_device(uow: UnitOfWork, user_id: str, request: EnrolDevice) -> Device:
+async def enrol_device(
+    uow: UnitOfWork,
+    rt: UsersRuntime,
+    principal: Principal,
+    request: EnrolDevice,
+    step_up_token: str | None = None,
+) -> Device:
+    """A device with a key becomes a way to sign in: only after a recent sign-in or step-up."""
+    user_id = principal.user_id
+    if request.public_key:
+        await mfa.require_recent_auth(rt, principal, step_up_token)
     conn = await uow.connection()
     public_key = normalize_public_key(request.public_key) if request.public_key else None
     device_id = new_id("dev")

@@ -552,3 +552,40 @@ async def _issue_step_up_token(
         claims["did"] = principal.device_id
     token = await rt.tokens.keyring.sign(claims)
     return StepUpToken(step_up_token=token, expires_in=STEP_UP_TOKEN_TTL_SECONDS, amr=amr)
+
+
+# --- second factor at sign-in, and recent authentication for sensitive changes -------------------
+
+SENSITIVE_CHANGE = "sensitive_change"
+
+
+async def mfa_otp_grant(
+    uow: UnitOfWork, rt: UsersRuntime, *, mfa_token: str, otp: str, client: auth.ClientContext
+) -> auth.TokenGrant:
+    """Second step of a password sign-in for an account with TOTP on (after `mfa_required`)."""
+    pending = await auth.take_mfa_pending(rt, mfa_token)
+    await _use_code(uow, rt, pending["user_id"], otp, confirmed=True)
+    return await auth.finish_mfa_sign_in(
+        uow, rt, mfa_token=mfa_token, pending=pending, client=client
+    )
+
+
+async def require_recent_auth(
+    rt: UsersRuntime, principal: Principal, step_up_token: str | None
+) -> None:
+    """Adding a way to sign in or changing where codes go must be done by someone who proved
+    who they are just now: a sign-in within `recent_auth_seconds`, or a step-up token for
+    `sensitive_change`. A stolen access token alone cannot plant a lasting credential."""
+    auth_time = principal.claims.get("auth_time")
+    fresh = isinstance(auth_time, int) and (
+        time.time() - auth_time <= rt.settings.recent_auth_seconds
+    )
+    if fresh:
+        return
+    if step_up_token:
+        await verify_step_up(rt, step_up_token, principal, SENSITIVE_CHANGE)
+        return
+    raise step_up_required(
+        SENSITIVE_CHANGE,
+        detail="Confirm it is you: sign in again or send an X-Step-Up-Token for sensitive_change",
+    )

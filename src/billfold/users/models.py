@@ -298,8 +298,18 @@ class PasskeyGrant(Strict):
     scope: Scope | None = None
 
 
+class MfaOtpGrant(Strict):
+    grant_type: Literal["mfa_otp"]
+    mfa_token: Annotated[str, StringConstraints(min_length=1, max_length=200)] = Field(
+        description="From the `mfa_required` answer to the password grant"
+    )
+    otp: Annotated[str, StringConstraints(pattern=r"^\d{6}$")] = Field(
+        description="The current code of the authenticator app"
+    )
+
+
 TokenRequest = Annotated[
-    PasswordGrant | RefreshGrant | DeviceSignatureGrant | PasskeyGrant,
+    PasswordGrant | RefreshGrant | DeviceSignatureGrant | PasskeyGrant | MfaOtpGrant,
     Field(discriminator="grant_type"),
 ]
 

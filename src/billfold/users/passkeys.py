@@ -35,12 +35,13 @@ from webauthn.helpers.structs import (
     UserVerificationRequirement,
 )
 
+from billfold.gateway import Principal
 from billfold.platform.clock import utcnow
 from billfold.platform.db import UnitOfWork
 from billfold.platform.errors import Conflict, NotFound, ProblemError, Unprocessable
 from billfold.platform.ids import is_valid_id, new_id
 from billfold.platform.observability import get_logger
-from billfold.users import events
+from billfold.users import events, mfa
 from billfold.users.auth import ClientContext, TokenGrant, invalid_grant, open_session
 from billfold.users.models import Passkey, PasskeyOptions, RegisterPasskey
 from billfold.users.runtime import UsersRuntime
@@ -156,9 +157,16 @@ async def _take_registration_challenge(rt: UsersRuntime, user_id: str, challenge
 
 
 async def register_passkey(
-    uow: UnitOfWork, rt: UsersRuntime, user_id: str, request: RegisterPasskey
+    uow: UnitOfWork,
+    rt: UsersRuntime,
+    principal: Principal,
+    request: RegisterPasskey,
+    step_up_token: str | None = None,
 ) -> Passkey:
+    """A new passkey is a new way to sign in: only after a recent sign-in or step-up."""
+    user_id = principal.user_id
     _check_size(request.credential)
+    await mfa.require_recent_auth(rt, principal, step_up_token)
     challenge = await _take_registration_challenge(rt, user_id, request.challenge_id)
     try:
         verified = verify_registration_response(

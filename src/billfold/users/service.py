@@ -13,6 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from billfold.gateway import Principal
 from billfold.platform.clock import utcnow
 from billfold.platform.db import UnitOfWork
 from billfold.platform.errors import (
@@ -24,7 +25,7 @@ from billfold.platform.errors import (
     Unprocessable,
 )
 from billfold.platform.ids import is_valid_id, new_id
-from billfold.users import events, kyc
+from billfold.users import events, kyc, mfa
 from billfold.users.models import (
     Address,
     RegisterUser,
@@ -134,9 +135,15 @@ async def get_me(conn: AsyncConnection, user_id: str) -> User:
 
 
 async def update_profile(
-    uow: UnitOfWork, rt: UsersRuntime, user_id: str, request: UpdateProfile
+    uow: UnitOfWork,
+    rt: UsersRuntime,
+    principal: Principal,
+    request: UpdateProfile,
+    step_up_token: str | None = None,
 ) -> User:
-    """Change profile fields; a new email or phone is unverified until confirmed again."""
+    """Change profile fields; a new email or phone is unverified until confirmed again, and
+    changing either (where codes and alerts go) needs a recent sign-in or step-up."""
+    user_id = principal.user_id
     conn = await uow.connection()
     row = await store.get_user(conn, user_id, for_update=True)
     if row is None:
@@ -152,6 +159,8 @@ async def update_profile(
                 changes["address"] = value
         elif value != getattr(row, name):
             changes[name] = value
+    if "email" in changes or "phone" in changes:
+        await mfa.require_recent_auth(rt, principal, step_up_token)
     new_email, new_phone, new_handle = (
         changes.get("email"),
         changes.get("phone"),

@@ -10,7 +10,7 @@ from billfold.gateway import Principal, get_uow, require_scopes
 from billfold.platform.db import UnitOfWork
 from billfold.platform.errors import problem_responses
 from billfold.users import service
-from billfold.users.api.deps import users_runtime
+from billfold.users.api.deps import StepUpHeader, users_runtime
 from billfold.users.models import (
     ConfirmVerification,
     RegisterUser,
@@ -53,9 +53,11 @@ async def get_me(me: Me, uow: Uow) -> User:
     summary="Update your profile",
     responses=problem_responses(401, 403, 409, 422),
 )
-async def patch_me(body: UpdateProfile, me: Me, uow: Uow, rt: Runtime) -> User:
+async def patch_me(
+    body: UpdateProfile, me: Me, uow: Uow, rt: Runtime, step_up: StepUpHeader = None
+) -> User:
     """A new email or phone is stored unverified and must be verified again."""
-    return await service.update_profile(uow, rt, me.user_id, body)
+    return await service.update_profile(uow, rt, me, body, step_up)
 
 
 @router.put(

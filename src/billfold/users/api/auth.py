@@ -14,13 +14,14 @@ from billfold.gateway import Principal, current_principal, get_uow, require_scop
 from billfold.platform.db import UnitOfWork
 from billfold.platform.errors import ProblemError, problem_responses
 from billfold.platform.pagination import Page, PageParams, make_page, page_params
-from billfold.users import auth
+from billfold.users import auth, mfa
 from billfold.users.api.deps import client_context, users_runtime
 from billfold.users.auth import ClientContext
 from billfold.users.models import (
     DeviceChallenge,
     DeviceChallengeRequest,
     DeviceSignatureGrant,
+    MfaOtpGrant,
     PasskeyGrant,
     PasswordGrant,
     RefreshGrant,
@@ -37,7 +38,7 @@ Uow = Annotated[UnitOfWork, Depends(get_uow)]
 Runtime = Annotated[UsersRuntime, Depends(users_runtime)]
 Client = Annotated[ClientContext, Depends(client_context)]
 _TOKEN_REQUEST: TypeAdapter[Any] = TypeAdapter(TokenRequest)
-_GRANTS = ("password", "refresh_token", "device_signature", "passkey")
+_GRANTS = ("password", "refresh_token", "device_signature", "passkey", "mfa_otp")
 
 _TOKEN_BODY = {
     "requestBody": {
@@ -85,14 +86,15 @@ async def _parse_token_request(request: Request) -> Any:
 @router.post(
     "/v1/auth/token",
     response_model=TokenResponse,
-    summary="Get tokens (OAuth2 grants: password, refresh_token, device_signature, passkey)",
+    summary="Get tokens (grants: password, mfa_otp, refresh_token, device_signature, passkey)",
     openapi_extra=_TOKEN_BODY,
-    responses=problem_responses(400, 415, 422, 429),
+    responses=problem_responses(400, 403, 415, 422, 429),
 )
 async def token(request: Request, uow: Uow, rt: Runtime, client: Client) -> TokenResponse:
     """Form-encoded (RFC 6749) or JSON. `refresh_token` rotates: each refresh token works once,
     and presenting a used one revokes the session. `400 invalid_grant` for bad credentials,
-    `429 too_many_attempts` after repeated password failures."""
+    `429 too_many_attempts` after repeated password failures. With two-factor on, the password
+    grant answers `403 mfa_required` with an `mfa_token`; finish with `grant_type=mfa_otp`."""
     grant = await _parse_token_request(request)
     if isinstance(grant, PasswordGrant):
         try:
@@ -132,6 +134,10 @@ async def token(request: Request, uow: Uow, rt: Runtime, client: Client) -> Toke
             credential=grant.credential,
             scope=grant.scope,
             client=client,
+        )
+    elif isinstance(grant, MfaOtpGrant):
+        result = await mfa.mfa_otp_grant(
+            uow, rt, mfa_token=grant.mfa_token, otp=grant.otp, client=client
         )
     else:  # pragma: no cover - the adapter admits only the grants above
         raise ProblemError("unsupported grant", code="unsupported_grant_type")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import Request
+from typing import Annotated
+
+from fastapi import Header, Request
 
 from billfold.gateway import client_ip, user_agent
 from billfold.users.auth import ClientContext
@@ -16,3 +18,7 @@ async def users_runtime(request: Request) -> UsersRuntime:
 
 async def client_context(request: Request) -> ClientContext:
     return ClientContext(ip=client_ip(request), user_agent=user_agent(request))
+
+
+# A step-up token for `sensitive_change` (from /v1/auth/step-up/challenges/{id}/verify).
+StepUpHeader = Annotated[str | None, Header(alias="X-Step-Up-Token", max_length=4096)]

@@ -11,7 +11,7 @@ from billfold.platform.db import UnitOfWork
 from billfold.platform.errors import problem_responses
 from billfold.platform.pagination import Page, PageParams, make_page, page_params
 from billfold.users import devices
-from billfold.users.api.deps import users_runtime
+from billfold.users.api.deps import StepUpHeader, users_runtime
 from billfold.users.models import Device, EnrolDevice, UpdateDevice
 from billfold.users.runtime import UsersRuntime
 from billfold.users.store import sessions as store
@@ -30,10 +30,14 @@ DeviceId = Annotated[str, Path(max_length=64)]
     summary="Enrol a device",
     responses=problem_responses(401, 403, 422),
 )
-async def enrol(body: EnrolDevice, me: Me, uow: Uow) -> Device:
+async def enrol(
+    body: EnrolDevice, me: Me, uow: Uow, rt: Runtime, step_up: StepUpHeader = None
+) -> Device:
     """Send the public half of a P-256 key made in the Secure Enclave / TEE to enable
-    device-signature (biometric) sign-in. Watches get the `pay` scope only."""
-    return await devices.enrol_device(uow, me.user_id, body)
+    device-signature (biometric) sign-in. Watches get the `pay` scope only. Enrolling a key
+    needs a sign-in in the last 10 minutes or an `X-Step-Up-Token` for `sensitive_change`
+    (403 `step_up_required` otherwise)."""
+    return await devices.enrol_device(uow, rt, me, body, step_up)
 
 
 @router.get(

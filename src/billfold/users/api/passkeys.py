@@ -14,7 +14,7 @@ from billfold.platform.db import UnitOfWork
 from billfold.platform.errors import problem_responses
 from billfold.platform.pagination import Page, PageParams, make_page, page_params
 from billfold.users import passkeys
-from billfold.users.api.deps import users_runtime
+from billfold.users.api.deps import StepUpHeader, users_runtime
 from billfold.users.models import (
     Passkey,
     PasskeyAuthenticationRequest,
@@ -51,10 +51,14 @@ async def registration_options(me: Me, uow: Uow, rt: Runtime) -> PasskeyOptions:
     summary="Register a passkey",
     responses=problem_responses(400, 401, 403, 409, 422),
 )
-async def register(body: RegisterPasskey, me: Me, uow: Uow, rt: Runtime) -> Passkey:
+async def register(
+    body: RegisterPasskey, me: Me, uow: Uow, rt: Runtime, step_up: StepUpHeader = None
+) -> Passkey:
     """`400 invalid_challenge` for an unknown, used or expired challenge; `422
-    invalid_credential` when the attestation does not verify (origin, RP id, challenge)."""
-    return await passkeys.register_passkey(uow, rt, me.user_id, body)
+    invalid_credential` when the attestation does not verify (origin, RP id, challenge);
+    `403 step_up_required` unless you signed in within 10 minutes or send an
+    `X-Step-Up-Token` for `sensitive_change`."""
+    return await passkeys.register_passkey(uow, rt, me, body, step_up)
 
 
 @router.get(
