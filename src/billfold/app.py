@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -63,6 +64,7 @@ class Resources:
     engine: AsyncEngine
     redis: Redis
     metrics: Metrics
+    keys_engine: AsyncEngine  # the signing key ring's own pool (see users.KeyRing)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -75,7 +77,10 @@ def create_app(settings: Settings) -> FastAPI:
     engine = create_engine(settings.database_url)
     redis = Redis.from_url(settings.redis_url, decode_responses=False)
     metrics = Metrics()
-    keyring = users.KeyRing(engine, sealed, settings)
+    # Its own tiny pool: a key reload must never wait for a connection that the request which
+    # triggered it is holding.
+    keys_engine = create_engine(settings.database_url, pool_size=1, max_overflow=1)
+    keyring = users.KeyRing(keys_engine, sealed, settings)
     tokens = users.AccessTokens(keyring, redis, settings)
     blobs = build_blob_store(settings)
     users_rt = users.UsersRuntime(
@@ -85,12 +90,18 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await keyring.start()
+        # Reloads and scheduled rotation run here, never on a request's path.
+        refresher = asyncio.create_task(keyring.run(), name="billfold-keyring")
         try:
             yield
         finally:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
             await blobs.aclose()
             await redis.aclose()
             await engine.dispose()
+            await keys_engine.dispose()
 
     # Swagger UI and ReDoc from assets shipped in the wheel: the docs work offline.
     app = FastAPIOffline(
@@ -109,7 +120,7 @@ def create_app(settings: Settings) -> FastAPI:
             {"name": "ops", "description": "Health and metrics"},
         ],
     )
-    app.state.resources = Resources(settings, engine, redis, metrics)
+    app.state.resources = Resources(settings, engine, redis, metrics, keys_engine)
     app.state.users = users_rt
     install_error_handlers(app)
     app.include_router(users_router)

@@ -249,6 +249,7 @@ def rotate_jwt() -> None:
         kid = await api.state.users.tokens.keyring.rotate()
         typer.echo(f"new signing key {kid}")
         await api.state.resources.engine.dispose()
+        await api.state.resources.keys_engine.dispose()
         await api.state.resources.redis.aclose()
 
     asyncio.run(run())

@@ -217,3 +217,70 @@ async def test_due_rotation_makes_one_key_however_many_replicas_notice(app, sett
         ).scalar_one()
     assert live == 1
     await app.state.users.tokens.keyring.reload()
+
+
+async def test_concurrent_refresh_grants_at_the_reload_boundary_do_not_exhaust_the_pool(
+    client, app
+):
+    """Signing does no I/O: with the periodic key reload due, 40 refresh grants at once (more
+    than the request pool) all succeed promptly; a reload on the hot path used to wait for a
+    connection the waiting requests held (30 s stall, then 500s)."""
+    import asyncio
+
+    user = await sign_up(client)
+    refresh_tokens = [user.tokens["refresh_token"]]
+    for _ in range(39):
+        r = await _password(client, user.email, user.password)
+        assert r.status_code == 200, r.text
+        refresh_tokens.append(r.json()["refresh_token"])
+    keyring = app.state.users.tokens.keyring
+    keyring._loaded_at = 0  # the periodic reload is overdue
+    started = time.monotonic()
+    answers = await asyncio.wait_for(
+        asyncio.gather(*(_refresh(client, t) for t in refresh_tokens)), timeout=25
+    )
+    elapsed = time.monotonic() - started
+    assert [r.status_code for r in answers] == [200] * 40
+    assert elapsed < 10, elapsed
+
+
+async def test_keys_rotated_elsewhere_are_picked_up_in_the_background_and_on_unknown_kid(
+    client, app, alice, settings
+):
+    import asyncio
+
+    from billfold.users import KeyRing
+
+    keyring = app.state.users.tokens.keyring
+    other = KeyRing(app.state.resources.engine, app.state.users.sealed, settings)
+    await other.reload()
+    new_kid = await other.rotate()
+    # A token of the other replica's new key verifies at once: an unknown kid reloads.
+    token = await other.sign(
+        {
+            "iss": settings.jwt_issuer,
+            "aud": settings.jwt_audience,
+            "sub": alice.user["id"],
+            "sid": alice.tokens["session_id"],
+            "iat": int(time.time()),
+            "exp": int(time.time()) + 60,
+            "jti": "background-reload",
+        }
+    )
+    assert (await keyring.decode(token))["jti"] == "background-reload"
+    # The background loop makes it the signing key without any request doing I/O for it.
+    keyring._active = next(k for k in keyring._keys.values() if k.kid != new_kid)
+    refresher = asyncio.create_task(keyring.run(interval=0.01))
+    try:
+        for _ in range(500):
+            if keyring._active.kid == new_kid:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        refresher.cancel()
+    assert keyring._active.kid == new_kid
+    fresh = await _password(client, alice.email, alice.password)
+    header = jose_jwt.decode(
+        fresh.json()["access_token"], KeySet.import_key_set(keyring.jwks()), algorithms=["ES256"]
+    ).header
+    assert header["kid"] == new_kid

@@ -23,9 +23,13 @@ from billfold.platform.clock import utcnow
 from billfold.platform.errors import Unauthorized
 from billfold.platform.ids import new_id
 from billfold.platform.keys import SealedBox
+from billfold.platform.observability import get_logger
+
+log = get_logger("billfold.users.tokens")
 
 _CLOCK_SKEW = 30
 _RELOAD_EVERY = 60.0
+_UNKNOWN_KID_RELOAD_GAP = 1.0  # an unknown `kid` reloads at most once a second
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,12 @@ def _invalid(detail: str = "The access token is invalid or expired") -> Unauthor
 
 class KeyRing:
     """The JWT signing keys. The newest unretired key signs; every key verifies until the
-    last token it could have signed has expired."""
+    last token it could have signed has expired.
+
+    `engine` should be the key ring's own small pool: a reload must never wait for a connection
+    held by the request that triggered it. Signing does no I/O: `run()` (a background task of
+    the app) reloads and rotates on schedule; only an unknown `kid` reloads on the request path.
+    """
 
     def __init__(self, engine: AsyncEngine, sealed: SealedBox, settings: Settings) -> None:
         self._engine = engine
@@ -165,23 +174,40 @@ class KeyRing:
         await self.reload()
         return made
 
-    async def _maybe_reload(self, kid: str | None = None) -> None:
-        stale = time.monotonic() - self._loaded_at > _RELOAD_EVERY
-        if stale or (kid is not None and kid not in self._keys):
-            async with self._lock:
-                if time.monotonic() - self._loaded_at > 1.0:
-                    await self.reload()
-                    if self._rotation_due():  # a long-running process rotates on schedule too
-                        await self.rotate(if_older_than=self._settings.signing_key_rotation_seconds)
+    async def refresh(self) -> None:
+        """The periodic work: pick up keys made by other replicas, rotate when due."""
+        async with self._lock:
+            await self.reload()
+            if self._rotation_due():  # a long-running process rotates on schedule too
+                await self.rotate(if_older_than=self._settings.signing_key_rotation_seconds)
+
+    async def run(self, interval: float = _RELOAD_EVERY) -> None:
+        """Refresh every `interval` seconds until cancelled (the app lifespan runs this)."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh()
+            except Exception:  # a database blip must not end the loop; the old keys still work
+                log.exception("signing key reload failed")
+
+    async def _reload_for(self, kid: str) -> None:
+        """A token signed by a key this replica has not seen yet (another replica rotated)."""
+        if kid in self._keys:
+            return
+        async with self._lock:
+            if kid not in self._keys and (
+                time.monotonic() - self._loaded_at > _UNKNOWN_KID_RELOAD_GAP
+            ):
+                await self.reload()
 
     def jwks(self) -> dict[str, Any]:
         return {"keys": [k.public_jwk for k in self._keys.values()]}
 
     async def sign(self, claims: dict[str, Any]) -> str:
-        await self._maybe_reload()
-        if self._active is None:
-            await self.rotate()
         active = self._active
+        if active is None:  # only before start(); a running app always has an active key
+            await self.rotate()
+            active = self._active
         assert active is not None
         return jwt.encode(
             claims, active.private_key, algorithm="ES256", headers={"kid": active.kid}
@@ -195,7 +221,7 @@ class KeyRing:
         kid = header.get("kid")
         if header.get("alg") != "ES256" or not isinstance(kid, str):
             raise _invalid()
-        await self._maybe_reload(kid)
+        await self._reload_for(kid)
         key = self._keys.get(kid)
         if key is None:
             raise _invalid()
