@@ -135,6 +135,8 @@ async def probe(
     application = create_app(
         make_settings(database_url, redis_url, data_dir, secret_key=settings.secret_key)
     )
+    after_commit_ran: list[str] = []
+    application.state.after_commit_ran = after_commit_ran
 
     async def write(uow: UnitOfWork, consumer: str) -> None:
         conn = await uow.connection()
@@ -167,6 +169,20 @@ async def probe(
         await write(uow, consumer)
         await write(uow, consumer)
         return {"status": "written twice"}
+
+    @application.post("/v1/_probe/{consumer}/after-commit-fails", status_code=201)
+    async def after_commit_fails(consumer: str, uow: Uow) -> dict[str, str]:
+        await write(uow, consumer)
+
+        async def redis_down() -> None:
+            raise ConnectionError("Redis is down")
+
+        async def still_runs() -> None:
+            after_commit_ran.append(consumer)
+
+        uow.after_commit(redis_down)
+        uow.after_commit(still_runs)
+        return {"status": "written"}
 
     @application.post("/v1/_probe/{consumer}/duplicate")
     async def duplicate(consumer: str, uow: Uow) -> dict[str, str]:
@@ -201,6 +217,20 @@ async def test_handler_that_writes_then_succeeds_commits_everything(probe):
     assert r.status_code == 201, r.text
     assert await inbox_count(engine, c) == 2
     assert await outbox_count(engine, c) == 2
+
+
+async def test_failing_after_commit_callback_does_not_turn_a_committed_change_into_an_error(
+    probe,
+):
+    """The transaction committed: a callback failing afterwards (Redis down while writing the
+    denylist) is logged, the other callbacks still run, and the client gets the success."""
+    client, application = probe
+    engine = application.state.resources.engine
+    c = consumer_name()
+    r = await client.post(f"/v1/_probe/{c}/after-commit-fails")
+    assert r.status_code == 201, r.text
+    assert await inbox_count(engine, c) == 1
+    assert c in application.state.after_commit_ran
 
 
 async def test_handler_that_writes_then_raises_a_problem_changes_nothing(probe):
@@ -293,6 +323,28 @@ async def test_unit_of_work_commits_on_success(app):
         assert called == []
     assert not uow.active
     assert called == ["after", "1"]
+    assert await inbox_count(engine, c) == 1
+
+
+async def test_unit_of_work_after_commit_failures_are_logged_not_raised(app):
+    engine = app.state.resources.engine
+    c = consumer_name()
+    called: list[str] = []
+
+    async def broken() -> None:
+        raise ConnectionError("Redis is down")
+
+    async def after() -> None:
+        called.append("after")
+
+    async with unit_of_work(engine) as uow:
+        conn = await uow.connection()
+        await conn.execute(
+            text("INSERT INTO platform.inbox (consumer, event_id) VALUES (:c, 'e1')"), {"c": c}
+        )
+        uow.after_commit(broken)
+        uow.after_commit(after)
+    assert called == ["after"]
     assert await inbox_count(engine, c) == 1
 
 

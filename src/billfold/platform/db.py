@@ -15,6 +15,10 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from billfold.platform.observability import get_logger
+
+log = get_logger("billfold.platform.db")
+
 
 def async_url(url: str) -> str:
     """Accept `postgresql://` URLs (also pgserver's `?host=` socket form) and use asyncpg."""
@@ -72,7 +76,10 @@ class UnitOfWork:
         return self._conn
 
     def after_commit(self, callback: Any) -> None:
-        """Run an async callable once the transaction has committed (e.g. wake the relay)."""
+        """Run an async callable once the transaction has committed (e.g. wake the relay).
+
+        Best effort: the commit has happened, so a failing callback is logged, never raised
+        (the caller must not report a committed change as failed)."""
         self._after_commit.append(callback)
 
     async def commit(self) -> None:
@@ -81,7 +88,10 @@ class UnitOfWork:
         await self._close()
         callbacks, self._after_commit = self._after_commit, []
         for cb in callbacks:
-            await cb()
+            try:
+                await cb()
+            except Exception:
+                log.exception("after-commit callback failed", callback=getattr(cb, "__name__", ""))
 
     async def rollback(self) -> None:
         if self._tx is not None and self._tx.is_active:
