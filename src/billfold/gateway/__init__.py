@@ -6,6 +6,7 @@ Services' routes use `current_principal`, `require_scopes`, `require_admin` and 
 from billfold.gateway.auth import (
     Principal,
     TokenVerifier,
+    Uow,
     client_ip,
     current_principal,
     get_uow,
@@ -17,6 +18,7 @@ from billfold.gateway.auth import (
 __all__ = [
     "Principal",
     "TokenVerifier",
+    "Uow",
     "client_ip",
     "current_principal",
     "get_uow",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -93,6 +93,10 @@ async def get_uow(request: Request) -> UnitOfWork:
     if uow is None:
         raise RuntimeError("gateway middleware is not installed")
     return uow  # type: ignore[no-any-return]
+
+
+# The request's unit of work as a route parameter type: `uow: Uow`.
+Uow = Annotated[UnitOfWork, Depends(get_uow)]
 
 
 def client_ip(request: Request) -> str | None:

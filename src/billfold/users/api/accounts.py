@@ -6,11 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Path, Response, UploadFile, status
 
-from billfold.gateway import Principal, get_uow, require_scopes
-from billfold.platform.db import UnitOfWork
+from billfold.gateway import Principal, Uow, require_scopes
 from billfold.platform.errors import problem_responses
 from billfold.users import service
-from billfold.users.api.deps import StepUpHeader, users_runtime
+from billfold.users.api.deps import Runtime, StepUpHeader
 from billfold.users.models import (
     ConfirmVerification,
     RegisterUser,
@@ -19,11 +18,8 @@ from billfold.users.models import (
     User,
     Verification,
 )
-from billfold.users.runtime import UsersRuntime
 
 router = APIRouter(tags=["users"])
-Uow = Annotated[UnitOfWork, Depends(get_uow)]
-Runtime = Annotated[UsersRuntime, Depends(users_runtime)]
 Me = Annotated[Principal, Depends(require_scopes("profile"))]
 
 

@@ -10,12 +10,11 @@ from fastapi import APIRouter, Depends, Path, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 
-from billfold.gateway import Principal, current_principal, get_uow, require_scopes
-from billfold.platform.db import UnitOfWork
+from billfold.gateway import Principal, Uow, current_principal, require_scopes
 from billfold.platform.errors import ProblemError, problem_responses
 from billfold.platform.pagination import Page, PageParams, make_page, page_params
 from billfold.users import auth, mfa
-from billfold.users.api.deps import client_context, users_runtime
+from billfold.users.api.deps import Runtime, client_context
 from billfold.users.auth import ClientContext
 from billfold.users.models import (
     DeviceChallenge,
@@ -30,12 +29,9 @@ from billfold.users.models import (
     TokenResponse,
     normalize_email,
 )
-from billfold.users.runtime import UsersRuntime
 from billfold.users.store import sessions as store
 
 router = APIRouter(tags=["auth"])
-Uow = Annotated[UnitOfWork, Depends(get_uow)]
-Runtime = Annotated[UsersRuntime, Depends(users_runtime)]
 Client = Annotated[ClientContext, Depends(client_context)]
 _TOKEN_REQUEST: TypeAdapter[Any] = TypeAdapter(TokenRequest)
 _GRANTS = ("password", "refresh_token", "device_signature", "passkey", "mfa_otp")

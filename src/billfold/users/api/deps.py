@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Header, Request
+from fastapi import Depends, Header, Request
 
 from billfold.gateway import client_ip, user_agent
 from billfold.users.auth import ClientContext
@@ -14,6 +14,9 @@ from billfold.users.runtime import UsersRuntime
 # `async def` without I/O on purpose: a plain `def` dependency costs a thread-pool hop.
 async def users_runtime(request: Request) -> UsersRuntime:
     return request.app.state.users  # type: ignore[no-any-return]
+
+
+Runtime = Annotated[UsersRuntime, Depends(users_runtime)]
 
 
 async def client_context(request: Request) -> ClientContext:

@@ -6,12 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request, status
 
-from billfold.gateway import Principal, get_uow, require_admin, require_scopes
-from billfold.platform.db import UnitOfWork
+from billfold.gateway import Principal, Uow, require_admin, require_scopes
 from billfold.platform.errors import problem_responses
 from billfold.platform.pagination import Page, PageParams, make_page, page_params
 from billfold.users import kyc
-from billfold.users.api.deps import users_runtime
+from billfold.users.api.deps import Runtime
 from billfold.users.models import (
     AdminKycSubmission,
     KycDecisionRequest,
@@ -19,11 +18,8 @@ from billfold.users.models import (
     KycSubmission,
     SubmitKyc,
 )
-from billfold.users.runtime import UsersRuntime
 
 router = APIRouter(tags=["kyc"])
-Uow = Annotated[UnitOfWork, Depends(get_uow)]
-Runtime = Annotated[UsersRuntime, Depends(users_runtime)]
 Me = Annotated[Principal, Depends(require_scopes("profile"))]
 Admin = Annotated[Principal, Depends(require_admin)]
 Pages = Annotated[PageParams, Depends(page_params)]

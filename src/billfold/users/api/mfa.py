@@ -6,11 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Path, Response, status
 
-from billfold.gateway import Principal, current_principal, get_uow, require_scopes
-from billfold.platform.db import UnitOfWork
+from billfold.gateway import Principal, Uow, current_principal, require_scopes
 from billfold.platform.errors import problem_responses
 from billfold.users import mfa
-from billfold.users.api.deps import users_runtime
+from billfold.users.api.deps import Runtime
 from billfold.users.models import (
     OtpCode,
     StartStepUp,
@@ -21,11 +20,8 @@ from billfold.users.models import (
     TwoFactorStatus,
     VerifyStepUp,
 )
-from billfold.users.runtime import UsersRuntime
 
 router = APIRouter(tags=["two-factor"])
-Uow = Annotated[UnitOfWork, Depends(get_uow)]
-Runtime = Annotated[UsersRuntime, Depends(users_runtime)]
 Me = Annotated[Principal, Depends(require_scopes("profile"))]
 Caller = Annotated[Principal, Depends(current_principal)]
 

@@ -9,24 +9,20 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Response, status
 
-from billfold.gateway import Principal, get_uow, require_scopes
-from billfold.platform.db import UnitOfWork
+from billfold.gateway import Principal, Uow, require_scopes
 from billfold.platform.errors import problem_responses
 from billfold.platform.pagination import Page, PageParams, make_page, page_params
 from billfold.users import passkeys
-from billfold.users.api.deps import StepUpHeader, users_runtime
+from billfold.users.api.deps import Runtime, StepUpHeader
 from billfold.users.models import (
     Passkey,
     PasskeyAuthenticationRequest,
     PasskeyOptions,
     RegisterPasskey,
 )
-from billfold.users.runtime import UsersRuntime
 from billfold.users.store import passkeys as store
 
 router = APIRouter(tags=["passkeys"])
-Uow = Annotated[UnitOfWork, Depends(get_uow)]
-Runtime = Annotated[UsersRuntime, Depends(users_runtime)]
 Me = Annotated[Principal, Depends(require_scopes("devices"))]
 PasskeyId = Annotated[str, Path(max_length=64)]
 
