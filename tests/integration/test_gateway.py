@@ -195,6 +195,43 @@ async def test_non_numeric_content_length_is_400(client):
     assert_problem(r, 400, "bad_request")
 
 
+@pytest.mark.parametrize("declared", ["\u00b2", "\u00b9\u00b2", "1\u00b3"])
+async def test_non_ascii_digit_content_length_is_400_not_500(client, app, declared):
+    # "²".isdigit() is True but int("²") raises: this was a raw 500. Sent as raw ASGI since
+    # HTTP clients refuse such a header; the server hands it to us as latin-1 bytes.
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/users",
+        "raw_path": b"/v1/users",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"content-length", declared.encode("latin-1")),
+            (b"content-type", b"application/json"),
+        ],
+        "client": ("127.0.0.1", 1234),
+        "server": ("testserver", 80),
+        "state": {},
+    }
+    await app(scope, receive, send)
+    start = next(m for m in messages if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
+    assert start["status"] == 400, body
+    assert b"bad_request" in body
+
+
 async def test_streamed_body_over_the_limit_is_413(client, settings):
     async def chunks():
         sent = 0

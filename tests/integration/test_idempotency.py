@@ -284,6 +284,34 @@ async def test_invalid_keys_are_422(client, app):
     assert r.status_code == 201, r.text
 
 
+async def test_key_is_ignored_on_the_token_endpoint_so_refresh_reuse_is_still_detected(client, app):
+    """A replayed credential exchange would hand out the live rotated refresh token again and
+    bypass reuse detection: the token endpoint never stores or replays a response."""
+    alice = await sign_up(client, phone=phone())
+    k = key()
+    grant = {"grant_type": "refresh_token", "refresh_token": alice.tokens["refresh_token"]}
+    r1 = await client.post("/v1/auth/token", data=grant, headers={"Idempotency-Key": k})
+    assert r1.status_code == 200, r1.text
+    assert await records(app, k) == []
+    r2 = await client.post("/v1/auth/token", data=grant, headers={"Idempotency-Key": k})
+    assert "idempotent-replayed" not in r2.headers
+    assert_problem(r2, 400, "invalid_grant")  # the spent token came back: reuse detected
+    assert r2.json().get("refresh_token") is None
+    # ... and the family is revoked: the rotated token is dead too.
+    again = await client.post(
+        "/v1/auth/token",
+        data={"grant_type": "refresh_token", "refresh_token": r1.json()["refresh_token"]},
+    )
+    assert again.status_code == 400
+    # Even an invalid key is no error here: the header is not looked at.
+    fresh = await client.post(
+        "/v1/auth/token",
+        data={"grant_type": "password", "username": alice.email, "password": alice.password},
+        headers={"Idempotency-Key": "tab\there"},
+    )
+    assert fresh.status_code == 200, fresh.text
+
+
 async def test_key_is_ignored_on_reads(client):
     alice = await sign_up(client, phone=phone())
     k = key()

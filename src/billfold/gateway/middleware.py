@@ -33,6 +33,9 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _UNMETERED = frozenset({"/healthz", "/readyz", "/metrics"})
 _DOCS = ("/docs", "/redoc", "/openapi.json", "/static-offline-docs/")
 _MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Credential exchanges are never stored or replayed: a replay would hand out the live rotated
+# refresh token again and bypass refresh-token reuse detection. `Idempotency-Key` is ignored.
+_NOT_IDEMPOTENT = frozenset({"/v1/auth/token"})
 
 SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
     (b"strict-transport-security", b"max-age=63072000; includeSubDomains"),
@@ -197,7 +200,7 @@ class Edge:
 
         declared = _header(scope, b"content-length")
         if declared is not None:
-            if not declared.isdigit():
+            if not (declared.isascii() and declared.isdigit()):  # "²".isdigit() is True
                 await fail(ProblemError("Content-Length is not a number", code="bad_request"))
                 return
             if int(declared) > limit:
@@ -236,7 +239,11 @@ class Edge:
                 return
 
         # Read the body now when the request must be fingerprinted for idempotency.
-        idem_key = _header(scope, b"idempotency-key") if method in _MUTATING else None
+        idem_key = (
+            _header(scope, b"idempotency-key")
+            if method in _MUTATING and path not in _NOT_IDEMPOTENT
+            else None
+        )
         body_chunks: list[bytes] = []
         if idem_key is not None:
             try:
