@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated, Generic, TypeVar
+from collections.abc import Mapping
+from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import Query
 from pydantic import BaseModel
+from sqlalchemy import text
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billfold.platform.errors import FieldError, ProblemError
 
@@ -62,3 +66,25 @@ def make_page(items: list[T], limit: int, key: str) -> Page[T]:
     items = items[:limit]
     next_cursor = encode_cursor(str(getattr(items[-1], key))) if more and items else None
     return Page[T](data=items, next_cursor=next_cursor)
+
+
+async def fetch_page(
+    conn: AsyncConnection,
+    query: str,
+    params: Mapping[str, Any],
+    *,
+    limit: int | None,
+    after: str | None,
+    key: str = "id",
+    newest_first: bool = True,
+) -> list[Row[Any]]:
+    """One keyset page of `query` (a `SELECT … WHERE …` of the caller's): the rows past the
+    cursor `after` in `key` order, at most `limit` (None: all). Ids sort by time, so `id`
+    order is creation order."""
+    op, order = ("<", "DESC") if newest_first else (">", "ASC")
+    sql = (
+        f"{query} AND (CAST(:after AS text) IS NULL OR {key} {op} :after) "
+        f"ORDER BY {key} {order} LIMIT :limit"
+    )
+    result = await conn.execute(text(sql), {**params, "after": after, "limit": limit})
+    return list(result.all())

@@ -10,6 +10,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from billfold.platform.pagination import fetch_page
+
 _SUBMISSION_COLUMNS = (
     "id, user_id, legal_name, date_of_birth, address, document_type, document_country, "
     "document_number_last4, status, tier, checks, reason, decided_by, created_at, decided_at"
@@ -132,37 +134,24 @@ async def list_user_submissions(
     conn: AsyncConnection, user_id: str, limit: int, after: str | None
 ) -> list[Row[Any]]:
     """Newest first."""
-    return list(
-        (
-            await conn.execute(
-                text(
-                    f"""
-                    SELECT {_SUBMISSION_COLUMNS} FROM users.kyc_submissions
-                    WHERE user_id = :uid AND (CAST(:after AS text) IS NULL OR id < :after)
-                    ORDER BY id DESC LIMIT :limit
-                    """
-                ),
-                {"uid": user_id, "after": after, "limit": limit},
-            )
-        ).all()
+    return await fetch_page(
+        conn,
+        f"SELECT {_SUBMISSION_COLUMNS} FROM users.kyc_submissions WHERE user_id = :uid",
+        {"uid": user_id},
+        limit=limit,
+        after=after,
     )
 
 
 async def list_in_review(conn: AsyncConnection, limit: int, after: str | None) -> list[Row[Any]]:
     """The review queue, oldest first (ids are time-sortable)."""
-    return list(
-        (
-            await conn.execute(
-                text(
-                    f"""
-                    SELECT {_SUBMISSION_COLUMNS} FROM users.kyc_submissions
-                    WHERE status = 'review' AND (CAST(:after AS text) IS NULL OR id > :after)
-                    ORDER BY id LIMIT :limit
-                    """
-                ),
-                {"after": after, "limit": limit},
-            )
-        ).all()
+    return await fetch_page(
+        conn,
+        f"SELECT {_SUBMISSION_COLUMNS} FROM users.kyc_submissions WHERE status = 'review'",
+        {},
+        limit=limit,
+        after=after,
+        newest_first=False,
     )
 
 

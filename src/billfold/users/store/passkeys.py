@@ -9,6 +9,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from billfold.platform.pagination import fetch_page
+
 _COLUMNS = (
     "id, user_id, credential_id, public_key, sign_count, transports, name, created_at, last_used_at"
 )
@@ -64,19 +66,12 @@ async def find_by_credential_id(
 async def list_credentials(
     conn: AsyncConnection, user_id: str, limit: int | None = None, after: str | None = None
 ) -> list[Row[Any]]:
-    return list(
-        (
-            await conn.execute(
-                text(
-                    f"""
-                    SELECT {_COLUMNS} FROM users.webauthn_credentials
-                    WHERE user_id = :uid AND (CAST(:after AS text) IS NULL OR id < :after)
-                    ORDER BY id DESC LIMIT :limit
-                    """
-                ),
-                {"uid": user_id, "after": after, "limit": limit},
-            )
-        ).all()
+    return await fetch_page(
+        conn,
+        f"SELECT {_COLUMNS} FROM users.webauthn_credentials WHERE user_id = :uid",
+        {"uid": user_id},
+        limit=limit,
+        after=after,
     )
 
 

@@ -9,6 +9,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from billfold.platform.pagination import fetch_page
+
 _SESSION_COLUMNS = (
     "s.id, s.user_id, s.device_id, s.auth_method, s.scopes, s.ip, s.user_agent, s.created_at, "
     "s.last_used_at, s.expires_at, s.revoked_at, s.revoke_reason"
@@ -109,20 +111,14 @@ async def revoke_sessions(
 async def list_sessions(
     conn: AsyncConnection, user_id: str, now: datetime, limit: int, after: str | None
 ) -> list[Row[Any]]:
-    return list(
-        (
-            await conn.execute(
-                text(
-                    f"""
-                    SELECT {_SESSION_COLUMNS} FROM users.sessions s
-                    WHERE s.user_id = :uid AND s.revoked_at IS NULL AND s.expires_at > :now
-                      AND (CAST(:after AS text) IS NULL OR s.id < :after)
-                    ORDER BY s.id DESC LIMIT :limit
-                    """
-                ),
-                {"uid": user_id, "now": now, "limit": limit, "after": after},
-            )
-        ).all()
+    return await fetch_page(
+        conn,
+        f"SELECT {_SESSION_COLUMNS} FROM users.sessions s "
+        "WHERE s.user_id = :uid AND s.revoked_at IS NULL AND s.expires_at > :now",
+        {"uid": user_id, "now": now},
+        limit=limit,
+        after=after,
+        key="s.id",
     )
 
 
@@ -179,20 +175,12 @@ async def get_device_any_owner(conn: AsyncConnection, device_id: str) -> Row[Any
 async def list_devices(
     conn: AsyncConnection, user_id: str, limit: int, after: str | None
 ) -> list[Row[Any]]:
-    return list(
-        (
-            await conn.execute(
-                text(
-                    f"""
-                    SELECT {_DEVICE_COLUMNS} FROM users.devices
-                    WHERE user_id = :uid AND revoked_at IS NULL
-                      AND (CAST(:after AS text) IS NULL OR id < :after)
-                    ORDER BY id DESC LIMIT :limit
-                    """
-                ),
-                {"uid": user_id, "limit": limit, "after": after},
-            )
-        ).all()
+    return await fetch_page(
+        conn,
+        f"SELECT {_DEVICE_COLUMNS} FROM users.devices WHERE user_id = :uid AND revoked_at IS NULL",
+        {"uid": user_id},
+        limit=limit,
+        after=after,
     )
 
 
