@@ -117,6 +117,35 @@ async def test_committed_events_are_delivered_in_order_and_marked(app, database_
     )
 
 
+async def test_published_events_no_longer_keep_one_time_codes(app, database_url):
+    """The sink gets the code (it is the SMS/email); the outbox row keeps no copy of it."""
+    engine = app.state.resources.engine
+    sink = Sink()
+    relay = OutboxRelay(engine, database_url, sink)
+    subj = subject()
+    async with unit_of_work(engine) as uow:
+        await record_event(
+            await uow.connection(),
+            Event(
+                type="billfold.test.verification.requested",
+                source="/tests/relay",
+                subject=subj,
+                data={"channel": "email", "code": "424242", "expires_in": 600},
+            ),
+        )
+    await drain(relay)
+    assert [e["data"]["code"] for e in sink.about(subj)] == ["424242"]
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                text("SELECT data, published_at FROM platform.outbox WHERE subject = :s"),
+                {"s": subj},
+            )
+        ).one()
+    assert row.published_at is not None
+    assert row.data == {"channel": "email", "expires_in": 600}
+
+
 async def test_rolled_back_events_are_never_delivered(app, database_url):
     engine = app.state.resources.engine
     sink = Sink()

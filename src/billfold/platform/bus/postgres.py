@@ -25,7 +25,11 @@ _BATCH = text(
     WHERE published_at IS NULL ORDER BY seq LIMIT :limit FOR UPDATE SKIP LOCKED
     """
 )
-_MARK = text("UPDATE platform.outbox SET published_at = now() WHERE seq = ANY(:seqs)")
+# Once delivered, a one-time code (verification, step-up) has no business staying in clear in
+# the outbox: the published row keeps everything else, without `code`.
+_MARK = text(
+    "UPDATE platform.outbox SET published_at = now(), data = data - 'code' WHERE seq = ANY(:seqs)"
+)
 
 
 def _envelope(row: Any) -> dict[str, Any]:
