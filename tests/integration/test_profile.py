@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 
+import pytest
 from PIL import Image
 from sqlalchemy import text
 
@@ -69,6 +70,29 @@ async def test_bad_profile_input_changes_nothing(client, alice):
         r = await client.patch("/v1/me", json=body, headers=alice.headers)
         assert r.status_code == 422, body
     assert (await client.get("/v1/me", headers=alice.headers)).json() == before
+
+
+def test_time_zone_check_reads_the_tz_database_once(monkeypatch):
+    # available_timezones() walks the tz database (~9 ms); it must not run per request.
+    from billfold.users import models
+
+    calls: list[int] = []
+    real = models.available_timezones
+
+    def counting() -> set[str]:
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(models, "available_timezones", counting)
+    models._timezones.cache_clear()
+    try:
+        for _ in range(3):
+            assert models.check_timezone("Europe/Berlin") == "Europe/Berlin"
+        with pytest.raises(ValueError):
+            models.check_timezone("Mars/Olympus")
+        assert len(calls) == 1
+    finally:
+        models._timezones.cache_clear()
 
 
 async def test_taken_email_on_patch_is_409(client, alice, bob):

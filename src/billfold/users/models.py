@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from datetime import date, datetime
@@ -63,8 +64,14 @@ def check_locale(value: str) -> str:
     return value.replace("-", "_")
 
 
+@functools.lru_cache(maxsize=1)
+def _timezones() -> frozenset[str]:
+    # available_timezones() walks the tz database on every call (~9 ms): read it once.
+    return frozenset(available_timezones())
+
+
 def check_timezone(value: str) -> str:
-    if value not in available_timezones():
+    if value not in _timezones():
         raise ValueError("not an IANA time zone (e.g. Europe/Berlin)")
     return value
 
