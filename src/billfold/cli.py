@@ -52,6 +52,14 @@ def up(
     from billfold.platform.observability import configure_logging
 
     settings = _settings(data_dir=data_dir.resolve(), public_url=f"http://{host}:{port}")
+    if settings.environment == "production":
+        typer.echo(
+            "billfold up is for development only (embedded servers, demo users with a published "
+            "password); in production run `billfold migrate`, `billfold serve` and "
+            "`billfold worker`",
+            err=True,
+        )
+        raise typer.Exit(2)
     configure_logging(settings.log_level, json_logs=os.environ.get("BILLFOLD_LOG_JSON") == "true")
     for noisy in ("pgserver", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -217,9 +225,25 @@ def migrate() -> None:
 
 
 @app.command("seed")
-def seed_command() -> None:
-    """Create the demo users (idempotent)."""
+def seed_command(
+    allow_production: Annotated[
+        bool,
+        typer.Option(
+            "--allow-production",
+            help="Seed even when BILLFOLD_ENVIRONMENT=production (the demo admin's password "
+            "is published)",
+        ),
+    ] = False,
+) -> None:
+    """Create the demo users (idempotent). Refused in production without --allow-production."""
+    from billfold.users.seed import SeedRefused, check_seed_allowed
+
     settings = _settings()
+    try:
+        check_seed_allowed(settings.environment, allow_production=allow_production)
+    except SeedRefused as exc:
+        typer.echo(f"billfold seed: {exc}", err=True)
+        raise typer.Exit(2) from None
     _require_urls(settings)
 
     async def run() -> None:
@@ -227,10 +251,13 @@ def seed_command() -> None:
         from billfold.users.seed import seed_demo_users
 
         api = create_app(settings)
-        result = await seed_demo_users(api.state.resources.engine, api.state.users)
+        result = await seed_demo_users(
+            api.state.resources.engine, api.state.users, allow_production=allow_production
+        )
         for demo, created in result:
             typer.echo(f"{'created' if created else 'exists '} {demo.email}")
         await api.state.resources.engine.dispose()
+        await api.state.resources.keys_engine.dispose()
         await api.state.resources.redis.aclose()
 
     asyncio.run(run())

@@ -17,6 +17,19 @@ from billfold.users.store import accounts as store
 DEMO_PASSWORD = "billfold-demo-pass"
 
 
+class SeedRefused(RuntimeError):
+    """The demo users (an admin among them, with a published password) are not for production."""
+
+
+def check_seed_allowed(environment: str, *, allow_production: bool = False) -> None:
+    if environment == "production" and not allow_production:
+        raise SeedRefused(
+            "refusing to create the demo users in production: they include an administrator "
+            f"whose password ({DEMO_PASSWORD!r}) is published; pass --allow-production if you "
+            "really mean it"
+        )
+
+
 @dataclass(frozen=True)
 class DemoUser:
     email: str
@@ -33,8 +46,13 @@ DEMO_USERS = (
 )
 
 
-async def seed_demo_users(engine: AsyncEngine, rt: UsersRuntime) -> list[tuple[DemoUser, bool]]:
-    """Create the demo users that do not exist yet; returns (user, created) pairs."""
+async def seed_demo_users(
+    engine: AsyncEngine, rt: UsersRuntime, *, allow_production: bool = False
+) -> list[tuple[DemoUser, bool]]:
+    """Create the demo users that do not exist yet; returns (user, created) pairs.
+
+    Refused (`SeedRefused`) in production unless `allow_production`."""
+    check_seed_allowed(rt.settings.environment, allow_production=allow_production)
     out: list[tuple[DemoUser, bool]] = []
     for demo in DEMO_USERS:
         async with unit_of_work(engine) as uow:
