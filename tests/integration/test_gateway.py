@@ -565,3 +565,29 @@ async def test_every_route_tag_is_described(client):
         tag for ops in spec["paths"].values() for op in ops.values() for tag in op.get("tags", [])
     }
     assert used <= described
+
+
+async def test_redis_outage_answers_a_503_problem_not_a_bare_500(
+    settings, database_url, redis_url, data_dir
+):
+    # An app whose Redis is a closed port: authentication and rate limits cannot run.
+    from asgi_lifespan import LifespanManager
+
+    from billfold.app import create_app
+    from tests.conftest import make_settings
+
+    broken = make_settings(
+        database_url, "redis://127.0.0.1:1/0", data_dir, secret_key=settings.secret_key
+    )
+    application = create_app(broken)
+    async with LifespanManager(application):
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            r = await c.get("/v1/me", headers={"Authorization": "Bearer x.y.z"})
+            assert r.status_code == 503
+            assert r.headers["content-type"].startswith("application/problem+json")
+            assert r.json()["code"] == "service_unavailable"
+            assert "Retry-After" in r.headers and "x-request-id" in r.headers
+            assert (await c.get("/healthz")).status_code == 200
+            ready = await c.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["checks"]["redis"] == "unavailable"

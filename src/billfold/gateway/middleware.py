@@ -144,8 +144,11 @@ class Edge:
         extra_headers += SECURITY_HEADERS
         extra_headers.append(_DOCS_CSP if path.startswith(_DOCS) else _API_CSP)
 
+        response_started = [False]
+
         async def send_edge(message: Message) -> None:
             if message["type"] == "http.response.start":
+                response_started[0] = True
                 status_holder[0] = message["status"]
                 present = {k.lower() for k, _ in message.get("headers", [])}
                 headers = list(message.get("headers", []))
@@ -155,6 +158,21 @@ class Edge:
 
         try:
             await self._handle(scope, receive, send_edge, state, extra_headers)
+        except Exception:
+            # The edge's own dependencies failed (Redis down for the token denylist or the
+            # rate limiter): a problem+json 503, never a bare 500 from the server.
+            log.exception("edge failure", method=method, path=path)
+            if not response_started[0]:
+                start, body = _problem_message(
+                    ServiceUnavailable(
+                        "A service billfold depends on is unavailable; retry shortly",
+                        headers={"Retry-After": "5"},
+                    ),
+                    path,
+                    rid,
+                )
+                await send_edge(start)
+                await send_edge(body)
         finally:
             template = _route_template(scope)
             elapsed = time.perf_counter() - started
