@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import hmac
 import json
 import secrets
 from datetime import timedelta
@@ -58,8 +56,6 @@ SUPPORTED_ALGORITHMS = [
     COSEAlgorithmIdentifier.RSASSA_PKCS1_v1_5_SHA_256,
 ]
 _KNOWN_TRANSPORTS = frozenset(t.value for t in AuthenticatorTransport)
-# What a decoy credential (for an unknown email) claims, like most platform passkeys.
-_DECOY_TRANSPORTS = [AuthenticatorTransport.HYBRID, AuthenticatorTransport.INTERNAL]
 
 
 def _transports(values: list[str]) -> list[AuthenticatorTransport]:
@@ -246,33 +242,18 @@ async def delete_passkey(uow: UnitOfWork, user_id: str, passkey_id: str) -> None
 # --- authentication (anonymous) ------------------------------------------------------------------
 
 
-def _decoy_credential_id(rt: UsersRuntime, email: str) -> bytes:
-    """Stable per email, so asking twice for an unknown email looks like a real account."""
-    key = hashlib.sha256(b"billfold-passkey-decoy:" + rt.settings.secret_key.encode()).digest()
-    return hmac.new(key, email.encode(), hashlib.sha256).digest()
-
-
 async def authentication_options(
     uow: UnitOfWork, rt: UsersRuntime, email: str | None
 ) -> PasskeyOptions:
-    """With an email, the options list that account's passkeys; an unknown email (or one with
-    no passkeys) gets a decoy in the same shape, so the answer reveals nothing. Without one,
-    the browser offers its discoverable passkeys for this site."""
-    allow: list[PublicKeyCredentialDescriptor] = []
+    """Options for signing in with a discoverable passkey (all are: resident keys are required
+    at registration), so the answer never lists credentials and reveals nothing about an email.
+    An email only binds the challenge: an assertion for another account is then refused."""
     bound_to: str | None = None
     if email is not None:
         conn = await uow.connection()
         user = await accounts_store.find_user_by_email(conn, email)
-        if user is not None and user.status == "active":
-            bound_to = user.id
-            allow = [_descriptor(r) for r in await store.list_credentials(conn, user.id)]
-        if not allow:
-            bound_to = ""  # nobody: no assertion can satisfy this challenge
-            allow = [
-                PublicKeyCredentialDescriptor(
-                    id=_decoy_credential_id(rt, email), transports=_DECOY_TRANSPORTS
-                )
-            ]
+        bound_to = user.id if user is not None and user.status == "active" else ""  # "" = nobody
+    allow: list[PublicKeyCredentialDescriptor] = []
     options = generate_authentication_options(
         rp_id=rt.settings.webauthn_rp_id,
         timeout=CEREMONY_TTL_SECONDS * 1000,
