@@ -1,7 +1,8 @@
 """The User Service: registration, KYC, authentication, devices, sessions, profile.
 
-Public face for other services and the app: `build_runtime`, `router`, and the read-only
-`get_user_summary` that other services may call.
+Public face: the app builds `KeyRing`, `AccessTokens` (the gateway's token verifier) and
+`UsersRuntime`; other services ask for step-up with `step_up_required` and check the answer with
+`verify_step_up` (a single-use `StepUpClaims`).
 """
 
 from billfold.users.mfa import StepUpClaims, step_up_required, verify_step_up
