@@ -35,7 +35,11 @@ _DOCS = ("/docs", "/redoc", "/openapi.json", "/static-offline-docs/")
 _MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Credential exchanges are never stored or replayed: a replay would hand out the live rotated
 # refresh token again and bypass refresh-token reuse detection. `Idempotency-Key` is ignored.
-_NOT_IDEMPOTENT = frozenset({"/v1/auth/token"})
+# Password changes and resets neither: the stored fingerprint is a fast hash of the body, and
+# their bodies hold passwords.
+_NOT_IDEMPOTENT = frozenset(
+    {"/v1/auth/token", "/v1/me/password", "/v1/auth/password-reset/confirm"}
+)
 
 SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
     (b"strict-transport-security", b"max-age=63072000; includeSubDomains"),

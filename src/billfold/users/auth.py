@@ -188,21 +188,17 @@ def mfa_required(mfa_token: str) -> ProblemError:
     )
 
 
-async def password_grant(
-    uow: UnitOfWork,
-    rt: UsersRuntime,
-    *,
-    email: str,
-    password: str,
-    device_id: str | None,
-    scope: str | None,
-    client: ClientContext,
-) -> TokenGrant:
-    """Same answer and the same work for an unknown email as for a wrong password."""
+def _login_failure_keys(rt: UsersRuntime, email: str) -> tuple[str, str]:
     failures_key = rt.key("login-failures", hashlib.sha256(email.encode()).hexdigest())
-    locked_key = failures_key + ":locked"
+    return failures_key, failures_key + ":locked"
+
+
+async def take_password_attempt(rt: UsersRuntime, email: str) -> None:
+    """Number one password attempt for `email` before the password is checked (429
+    `too_many_attempts` while locked). Every check of a password against an account goes
+    through here: the password grant and the current password of a password change."""
     allowed, value = await rt.redis.register_script(_TAKE_ATTEMPT)(
-        keys=[failures_key, locked_key],
+        keys=list(_login_failure_keys(rt, email)),
         args=[
             rt.settings.login_max_failures,
             rt.settings.login_lockout_base_seconds,
@@ -216,12 +212,31 @@ async def password_grant(
             code="too_many_attempts",
             headers={"Retry-After": str(int(value))},
         )
+
+
+async def clear_password_failures(rt: UsersRuntime, email: str) -> None:
+    """End the backoff for `email`: after the right password, or a completed password reset."""
+    await rt.redis.delete(*_login_failure_keys(rt, email))
+
+
+async def password_grant(
+    uow: UnitOfWork,
+    rt: UsersRuntime,
+    *,
+    email: str,
+    password: str,
+    device_id: str | None,
+    scope: str | None,
+    client: ClientContext,
+) -> TokenGrant:
+    """Same answer and the same work for an unknown email as for a wrong password."""
+    await take_password_attempt(rt, email)
     conn = await uow.connection()
     user = await accounts_store.find_user_by_email(conn, email)
     ok = await rt.verify_password(user.password_hash if user else None, password)
     if not ok or user is None:
         raise invalid_grant("The email or password is not correct")
-    await rt.redis.delete(failures_key, locked_key)  # the right password ends the backoff
+    await clear_password_failures(rt, email)  # the right password ends the backoff
     if user.status != "active":
         raise invalid_grant("This account cannot sign in; contact support")
     device = None

@@ -25,6 +25,9 @@ TWO_FACTOR_DISABLED = "billfold.users.two_factor.disabled"
 STEP_UP_CODE_REQUESTED = "billfold.users.step_up.code_requested"
 PASSKEY_REGISTERED = "billfold.users.passkey.registered"
 PASSKEY_REMOVED = "billfold.users.passkey.removed"
+PASSWORD_CHANGED = "billfold.users.password.changed"
+PASSWORD_RESET_REQUESTED = "billfold.users.password_reset.requested"
+PASSWORD_RESET = "billfold.users.password.reset"
 
 
 async def publish(conn: AsyncConnection, type_: str, user_id: str, data: dict[str, Any]) -> Event:

@@ -556,3 +556,28 @@ class AdminKycSubmission(BaseModel):
 class KycDecisionRequest(Strict):
     decision: Literal["verified", "rejected"]
     reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=500)]
+
+
+# --- passwords ------------------------------------------------------------------------------------
+
+
+class ChangePassword(Strict):
+    current_password: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    new_password: Password = Field(description="Same rules as at registration; not the current")
+
+
+class StartPasswordReset(Strict):
+    email: Email
+
+
+class PasswordResetStarted(BaseModel):
+    """The same answer whether or not the email has an account."""
+
+    reset_id: str = Field(description="Send it back with the emailed code to set a new password")
+    expires_in: int = Field(description="Seconds the code is valid")
+
+
+class ConfirmPasswordReset(Strict):
+    reset_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    code: OtpCode = Field(description="The 6-digit code from the email")
+    new_password: Password

@@ -48,7 +48,7 @@ def _envelope(row: Any) -> dict[str, Any]:
 async def dev_log_sink(event: dict[str, Any]) -> None:
     """Development delivery: log the event (verification codes show up here, unredacted)."""
     data = event["data"]
-    if event["type"].endswith("verification.requested") or event["type"].endswith("code_requested"):
+    if event["type"].endswith(("verification.requested", "code_requested", "reset.requested")):
         # Printed on purpose: in development this log line *is* the SMS/email.
         print(
             f"[dev-sink] {data.get('channel')} code for {data.get('target')}: {data.get('code')}",

@@ -8,9 +8,10 @@ from fastapi import APIRouter, Depends, File, Path, Response, UploadFile, status
 
 from billfold.gateway import Principal, Uow, require_scopes
 from billfold.platform.errors import problem_responses
-from billfold.users import service
+from billfold.users import passwords, service
 from billfold.users.api.deps import Runtime, StepUpHeader
 from billfold.users.models import (
+    ChangePassword,
     ConfirmVerification,
     RegisterUser,
     StartVerification,
@@ -54,6 +55,22 @@ async def patch_me(
 ) -> User:
     """A new email or phone is stored unverified and must be verified again."""
     return await service.update_profile(uow, rt, me, body, step_up)
+
+
+@router.post(
+    "/v1/me/password",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Change your password",
+    responses=problem_responses(401, 403, 409, 422, 429),
+)
+async def change_password(body: ChangePassword, me: Me, uow: Uow, rt: Runtime) -> Response:
+    """The current password proves it is you, so no recent sign-in or step-up is needed.
+    `422 invalid_password` for a wrong current password (counted toward the same lockout as
+    sign-in: `429 too_many_attempts`), `422 validation_failed` for a weak new password or one
+    equal to the current. Every other session is signed out (refresh and access tokens); this
+    one stays. `Idempotency-Key` is ignored: the body holds passwords and is never stored."""
+    await passwords.change_password(uow, rt, me, body)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.put(

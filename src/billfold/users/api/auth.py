@@ -13,18 +13,21 @@ from pydantic import TypeAdapter, ValidationError
 from billfold.gateway import Principal, Uow, current_principal, require_scopes
 from billfold.platform.errors import ProblemError, problem_responses
 from billfold.platform.pagination import Page, PageParams, make_page, page_params
-from billfold.users import auth, mfa
+from billfold.users import auth, mfa, passwords
 from billfold.users.api.deps import Runtime, client_context
 from billfold.users.auth import ClientContext
 from billfold.users.models import (
+    ConfirmPasswordReset,
     DeviceChallenge,
     DeviceChallengeRequest,
     DeviceSignatureGrant,
     MfaOtpGrant,
     PasskeyGrant,
     PasswordGrant,
+    PasswordResetStarted,
     RefreshGrant,
     Session,
+    StartPasswordReset,
     TokenRequest,
     TokenResponse,
     normalize_email,
@@ -158,6 +161,37 @@ async def device_challenge(body: DeviceChallengeRequest, rt: Runtime) -> DeviceC
     `signing_input`; then it calls `/v1/auth/token` with `grant_type=device_signature`.
     No biometric data ever reaches the server. Valid for 2 minutes, once."""
     return DeviceChallenge(**await auth.create_device_challenge(rt, body.device_id))
+
+
+@router.post(
+    "/v1/auth/password-reset",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=PasswordResetStarted,
+    summary="Forgot password: email a reset code",
+    responses=problem_responses(422, 429),
+)
+async def start_password_reset(
+    body: StartPasswordReset, uow: Uow, rt: Runtime
+) -> PasswordResetStarted:
+    """Always `202` with a `reset_id`, whether or not the email has an account (and when it has
+    asked too often: at most 3 codes per email an hour); only a real account gets an email
+    with a 6-digit code, valid for 15 minutes. Finish with `/v1/auth/password-reset/confirm`."""
+    return await passwords.start_password_reset(uow, rt, body.email)
+
+
+@router.post(
+    "/v1/auth/password-reset/confirm",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Set a new password with the emailed code",
+    responses=problem_responses(400, 422, 429),
+)
+async def confirm_password_reset(body: ConfirmPasswordReset, uow: Uow, rt: Runtime) -> Response:
+    """`422 invalid_code` with `attempts_left` (5 per reset); then, and for an unknown or
+    expired `reset_id`, `400 invalid_reset`. Success signs out every session; sign in again
+    with the new password (two-factor, if on, is still asked for). `Idempotency-Key` is
+    ignored: the body holds a password and is never stored."""
+    await passwords.confirm_password_reset(uow, rt, body.reset_id, body.code, body.new_password)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post(

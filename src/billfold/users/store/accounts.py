@@ -177,3 +177,20 @@ async def mark_verification_confirmed(
         )
     ).first()
     return row is not None
+
+
+async def replace_password_hash(
+    conn: AsyncConnection, user_id: str, old_hash: str, new_hash: str, now: datetime
+) -> bool:
+    """Swap the password hash only if it is still `old_hash`: False when a concurrent change or
+    reset got there first (the caller's check of the old password no longer holds)."""
+    row = (
+        await conn.execute(
+            text(
+                "UPDATE users.users SET password_hash = :new, updated_at = :now "
+                "WHERE id = :id AND password_hash = :old RETURNING id"
+            ),
+            {"id": user_id, "old": old_hash, "new": new_hash, "now": now},
+        )
+    ).first()
+    return row is not None

@@ -89,8 +89,10 @@ async def revoke_sessions(
     reason: str,
     session_id: str | None = None,
     device_id: str | None = None,
+    keep_session: str | None = None,
 ) -> list[str]:
-    """Revoke live sessions of a user (one, a device's, or all); returns their ids."""
+    """Revoke live sessions of a user (one, a device's, or all but `keep_session`); returns
+    their ids."""
     rows = (
         await conn.execute(
             text(
@@ -99,10 +101,18 @@ async def revoke_sessions(
                 WHERE user_id = :uid AND revoked_at IS NULL
                   AND (CAST(:sid AS text) IS NULL OR id = :sid)
                   AND (CAST(:did AS text) IS NULL OR device_id = :did)
+                  AND (CAST(:keep AS text) IS NULL OR id <> :keep)
                 RETURNING id
                 """
             ),
-            {"uid": user_id, "now": now, "reason": reason, "sid": session_id, "did": device_id},
+            {
+                "uid": user_id,
+                "now": now,
+                "reason": reason,
+                "sid": session_id,
+                "did": device_id,
+                "keep": keep_session,
+            },
         )
     ).all()
     return [r.id for r in rows]
