@@ -319,3 +319,19 @@ async def test_key_is_ignored_on_reads(client):
     r2 = await client.get("/v1/me", headers={**alice.headers, "Idempotency-Key": k})
     assert r1.status_code == r2.status_code == 200
     assert "idempotent-replayed" not in r2.headers
+
+
+async def test_stored_fingerprint_is_keyed_not_a_plain_hash_of_the_body(client, app):
+    import hashlib
+    import json as _json
+
+    k, b = key(), body()
+    raw = _json.dumps(b).encode()
+    r = await client.post(
+        "/v1/users", content=raw, headers={"Idempotency-Key": k, "content-type": "application/json"}
+    )
+    assert r.status_code == 201
+    (row,) = await records(app, k)
+    plain = hashlib.sha256(b"\0".join([b"POST", b"/v1/users", raw])).hexdigest()
+    assert row.request_hash != plain  # the body holds a password: no offline guessing
+    assert len(row.request_hash) == 64

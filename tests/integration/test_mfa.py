@@ -559,3 +559,18 @@ async def test_step_up_bad_input(client):
         headers=user.headers,
     )
     assert r.status_code == 422
+
+
+async def test_step_up_challenge_ids_cannot_reach_other_redis_keys(client):
+    user = await new_user(client)
+    secret, _ = await enable_totp(client, user)
+    r = await start(client, user, "totp")
+    challenge_id = r.json()["id"]
+    for bad in (f"{challenge_id}:attempts", "a:b", "x" * 200, "%00"):
+        r = await client.post(
+            f"/v1/auth/step-up/challenges/{bad}/verify",
+            json={"code": code_at(secret, 1)},
+            headers=user.headers,
+        )
+        assert r.status_code in (404, 422), (bad, r.status_code)
+        assert r.headers["content-type"].startswith("application/problem+json")

@@ -128,6 +128,7 @@ class Edge:
     def __init__(self, app: ASGIApp, config: EdgeConfig) -> None:
         self.app = app
         self.cfg = config
+        self._fingerprint_key = idempotency.fingerprint_key(config.settings.secret_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -295,7 +296,9 @@ class Edge:
         try:
             if idem_key is not None:
                 idempotency.check_key(idem_key)
-                fingerprint = idempotency.request_fingerprint(method, path, b"".join(body_chunks))
+                fingerprint = idempotency.request_fingerprint(
+                    method, path, b"".join(body_chunks), self._fingerprint_key
+                )
                 conn = await uow.connection()
                 stored = await idempotency.claim(
                     conn, scope_key, idem_key, fingerprint, self.cfg.sealed

@@ -7,6 +7,7 @@ transaction-scoped advisory lock on the key turns a concurrent duplicate into 40
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from dataclasses import dataclass
 from datetime import timedelta
@@ -52,8 +53,16 @@ class StoredResponse:
     body: bytes
 
 
-def request_fingerprint(method: str, path: str, body: bytes) -> str:
-    return hashlib.sha256(b"\0".join([method.encode(), path.encode(), body])).hexdigest()
+def fingerprint_key(secret: str) -> bytes:
+    """The HMAC key for request fingerprints, derived from the process secret."""
+    return hashlib.sha256(b"billfold-idempotency\0" + secret.encode()).digest()
+
+
+def request_fingerprint(method: str, path: str, body: bytes, key: bytes) -> str:
+    """Keyed, so a stored fingerprint of a body that holds a password cannot be tested offline
+    against guesses."""
+    message = b"\0".join([method.encode(), path.encode(), body])
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
 def check_key(key: str) -> None:

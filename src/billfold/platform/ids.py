@@ -64,3 +64,12 @@ def id_to_uuid_int(value: str) -> int:
     for c in body:
         n = (n << 5) | _DECODE[c]
     return n
+
+
+_OPAQUE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def is_opaque_token(value: str, max_length: int = 128) -> bool:
+    """True for a `secrets.token_urlsafe` value (challenge and reset ids): safe to put in a
+    Redis key, never a `:` that would reach another record's key."""
+    return 0 < len(value) <= max_length and all(c in _OPAQUE for c in value)

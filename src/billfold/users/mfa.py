@@ -33,7 +33,7 @@ from billfold.platform.errors import (
     TooManyRequests,
     Unprocessable,
 )
-from billfold.platform.ids import new_id
+from billfold.platform.ids import is_opaque_token, new_id
 from billfold.users import auth, events
 from billfold.users.models import (
     StartStepUp,
@@ -445,6 +445,8 @@ async def verify_step_up_challenge(
     challenge_id: str,
     answer: VerifyStepUp,
 ) -> StepUpToken:
+    if not is_opaque_token(challenge_id):
+        raise NotFound("No such step-up challenge (it may have expired or been used)")
     key = _challenge_key(rt, challenge_id)
     raw = await rt.redis.get(key)
     record = json.loads(raw) if raw is not None else None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import re
 import secrets
 
 from billfold.gateway import Principal
@@ -26,6 +25,7 @@ from billfold.platform.errors import (
     ProblemError,
     Unprocessable,
 )
+from billfold.platform.ids import is_opaque_token
 from billfold.users import auth, events
 from billfold.users.models import ChangePassword, PasswordResetStarted
 from billfold.users.runtime import UsersRuntime
@@ -36,7 +36,6 @@ RESET_TTL_SECONDS = 15 * 60
 RESET_MAX_ATTEMPTS = 5
 RESETS_PER_EMAIL_PER_WINDOW = 3
 RESET_REQUEST_WINDOW_SECONDS = 3600
-_RESET_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # token_urlsafe; never a `:` in a Redis key
 
 # Takes a numbered attempt of a live reset before its code is compared, atomically, so
 # concurrent guesses cannot outnumber the attempts. KEYS: reset, attempts; ARGV: max, ttl.
@@ -199,7 +198,7 @@ async def confirm_password_reset(
     the reset is dead (400 `invalid_reset`, also for unknown and expired ids). Success revokes
     every session of the user and ends the sign-in lockout; two-factor stays on, so a sign-in
     afterwards still needs the second factor."""
-    if not _RESET_ID.match(reset_id):
+    if not is_opaque_token(reset_id, max_length=64):
         raise _dead_reset()
     key = _reset_key(rt, reset_id)
     taken = await rt.redis.register_script(_TAKE_RESET_ATTEMPT)(
