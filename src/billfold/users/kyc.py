@@ -28,8 +28,6 @@ derived from the process secret; it is never logged, returned or published.
 from __future__ import annotations
 
 import csv
-import hashlib
-import hmac
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
@@ -731,8 +729,7 @@ def to_admin_submission(row: Row[Any], history: Sequence[Row[Any]] = ()) -> Admi
 
 def document_hash(rt: UsersRuntime, document_type: str, country: str, number: str) -> bytes:
     """Keyed, so the hash of a short document number cannot be brute-forced from the table."""
-    key = hashlib.sha256(b"billfold-kyc-document:" + rt.settings.secret_key.encode()).digest()
-    return hmac.new(key, f"{document_type}|{country}|{number}".encode(), hashlib.sha256).digest()
+    return rt.keyed_hash("kyc-document", f"{document_type}|{country}|{number}")
 
 
 async def _transition(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import json
 import secrets
@@ -317,8 +316,7 @@ def _challenge_key(rt: UsersRuntime, challenge_id: str) -> str:
 
 
 def _code_hash(rt: UsersRuntime, challenge_id: str, code: str) -> str:
-    key = hashlib.sha256(b"billfold-step-up:" + rt.settings.secret_key.encode()).digest()
-    return hmac.new(key, f"{challenge_id}:{code}".encode(), hashlib.sha256).hexdigest()
+    return rt.keyed_hash("step-up", f"{challenge_id}:{code}").hex()
 
 
 def _no_device_key() -> Conflict:

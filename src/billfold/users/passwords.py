@@ -51,8 +51,7 @@ return {1, n, record}
 
 
 def _digest(rt: UsersRuntime, label: str, value: str) -> str:
-    key = hashlib.sha256(b"billfold-password-reset:" + rt.settings.secret_key.encode()).digest()
-    return hmac.new(key, f"{label}:{value}".encode(), hashlib.sha256).hexdigest()
+    return rt.keyed_hash("password-reset", f"{label}:{value}").hex()
 
 
 def _reset_key(rt: UsersRuntime, reset_id: str) -> str:

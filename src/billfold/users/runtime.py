@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 from dataclasses import dataclass, field
 
 from argon2 import PasswordHasher
@@ -30,6 +32,12 @@ class UsersRuntime:
 
     def key(self, *parts: str) -> str:
         return self.settings.redis_prefix + ":".join(parts)
+
+    def keyed_hash(self, domain: str, message: str) -> bytes:
+        """HMAC-SHA256 of `message` under a key derived from the secret key for `domain`, so a
+        stored hash of a short code or number cannot be brute-forced, nor stand in elsewhere."""
+        key = hashlib.sha256(f"billfold-{domain}:".encode() + self.settings.secret_key.encode())
+        return hmac.new(key.digest(), message.encode(), hashlib.sha256).digest()
 
     async def hash_password(self, password: str) -> str:
         return await asyncio.to_thread(self.hasher.hash, password)

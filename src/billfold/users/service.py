@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import io
 import secrets
@@ -195,8 +194,7 @@ async def update_profile(
 
 
 def _code_hash(rt: UsersRuntime, verification_id: str, code: str) -> bytes:
-    key = hashlib.sha256(b"billfold-verification:" + rt.settings.secret_key.encode()).digest()
-    return hmac.new(key, f"{verification_id}:{code}".encode(), hashlib.sha256).digest()
+    return rt.keyed_hash("verification", f"{verification_id}:{code}")
 
 
 def _verification_view(rt: UsersRuntime, row: Row[Any]) -> Verification:
