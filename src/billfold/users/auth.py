@@ -8,7 +8,7 @@ import hashlib
 import json
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -459,15 +459,42 @@ async def revoke_session(
     session = await store.get_session(conn, user_id, session_id)
     if session is None or session.revoked_at is not None or session.expires_at <= now:
         raise NotFound("No such session")
+    await revoke_user_sessions(uow, rt, user_id, reason, session_id=session_id, now=now)
+
+
+async def revoke_user_sessions(
+    uow: UnitOfWork,
+    rt: UsersRuntime,
+    user_id: str,
+    reason: str,
+    *,
+    session_id: str | None = None,
+    keep_session: str | None = None,
+    now: datetime | None = None,
+) -> list[str]:
+    """Revoke the user's live sessions (one, or all but `keep_session`; refresh tokens die with
+    them), announce each, and deny their live access tokens once the change is committed."""
+    conn = await uow.connection()
     revoked = await store.revoke_sessions(
-        conn, user_id=user_id, session_id=session_id, now=now, reason=reason
+        conn,
+        user_id=user_id,
+        session_id=session_id,
+        keep_session=keep_session,
+        now=now or utcnow(),
+        reason=reason,
     )
     for sid in revoked:
         await events.publish(
             conn, events.SESSION_REVOKED, user_id, {"session_id": sid, "reason": reason}
         )
+    deny_tokens_after_commit(uow, rt, revoked)
+    return revoked
+
+
+def deny_tokens_after_commit(uow: UnitOfWork, rt: UsersRuntime, session_ids: list[str]) -> None:
+    """The live access tokens of revoked sessions stop working once the revocation commits."""
 
     async def deny_tokens() -> None:
-        await rt.tokens.revoke_sessions(revoked)
+        await rt.tokens.revoke_sessions(session_ids)
 
     uow.after_commit(deny_tokens)

@@ -18,7 +18,7 @@ from billfold.platform.db import UnitOfWork
 from billfold.platform.errors import NotFound, Unprocessable
 from billfold.platform.ids import is_valid_id, new_id
 from billfold.users import events, mfa
-from billfold.users.auth import allowed_scopes
+from billfold.users.auth import allowed_scopes, deny_tokens_after_commit
 from billfold.users.models import Device, EnrolDevice, UpdateDevice
 from billfold.users.runtime import UsersRuntime
 from billfold.users.store import sessions as store
@@ -140,8 +140,4 @@ async def revoke_device(uow: UnitOfWork, rt: UsersRuntime, user_id: str, device_
     await events.publish(
         conn, events.DEVICE_REVOKED, user_id, {"device_id": device_id, "sessions_revoked": revoked}
     )
-
-    async def deny_tokens() -> None:
-        await rt.tokens.revoke_sessions(revoked)
-
-    uow.after_commit(deny_tokens)
+    deny_tokens_after_commit(uow, rt, revoked)

@@ -30,7 +30,6 @@ from billfold.users import auth, events
 from billfold.users.models import ChangePassword, PasswordResetStarted
 from billfold.users.runtime import UsersRuntime
 from billfold.users.store import accounts as accounts_store
-from billfold.users.store import sessions as sessions_store
 
 RESET_TTL_SECONDS = 15 * 60
 RESET_MAX_ATTEMPTS = 5
@@ -107,7 +106,7 @@ async def change_password(
         conn, user.id, user.password_hash, new_hash, now
     ):
         raise Conflict("The password was changed by another request meanwhile")
-    revoked = await _revoke_sessions(
+    revoked = await auth.revoke_user_sessions(
         uow, rt, user.id, "password_changed", keep_session=principal.session_id
     )
     await events.publish(
@@ -116,27 +115,6 @@ async def change_password(
         user.id,
         {"session_id": principal.session_id, "sessions_revoked": len(revoked)},
     )
-
-
-async def _revoke_sessions(
-    uow: UnitOfWork, rt: UsersRuntime, user_id: str, reason: str, *, keep_session: str | None
-) -> list[str]:
-    """Revoke the user's sessions (refresh tokens die with them); their live access tokens
-    are denied once the change is committed."""
-    conn = await uow.connection()
-    revoked = await sessions_store.revoke_sessions(
-        conn, user_id=user_id, now=utcnow(), reason=reason, keep_session=keep_session
-    )
-    for sid in revoked:
-        await events.publish(
-            conn, events.SESSION_REVOKED, user_id, {"session_id": sid, "reason": reason}
-        )
-
-    async def deny_tokens() -> None:
-        await rt.tokens.revoke_sessions(revoked)
-
-    uow.after_commit(deny_tokens)
-    return revoked
 
 
 # --- reset ----------------------------------------------------------------------------------------
@@ -235,7 +213,7 @@ async def confirm_password_reset(
         conn, user_id, user.password_hash, new_hash, now
     )
     assert replaced  # the row is locked and its hash was just read
-    revoked = await _revoke_sessions(uow, rt, user_id, "password_reset", keep_session=None)
+    revoked = await auth.revoke_user_sessions(uow, rt, user_id, "password_reset")
     await events.publish(
         conn,
         events.PASSWORD_RESET,
