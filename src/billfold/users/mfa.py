@@ -86,6 +86,17 @@ async def _check_not_locked(rt: UsersRuntime, user_id: str) -> None:
         )
 
 
+def invalid_code(attempts_left: int, then: str | None = None) -> ProblemError:
+    """422 `invalid_code` for a wrong one-time code, with `attempts_left`; once none are left
+    the detail says what to do instead (`then`)."""
+    return ProblemError(
+        "The code is not correct" + (f"; {then}" if then and not attempts_left else ""),
+        status=422,
+        code="invalid_code",
+        extra={"attempts_left": attempts_left},
+    )
+
+
 async def _count_failure(rt: UsersRuntime, user_id: str) -> ProblemError:
     """Kept in Redis, so a failure counts although the request's transaction rolls back."""
     key = _failures_key(rt, user_id)
@@ -102,12 +113,7 @@ async def _count_failure(rt: UsersRuntime, user_id: str) -> ProblemError:
             code="too_many_attempts",
             headers={"Retry-After": str(TOTP_LOCKOUT_SECONDS)},
         )
-    return ProblemError(
-        "The code is not correct",
-        status=422,
-        code="invalid_code",
-        extra={"attempts_left": left},
-    )
+    return invalid_code(left)
 
 
 def _matching_step(secret: str, code: str, last_used_step: int | None) -> tuple[int | None, bool]:
@@ -488,12 +494,7 @@ async def _verify_sent_code(
     left = max(0, STEP_UP_MAX_ATTEMPTS - int(attempts))
     if left == 0:
         await rt.redis.delete(key)
-    raise ProblemError(
-        "The code is not correct" + ("" if left else "; start a new step-up"),
-        status=422,
-        code="invalid_code",
-        extra={"attempts_left": left},
-    )
+    raise invalid_code(left, then="start a new step-up")
 
 
 async def _verify_device_answer(

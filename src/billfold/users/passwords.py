@@ -26,7 +26,7 @@ from billfold.platform.errors import (
     Unprocessable,
 )
 from billfold.platform.ids import is_opaque_token
-from billfold.users import auth, events
+from billfold.users import auth, events, mfa
 from billfold.users.models import ChangePassword, PasswordResetStarted
 from billfold.users.runtime import UsersRuntime
 from billfold.users.store import accounts as accounts_store
@@ -190,12 +190,7 @@ async def confirm_password_reset(
         left = max(0, RESET_MAX_ATTEMPTS - attempts)
         if left == 0:
             await rt.redis.delete(key)
-        raise ProblemError(
-            "The code is not correct" + ("" if left else "; request a new password reset"),
-            status=422,
-            code="invalid_code",
-            extra={"attempts_left": left},
-        )
+        raise mfa.invalid_code(left, then="request a new password reset")
     if not await rt.redis.delete(key):  # single use: a concurrent confirmation won
         raise _dead_reset()
     user_id = str(record["user_id"])

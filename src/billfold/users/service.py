@@ -304,12 +304,7 @@ async def confirm_verification(
             raise _not_pending("expired" if status == "pending" else status)
     if not hmac.compare_digest(bytes(row.code_hash), _code_hash(rt, verification_id, code)):
         left = max(0, max_attempts - attempts)
-        raise ProblemError(
-            "The code is not correct" + ("" if left else "; request a new code"),
-            status=422,
-            code="invalid_code",
-            extra={"attempts_left": left},
-        )
+        raise mfa.invalid_code(left, then="request a new code")
     conn = await uow.connection()
     user = await store.get_user(conn, user_id, for_update=True)
     assert user is not None
