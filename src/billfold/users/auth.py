@@ -356,11 +356,12 @@ async def refresh_grant(
 # --- device signature ("biometric") ---------------------------------------------------------------
 
 
-def _b64url_decode(value: str) -> bytes:
+def b64url_decode(value: str) -> bytes | None:
+    """base64url with or without padding; None when it is not."""
     try:
         return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
     except (binascii.Error, ValueError):
-        raise invalid_grant("The signature is not valid base64url") from None
+        return None
 
 
 def login_message(challenge_id: str, nonce: str) -> bytes:
@@ -434,8 +435,11 @@ async def device_signature_grant(
     )
     if device is None or not device.public_key:
         raise invalid_grant("This device cannot sign in with a device key")
+    raw_signature = b64url_decode(signature)
+    if raw_signature is None:
+        raise invalid_grant("The signature is not valid base64url")
     if not verify_device_signature(
-        device.public_key, login_message(challenge_id, nonce), _b64url_decode(signature)
+        device.public_key, login_message(challenge_id, nonce), raw_signature
     ):
         raise invalid_grant("The device signature does not verify")
     user = await accounts_store.get_user(conn, device.user_id)

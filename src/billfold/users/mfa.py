@@ -9,8 +9,6 @@ then checks it with `verify_step_up`.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hmac
 import json
 import secrets
@@ -428,13 +426,6 @@ async def start_step_up(
     )
 
 
-def _b64url(value: str) -> bytes | None:
-    try:
-        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-    except (binascii.Error, ValueError):
-        return None
-
-
 def _answer_mismatch(method: str) -> Unprocessable:
     wanted = "signature" if method == "device_signature" else "code"
     return Unprocessable(
@@ -519,7 +510,7 @@ async def _verify_device_answer(
     device = await sessions_store.get_device(conn, principal.user_id, device_id)
     if device is None or not device.public_key:
         raise _no_device_key()
-    raw = _b64url(signature)
+    raw = auth.b64url_decode(signature)
     message = auth.login_message(record["device_challenge_id"], nonce)
     if raw is None or not auth.verify_device_signature(device.public_key, message, raw):
         raise ProblemError(

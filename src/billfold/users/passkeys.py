@@ -7,8 +7,6 @@ session like any other sign-in.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import secrets
 from datetime import timedelta
@@ -40,7 +38,13 @@ from billfold.platform.errors import Conflict, NotFound, ProblemError, Unprocess
 from billfold.platform.ids import is_valid_id, new_id
 from billfold.platform.observability import get_logger
 from billfold.users import events, mfa
-from billfold.users.auth import ClientContext, TokenGrant, invalid_grant, open_session
+from billfold.users.auth import (
+    ClientContext,
+    TokenGrant,
+    b64url_decode,
+    invalid_grant,
+    open_session,
+)
 from billfold.users.models import Passkey, PasskeyOptions, RegisterPasskey
 from billfold.users.runtime import UsersRuntime
 from billfold.users.store import accounts as accounts_store
@@ -82,10 +86,7 @@ def to_passkey(row: Row[Any]) -> Passkey:
 def _b64url(value: Any) -> bytes | None:
     if not isinstance(value, str) or len(value) > 2048:
         return None
-    try:
-        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-    except (binascii.Error, ValueError):
-        return None
+    return b64url_decode(value)
 
 
 def _check_size(credential: dict[str, Any]) -> None:
