@@ -213,10 +213,6 @@ def mask_phone(phone: str) -> str:
     return f"{phone[:3]}*****{phone[-2:]}"
 
 
-def public_json(model: BaseModel) -> dict[str, Any]:
-    return model.model_dump(mode="json")
-
-
 # --- devices and sessions -------------------------------------------------------------------------
 
 DeviceName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=80)]
