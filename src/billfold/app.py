@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -73,7 +72,7 @@ def create_app(settings: Settings) -> FastAPI:
         raise RuntimeError("create_app needs database_url and redis_url (billfold up sets them)")
     secret = resolve_secret_key(settings)
     settings = settings.model_copy(update={"secret_key": secret})
-    sealed = SealedBox(base64.b64decode(secret))
+    sealed = SealedBox.from_b64(secret)
     engine = create_engine(settings.database_url)
     redis = Redis.from_url(settings.redis_url, decode_responses=False)
     metrics = Metrics()
