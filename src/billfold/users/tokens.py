@@ -260,13 +260,9 @@ class AccessTokens:
         device_id: str | None,
         auth_method: str,
         extra: dict[str, Any] | None = None,
-        ttl_seconds: int | None = None,
     ) -> tuple[str, int]:
         now = int(time.time())
-        ttl = min(
-            ttl_seconds or self._settings.access_token_ttl_seconds,
-            self._settings.access_token_ttl_seconds,
-        )
+        ttl = self._settings.access_token_ttl_seconds
         claims: dict[str, Any] = {
             "iss": self._settings.jwt_issuer,
             "aud": self._settings.jwt_audience,
