@@ -137,6 +137,7 @@ class KeyRing:
             # One rotation at a time across replicas.
             await conn.execute(text("SELECT pg_advisory_xact_lock(727275)"))
             now = utcnow()
+            made: str | None = kid
             if if_older_than is not None:
                 newest = (
                     await conn.execute(
@@ -147,11 +148,7 @@ class KeyRing:
                     )
                 ).scalar_one()
                 if newest is not None and (now - newest).total_seconds() <= if_older_than:
-                    made: str | None = None  # another replica rotated already
-                else:
-                    made = kid
-            else:
-                made = kid
+                    made = None  # another replica rotated already
             if made is not None:
                 await conn.execute(
                     text(
