@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -77,8 +76,3 @@ class Settings(BaseSettings):
     trust_forwarded_for: bool = False
     log_level: str = "INFO"
     log_json: bool = True
-
-
-@lru_cache
-def get_settings() -> Settings:
-    return Settings()
