@@ -35,8 +35,8 @@ _DOCS = ("/docs", "/redoc", "/openapi.json", "/static-offline-docs/")
 _MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Credential exchanges are never stored or replayed: a replay would hand out the live rotated
 # refresh token again and bypass refresh-token reuse detection. `Idempotency-Key` is ignored.
-# Password changes and resets neither: the stored fingerprint is a fast hash of the body, and
-# their bodies hold passwords.
+# Password changes and resets neither: their bodies hold passwords, and a fast (if keyed) hash
+# of one has no business being kept for a day.
 _NOT_IDEMPOTENT = frozenset(
     {"/v1/auth/token", "/v1/me/password", "/v1/auth/password-reset/confirm"}
 )
