@@ -173,3 +173,17 @@ async def alice(client: httpx.AsyncClient) -> SignedIn:
 @pytest.fixture
 async def bob(client: httpx.AsyncClient) -> SignedIn:
     return await sign_up(client, name="Bob Example")
+
+
+def device_key() -> tuple[Any, str]:
+    """A P-256 key like the one a phone keeps in its Secure Enclave / TEE, and its public PEM."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    return key, pem

@@ -8,22 +8,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from tests.conftest import sign_up
+from tests.conftest import device_key, sign_up
 
 
 def _b64url(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _device_key() -> tuple[ec.EllipticCurvePrivateKey, str]:
-    """A P-256 key like the one a phone keeps in its Secure Enclave / TEE."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    pem = (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-    return key, pem
 
 
 async def _enrol(client, user, *, platform="ios", public_key=None, name="My phone"):
@@ -57,7 +46,7 @@ async def _device_login(client, device_id, key, *, raw=False, mutate=None):
 
 
 async def test_enrol_list_get_rename_device(client, alice):
-    _, pem = _device_key()
+    _, pem = device_key()
     device = await _enrol(client, alice, public_key=pem)
     assert device["id"].startswith("dev_")
     assert device["has_device_key"] and device["has_push_token"]
@@ -140,7 +129,7 @@ async def test_someone_elses_device_is_404(client, alice, bob):
 
 
 async def test_device_signature_sign_in_with_a_real_p256_key(client, alice):
-    key, pem = _device_key()
+    key, pem = device_key()
     device = await _enrol(client, alice, public_key=pem)
     for raw in (False, True):  # DER (Secure Enclave) and raw r||s (WebCrypto)
         r, _ = await _device_login(client, device["id"], key, raw=raw)
@@ -155,8 +144,8 @@ async def test_device_signature_sign_in_with_a_real_p256_key(client, alice):
 
 
 async def test_device_signature_failures(client, alice):
-    key, pem = _device_key()
-    other_key, _ = _device_key()
+    key, pem = device_key()
+    other_key, _ = device_key()
     device = await _enrol(client, alice, public_key=pem)
     # Signed by a key that is not the enrolled one.
     r, _ = await _device_login(client, device["id"], other_key)
@@ -187,7 +176,7 @@ async def test_device_signature_failures(client, alice):
 
 
 async def test_watch_gets_pay_scope_only(client, alice):
-    key, pem = _device_key()
+    key, pem = device_key()
     watch = await _enrol(client, alice, platform="watch", public_key=pem, name="Watch")
     assert watch["scopes"] == ["pay"]
     r, _ = await _device_login(client, watch["id"], key)
@@ -200,7 +189,7 @@ async def test_watch_gets_pay_scope_only(client, alice):
 
 async def test_revoking_a_device_revokes_its_sessions_and_tokens(client):
     user = await sign_up(client)
-    key, pem = _device_key()
+    key, pem = device_key()
     device = await _enrol(client, user, public_key=pem)
     r, _ = await _device_login(client, device["id"], key)
     phone = r.json()

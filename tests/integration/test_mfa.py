@@ -13,13 +13,13 @@ import httpx
 import jwt
 import pyotp
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import text
 
 from billfold.platform.errors import ProblemError
 from billfold.users import mfa, verify_step_up
-from tests.conftest import SignedIn, sign_up
+from tests.conftest import SignedIn, device_key, sign_up
 
 PROBLEM = "application/problem+json"
 
@@ -466,16 +466,6 @@ async def test_sent_codes_are_rate_limited(client, app):
     assert r.json()["code"] == "too_many_codes"
     assert int(r.headers["retry-after"]) > 0
     assert len(await outbox(app, "billfold.users.step_up.code_requested", user.user["id"])) == 5
-
-
-def device_key() -> tuple[ec.EllipticCurvePrivateKey, str]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    pem = (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-    return key, pem
 
 
 async def device_session(client: httpx.AsyncClient, user: SignedIn, pem: str) -> dict[str, str]:

@@ -5,22 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from joserfc import jwt as jose_jwt
 from joserfc.jwk import KeySet
 
-from tests.conftest import registration, sign_up
+from tests.conftest import device_key, registration, sign_up
 from tests.integration.test_mfa import code_at, enable_totp, wrong_code
-
-
-def _pem() -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    return (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
 
 
 async def _password(client, user, **extra):
@@ -108,7 +97,7 @@ async def test_new_sign_in_credentials_need_a_recent_sign_in_or_step_up(client, 
     user = await sign_up(client)
     secret, _ = await enable_totp(client, user)
     stale = await _stale_token(app, user)
-    device = {"name": "attacker phone", "platform": "ios", "public_key": _pem()}
+    device = {"name": "attacker phone", "platform": "ios", "public_key": device_key()[1]}
 
     r = await client.post("/v1/devices", json=device, headers=stale)
     assert r.status_code == 403 and r.json()["code"] == "step_up_required"
@@ -140,7 +129,9 @@ async def test_new_sign_in_credentials_need_a_recent_sign_in_or_step_up(client, 
     step_up = {**stale, "X-Step-Up-Token": v.json()["step_up_token"]}
     r = await client.post("/v1/devices", json=device, headers=step_up)
     assert r.status_code == 201, r.text
-    r = await client.post("/v1/devices", json={**device, "public_key": _pem()}, headers=step_up)
+    r = await client.post(
+        "/v1/devices", json={**device, "public_key": device_key()[1]}, headers=step_up
+    )
     assert r.status_code == 403 and r.json()["code"] == "invalid_step_up_token"
 
 
