@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -82,12 +82,18 @@ class EdgeConfig:
     metrics: Metrics
     sealed: SealedBox
 
+    _quotas: dict[str, tuple[Quota, Quota]] = field(default_factory=dict, init=False, repr=False)
+
     def quotas(self, klass: str) -> tuple[Quota, Quota]:
-        s = self.settings
-        return (
-            Quota.parse(getattr(s, f"rate_limit_{klass}_ip")),
-            Quota.parse(getattr(s, f"rate_limit_{klass}_user")),
-        )
+        """The (per IP, per user) quotas of a route class, parsed on first use."""
+        cached = self._quotas.get(klass)
+        if cached is None:
+            s = self.settings
+            cached = self._quotas[klass] = (
+                Quota.parse(getattr(s, f"rate_limit_{klass}_ip")),
+                Quota.parse(getattr(s, f"rate_limit_{klass}_user")),
+            )
+        return cached
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
