@@ -25,6 +25,15 @@ async def _latest_code(app, user_id: str) -> str:
         ).scalar_one()
 
 
+async def _email_code(client, app, user) -> tuple[dict, str, str]:
+    """Start an email verification: the verification, its code (from the outbox), a wrong code."""
+    v = (
+        await client.post("/v1/me/verifications", json={"channel": "email"}, headers=user.headers)
+    ).json()
+    code = await _latest_code(app, user.user["id"])
+    return v, code, "000000" if code != "000000" else "111111"
+
+
 def _png(size=(8, 8)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, (200, 30, 30)).save(buf, format="PNG")
@@ -127,11 +136,7 @@ async def test_verify_email_and_phone_with_codes(client, app):
 
 async def test_wrong_codes_are_counted_and_exhaust_the_verification(client, app, settings):
     user = await sign_up(client)
-    v = (
-        await client.post("/v1/me/verifications", json={"channel": "email"}, headers=user.headers)
-    ).json()
-    code = await _latest_code(app, user.user["id"])
-    wrong = "000000" if code != "000000" else "111111"
+    v, code, wrong = await _email_code(client, app, user)
     for left in range(settings.verification_max_attempts - 1, -1, -1):
         r = await client.post(
             f"/v1/me/verifications/{v['id']}/confirm", json={"code": wrong}, headers=user.headers
@@ -153,11 +158,7 @@ async def test_parallel_wrong_codes_cannot_exceed_the_attempt_limit(client, app,
     """Each guess takes an attempt atomically before its code is compared: however many arrive
     at once, at most `verification_max_attempts` are compared; the rest are refused unread."""
     user = await sign_up(client)
-    v = (
-        await client.post("/v1/me/verifications", json={"channel": "email"}, headers=user.headers)
-    ).json()
-    code = await _latest_code(app, user.user["id"])
-    wrong = "000000" if code != "000000" else "111111"
+    v, code, wrong = await _email_code(client, app, user)
     url = f"/v1/me/verifications/{v['id']}/confirm"
     answers = await asyncio.gather(
         *(client.post(url, json={"code": wrong}, headers=user.headers) for _ in range(30))
@@ -181,11 +182,7 @@ async def test_right_code_among_parallel_wrong_ones_is_one_of_the_counted_attemp
     client, app, settings
 ):
     user = await sign_up(client)
-    v = (
-        await client.post("/v1/me/verifications", json={"channel": "email"}, headers=user.headers)
-    ).json()
-    code = await _latest_code(app, user.user["id"])
-    wrong = "000000" if code != "000000" else "111111"
+    v, code, wrong = await _email_code(client, app, user)
     url = f"/v1/me/verifications/{v['id']}/confirm"
     bodies = [{"code": wrong}] * 29 + [{"code": code}]
     answers = await asyncio.gather(
