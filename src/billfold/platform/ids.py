@@ -29,6 +29,7 @@ PREFIXES = frozenset(
         "case",
         "evt",
         "key",
+        "pst",
     }
 )
 
