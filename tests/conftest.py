@@ -187,3 +187,35 @@ def device_key() -> tuple[Any, str]:
         .decode()
     )
     return key, pem
+
+
+def idem(**headers: str) -> dict[str, str]:
+    """A fresh Idempotency-Key header (plus any others)."""
+    return {"Idempotency-Key": uuid.uuid4().hex, **headers}
+
+
+async def fund(app: Any, user_id: str, amount: int, currency: str = "USD") -> None:
+    """Put money in a wallet from the system funding account (test setup; the API's top-up
+    endpoint is tested on its own)."""
+    from billfold import ledger
+    from billfold.platform.db import unit_of_work
+    from billfold.platform.money import Money
+
+    async with unit_of_work(app.state.resources.engine) as uow:
+        await ledger.move(
+            await uow.connection(),
+            Money(amount, currency),
+            debit=(ledger.SYSTEM, "funding"),
+            credit=(user_id, "wallet"),
+            kind="test_funding",
+            reference=f"test:{user_id}",
+        )
+
+
+async def set_kyc_tier(app: Any, user_id: str, tier: int) -> None:
+    """Give a test user a KYC tier without running the KYC flow (tested on its own)."""
+    async with app.state.resources.engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE users.users SET kyc_tier = :t, kyc_status = 'verified' WHERE id = :u"),
+            {"t": tier, "u": user_id},
+        )

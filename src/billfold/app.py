@@ -19,10 +19,12 @@ from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billfold import users
+from billfold import p2p, users
 from billfold.config import Settings
 from billfold.gateway.errors import install_error_handlers
 from billfold.gateway.middleware import Edge, EdgeConfig
+from billfold.ledger.api import router as wallet_router
+from billfold.p2p.api import router as p2p_router
 from billfold.platform.blobs import build_blob_store
 from billfold.platform.db import create_engine
 from billfold.platform.errors import PROBLEM_CONTENT_TYPE, Problem, problem_responses
@@ -116,13 +118,19 @@ def create_app(settings: Settings) -> FastAPI:
             {"name": "two-factor", "description": "TOTP and step-up challenges"},
             {"name": "passkeys", "description": "WebAuthn passkeys for the web portal"},
             {"name": "kyc", "description": "Identity verification and the review queue"},
+            {"name": "wallet", "description": "Balances, statement, top-ups and withdrawals"},
+            {"name": "transfers", "description": "Money between people, claims and limits"},
+            {"name": "transfer-requests", "description": "Asking someone for money"},
             {"name": "ops", "description": "Health and metrics"},
         ],
     )
     app.state.resources = Resources(settings, engine, redis, metrics, keys_engine)
     app.state.users = users_rt
+    app.state.p2p = p2p.P2PRuntime(settings, users_rt)
     install_error_handlers(app)
     app.include_router(users_router)
+    app.include_router(wallet_router)
+    app.include_router(p2p_router)
     _ops_routes(app)
     _document_problems(app)
     limiter = RateLimiter(redis, settings.redis_prefix) if settings.rate_limits_enabled else None

@@ -56,6 +56,14 @@ class Settings(BaseSettings):
 
     idempotency_ttl_seconds: int = 24 * 3600
 
+    # Money sent to an e-mail/phone nobody has claimed returns to the sender after this.
+    p2p_claim_ttl_seconds: int = Field(default=14 * 24 * 3600, gt=0)
+    # A transfer held for fraud review is released or returned within this time.
+    p2p_review_hold_seconds: int = Field(default=7 * 24 * 3600, gt=0)
+    transfer_request_ttl_seconds: int = Field(default=30 * 24 * 3600, gt=0)
+    # The largest single top-up or withdrawal of the wallet (minor units).
+    wallet_max_topup: int = Field(default=1_000_000, gt=0)
+
     webauthn_rp_id: str = "localhost"
     webauthn_rp_name: str = "billfold"
     webauthn_origin: str = "http://localhost:8000"

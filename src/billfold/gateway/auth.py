@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from billfold.platform.db import UnitOfWork
@@ -106,3 +106,27 @@ def client_ip(request: Request) -> str | None:
 def user_agent(request: Request) -> str | None:
     ua = request.headers.get("user-agent")
     return ua[:512] if ua else None
+
+
+async def require_idempotency_key(
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="Required: a retry with the same key replays the first answer",
+        ),
+    ] = None,
+) -> str:
+    """Dependency for routes that move money: a retry must never move it twice."""
+    if idempotency_key is None:
+        raise ProblemError(
+            "Send an Idempotency-Key header (e.g. a UUID) with every request that moves money",
+            status=428,
+            code="idempotency_key_required",
+            title="Idempotency key required",
+        )
+    return idempotency_key
+
+
+# Routes that move money: `dependencies=[IdempotencyRequired]`.
+IdempotencyRequired = Depends(require_idempotency_key)

@@ -2,18 +2,30 @@
 
 Public face: the app builds `KeyRing`, `AccessTokens` (the gateway's token verifier) and
 `UsersRuntime`; other services ask for step-up with `step_up_required` and check the answer with
-`verify_step_up` (a single-use `StepUpClaims`).
+`verify_step_up` (a single-use `StepUpClaims`); `find_counterparty` / `get_party` tell them who
+a user is (`Party`), and `Email`, `Phone`, `Handle` validate contacts the same way everywhere.
 """
 
+from billfold.users.directory import ContactKind, Party, find_counterparty, get_party
 from billfold.users.mfa import StepUpClaims, step_up_required, verify_step_up
+from billfold.users.models import Email, Handle, Phone, mask_email, mask_phone
 from billfold.users.runtime import UsersRuntime
 from billfold.users.tokens import AccessTokens, KeyRing
 
 __all__ = [
     "AccessTokens",
+    "ContactKind",
+    "Email",
+    "Handle",
     "KeyRing",
+    "Party",
+    "Phone",
     "StepUpClaims",
     "UsersRuntime",
+    "find_counterparty",
+    "get_party",
+    "mask_email",
+    "mask_phone",
     "step_up_required",
     "verify_step_up",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import re
 from datetime import date, datetime
 from typing import Annotated, Any, Literal
@@ -15,11 +14,11 @@ from email_validator import EmailNotValidError, validate_email
 from pydantic import (
     AfterValidator,
     BaseModel,
-    ConfigDict,
     Field,
     StringConstraints,
-    model_validator,
 )
+
+from billfold.platform.validation import Strict
 
 _COUNTRIES: frozenset[str] | None = None
 
@@ -108,27 +107,6 @@ def check_handle(value: str) -> str:
 
 
 Handle = Annotated[str, AfterValidator(check_handle)]
-
-
-def check_storable(data: Any) -> Any:
-    """PostgreSQL text/jsonb refuse NUL characters and NaN/Infinity: answer 422, not 500."""
-    stack = [data]
-    while stack:  # iterative: the body may nest as deep as the JSON parser allows
-        value = stack.pop()
-        if isinstance(value, str) and "\x00" in value:
-            raise ValueError("text must not contain NUL (\\u0000) characters")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError("numbers must be finite")
-        if isinstance(value, dict):
-            stack.extend([*value.keys(), *value.values()])
-        elif isinstance(value, list):
-            stack.extend(value)
-    return data
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
-    _storable = model_validator(mode="before")(check_storable)
 
 
 class Address(Strict):

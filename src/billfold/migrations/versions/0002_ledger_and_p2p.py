@@ -216,7 +216,9 @@ CREATE SCHEMA IF NOT EXISTS p2p;
 CREATE TABLE p2p.transfers (
     id                 text PRIMARY KEY,
     sender_id          text NOT NULL,
+    sender_name        text NOT NULL,
     recipient_id       text,
+    recipient_name     text,
     recipient_kind     text NOT NULL
         CHECK (recipient_kind IN ('user_id', 'email', 'phone', 'handle')),
     -- Keyed hash of the e-mail address or phone number an unclaimed transfer waits for.
@@ -247,7 +249,9 @@ CREATE INDEX transfers_claim_expiry ON p2p.transfers (claim_expires_at)
 CREATE TABLE p2p.transfer_requests (
     id                 text PRIMARY KEY,
     requester_id       text NOT NULL,
+    requester_name     text NOT NULL,
     payer_id           text,
+    payer_name         text,
     payer_kind         text NOT NULL CHECK (payer_kind IN ('user_id', 'email', 'phone', 'handle')),
     payer_contact_hash bytea,
     payer_hint         text NOT NULL,

@@ -194,3 +194,32 @@ async def replace_password_hash(
         )
     ).first()
     return row is not None
+
+
+_PARTIES = text(
+    """
+    SELECT id, name, handle, status, kyc_tier, timezone, locale,
+           CASE WHEN email_verified_at IS NOT NULL THEN email END AS verified_email,
+           CASE WHEN phone_verified_at IS NOT NULL THEN phone END AS verified_phone,
+           id = :subject AS is_subject,
+           coalesce(id = :user_id OR email = :email OR phone = :phone
+                    OR lower(handle) = lower(:handle), false) AS is_match
+    FROM users.users
+    WHERE id = :subject OR id = :user_id OR email = :email OR phone = :phone
+       OR lower(handle) = lower(:handle)
+    """
+)
+
+
+async def find_parties(
+    conn: AsyncConnection,
+    subject: str,
+    *,
+    user_id: str | None = None,
+    email: str | None = None,
+    phone: str | None = None,
+    handle: str | None = None,
+) -> list[Row[Any]]:
+    """The subject's row and the one found by one of the other keys, in one round trip."""
+    params = {"subject": subject, "user_id": user_id, "email": email, "phone": phone}
+    return list((await conn.execute(_PARTIES, {**params, "handle": handle})).all())

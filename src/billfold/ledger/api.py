@@ -1,0 +1,7 @@
+"""Wallet routes: balances, statement, top-ups and withdrawals."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(tags=["wallet"])

@@ -1,0 +1,20 @@
+"""The P2P Transfer Service: transfers between people, money requests, claims, limits.
+
+The app builds a `P2PRuntime` (with the `RiskCheck` the Fraud Service provides) and mounts
+`billfold.p2p.api.router`; the worker runs `expire_claims` / `expire_requests` and the claim
+consumers.
+"""
+
+from billfold.p2p.risk import AllowAll, RiskCheck, RiskDecision, TransferRisk
+from billfold.p2p.runtime import P2PRuntime
+from billfold.p2p.transfers import fail_pending, release_pending
+
+__all__ = [
+    "AllowAll",
+    "P2PRuntime",
+    "RiskCheck",
+    "RiskDecision",
+    "TransferRisk",
+    "fail_pending",
+    "release_pending",
+]

@@ -1,0 +1,37 @@
+"""Events the P2P Transfer Service publishes (`billfold.p2p.*`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from billfold.platform.events import Event, record_event
+
+SOURCE = "/billfold/p2p"
+
+TRANSFER_PENDING = "billfold.p2p.transfer.pending"
+TRANSFER_COMPLETED = "billfold.p2p.transfer.completed"
+TRANSFER_FAILED = "billfold.p2p.transfer.failed"
+TRANSFER_CANCELLED = "billfold.p2p.transfer.cancelled"
+TRANSFER_PENDING_CLAIM = "billfold.p2p.transfer.pending_claim"
+TRANSFER_EXPIRED = "billfold.p2p.transfer.expired"
+TRANSFER_REVERSED = "billfold.p2p.transfer.reversed"
+
+REQUEST_CREATED = "billfold.p2p.request.created"
+REQUEST_ACCEPTED = "billfold.p2p.request.accepted"
+REQUEST_DECLINED = "billfold.p2p.request.declined"
+REQUEST_CANCELLED = "billfold.p2p.request.cancelled"
+REQUEST_EXPIRED = "billfold.p2p.request.expired"
+
+
+async def publish(
+    conn: AsyncConnection, type_: str, aggregate_id: str, data: dict[str, Any]
+) -> Event:
+    """Record a p2p event; the aggregate (transfer or request id) keys its order."""
+    return await record_event(
+        conn,
+        Event(
+            type=type_, source=SOURCE, subject=aggregate_id, aggregate_id=aggregate_id, data=data
+        ),
+    )

@@ -1,0 +1,110 @@
+"""Transfer limits by KYC tier with per-user overrides, counted in the sender's local day."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from billfold import users
+from billfold.p2p.models import (
+    CurrencyNotSupported,
+    LimitExceeded,
+    LimitsView,
+    LimitWindow,
+    TransferLimits,
+)
+from billfold.p2p.store import limits as store
+from billfold.platform.clock import utcnow
+from billfold.platform.money import Money
+
+
+@dataclass(frozen=True, slots=True)
+class LocalCalendar:
+    """The user's current day and month, and when each rolls over (as UTC instants)."""
+
+    day: date
+    month: date
+    day_ends: datetime
+    month_ends: datetime
+
+
+def local_calendar(timezone: str, now: datetime | None = None) -> LocalCalendar:
+    try:
+        zone = ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        zone = ZoneInfo("UTC")
+    local = (now or utcnow()).astimezone(zone)
+    day = local.date()
+    month = day.replace(day=1)
+    next_month = (month + timedelta(days=32)).replace(day=1)
+
+    def start_of(d: date) -> datetime:
+        return datetime.combine(d, time(), tzinfo=zone).astimezone(UTC)
+
+    return LocalCalendar(day, month, start_of(day + timedelta(days=1)), start_of(next_month))
+
+
+async def count_transfer(conn: AsyncConnection, sender: users.Party, money: Money) -> None:
+    """Add `money` to the sender's usage, or raise if a limit would be exceeded (the caller's
+    transaction then rolls back, usage included)."""
+    cal = local_calendar(sender.timezone)
+    row = await store.use(
+        conn,
+        user_id=sender.user_id,
+        tier=sender.kyc_tier,
+        currency=money.currency,
+        amount=money.amount,
+        day=cal.day,
+        month=cal.month,
+    )
+    if row.per_transfer is None:
+        raise CurrencyNotSupported(f"Transfers in {money.currency} are not available")
+    if money.amount > row.per_transfer:
+        raise LimitExceeded(
+            f"The most you can send in one transfer is {Money(row.per_transfer, money.currency).display()}",
+            extra={"limit": "per_transfer", "remaining": row.per_transfer},
+        )
+    for window, used, limit in (
+        ("daily", row.used_today, row.daily),
+        ("monthly", row.used_this_month, row.monthly),
+    ):
+        if used > limit:
+            remaining = max(0, limit - (used - money.amount))
+            raise LimitExceeded(
+                f"This transfer would exceed your {window} limit; "
+                f"{Money(remaining, money.currency).display()} is left",
+                extra={"limit": window, "remaining": remaining},
+            )
+
+
+async def view(conn: AsyncConnection, party: users.Party) -> LimitsView:
+    cal = local_calendar(party.timezone)
+    rows = await store.view(
+        conn, user_id=party.user_id, tier=party.kyc_tier, day=cal.day, month=cal.month
+    )
+    return LimitsView(
+        kyc_tier=party.kyc_tier,
+        timezone=party.timezone,
+        data=[
+            TransferLimits(
+                currency=r.currency,
+                per_transfer=r.per_transfer,
+                daily=LimitWindow(
+                    limit=r.daily,
+                    used=r.used_today,
+                    remaining=max(0, r.daily - r.used_today),
+                    resets_at=cal.day_ends,
+                ),
+                monthly=LimitWindow(
+                    limit=r.monthly,
+                    used=r.used_this_month,
+                    remaining=max(0, r.monthly - r.used_this_month),
+                    resets_at=cal.month_ends,
+                ),
+            )
+            for r in rows
+        ],
+    )

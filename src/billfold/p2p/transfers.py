@@ -1,0 +1,305 @@
+"""Sending money: one atomic step of limit usage, ledger posting, transfer row and event."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from billfold import ledger, users
+from billfold.gateway.auth import Principal
+from billfold.p2p import events, limits
+from billfold.p2p.models import (
+    InvalidAmount,
+    NewTransfer,
+    PartyView,
+    RecipientNotFound,
+    SelfTransfer,
+    Transfer,
+    TransferBlocked,
+    TransferNotCancellable,
+    TransferNotFound,
+)
+from billfold.p2p.risk import TransferRisk
+from billfold.p2p.runtime import P2PRuntime
+from billfold.p2p.store import transfers as store
+from billfold.platform.clock import utcnow
+from billfold.platform.errors import Forbidden
+from billfold.platform.ids import new_id
+from billfold.platform.money import Money
+
+STEP_UP_PURPOSE = "transfer"
+
+# Ledger posting kinds of the P2P service.
+POSTING_TRANSFER = "p2p_transfer"
+POSTING_ESCROW = "p2p_escrow"
+POSTING_CLAIM = "p2p_claim"
+POSTING_RETURN = "p2p_return"
+
+ESCROW = (ledger.SYSTEM, "escrow")
+
+_EVENT_FOR_STATUS = {
+    "pending": events.TRANSFER_PENDING,
+    "completed": events.TRANSFER_COMPLETED,
+    "pending_claim": events.TRANSFER_PENDING_CLAIM,
+    "failed": events.TRANSFER_FAILED,
+    "cancelled": events.TRANSFER_CANCELLED,
+    "expired": events.TRANSFER_EXPIRED,
+    "reversed": events.TRANSFER_REVERSED,
+}
+
+
+def wallet(user_id: str) -> tuple[str, str]:
+    return (user_id, "wallet")
+
+
+def event_data(row: Row[Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "transfer_id": row.id,
+        "status": row.status,
+        "sender_id": row.sender_id,
+        "recipient_id": row.recipient_id,
+        "amount": row.amount,
+        "currency": row.currency,
+        "request_id": row.request_id,
+        **extra,
+    }
+
+
+async def publish(conn: AsyncConnection, row: Row[Any], **extra: Any) -> None:
+    await events.publish(conn, _EVENT_FOR_STATUS[row.status], row.id, event_data(row, **extra))
+
+
+async def send(
+    conn: AsyncConnection,
+    rt: P2PRuntime,
+    principal: Principal,
+    body: NewTransfer,
+    *,
+    ip: str | None = None,
+    step_up_token: str | None = None,
+    request_id: str | None = None,
+) -> Row[Any]:
+    """Make a transfer. To a user (id, handle) it completes at once; to an e-mail/phone the
+    money waits in escrow until the owner of that verified contact claims it, whether or not
+    they are registered today, so the answer never tells who has an account."""
+    if body.amount <= 0:
+        raise InvalidAmount("The amount must be a positive number of minor units")
+    money = Money(body.amount, body.currency)
+    who = body.recipient
+    sender, found = await users.find_counterparty(conn, principal.user_id, who.kind, who.value)
+    if sender is None or not sender.active:
+        raise Forbidden("This account cannot send money", code="account_not_active")
+    if found is not None and found.user_id == sender.user_id:
+        raise SelfTransfer("You cannot send money to yourself")
+    recipient = None if who.is_contact else found
+    if not who.is_contact and (recipient is None or not recipient.active):
+        raise RecipientNotFound("No user matches this recipient")
+
+    await limits.count_transfer(conn, sender, money)
+    transfer_id = new_id("p2p")
+    decision = await rt.risk.assess(
+        conn,
+        TransferRisk(
+            transfer_id=transfer_id,
+            sender_id=sender.user_id,
+            recipient_id=recipient.user_id if recipient else None,
+            recipient_kind=who.kind,
+            money=money,
+            device_id=principal.device_id,
+            ip=ip,
+            stepped_up=step_up_token is not None,
+        ),
+    )
+    if decision.action == "block":
+        raise TransferBlocked("This transfer was declined", extra={"reasons": decision.reasons})
+    if decision.action == "challenge":
+        if step_up_token is None:
+            raise users.step_up_required(STEP_UP_PURPOSE)
+        await users.verify_step_up(rt.users, step_up_token, principal, STEP_UP_PURPOSE)
+
+    posting_id = hold_id = None
+    if decision.action == "review":
+        hold = await ledger.place_hold(
+            conn,
+            sender.user_id,
+            money,
+            reference=transfer_id,
+            expires_at=utcnow() + timedelta(seconds=rt.settings.p2p_review_hold_seconds),
+        )
+        status, hold_id = "pending", hold.id
+    else:
+        status = "completed" if recipient else "pending_claim"
+        posting = await ledger.move(
+            conn,
+            money,
+            debit=wallet(sender.user_id),
+            credit=wallet(recipient.user_id) if recipient else ESCROW,
+            kind=POSTING_TRANSFER if recipient else POSTING_ESCROW,
+            reference=transfer_id,
+            memo=body.note,
+        )
+        posting_id = posting.id
+
+    contact_hash = rt.contact_hash(who.kind, who.value) if who.is_contact else None
+    row = await store.insert(
+        conn,
+        {
+            "id": transfer_id,
+            "sender_id": sender.user_id,
+            "sender_name": sender.name,
+            "recipient_id": recipient.user_id if recipient else None,
+            "recipient_name": recipient.name if recipient else None,
+            "recipient_kind": who.kind,
+            "recipient_contact_hash": contact_hash,
+            "recipient_hint": _hint(who.kind, who.value, recipient),
+            "amount": money.amount,
+            "currency": money.currency,
+            "note": body.note,
+            "status": status,
+            "request_id": request_id,
+            "posting_id": posting_id,
+            "hold_id": hold_id,
+            "claim_expires_at": (
+                utcnow() + timedelta(seconds=rt.settings.p2p_claim_ttl_seconds)
+                if recipient is None
+                else None
+            ),
+        },
+    )
+    extra: dict[str, Any] = {}
+    if who.is_contact:
+        # Whoever delivers the invitation needs the address; only this event carries it.
+        extra["invitee"] = {who.kind: who.value}
+    if decision.action != "allow":
+        extra["risk"] = {"action": decision.action, "score": decision.score}
+    await publish(conn, row, **extra)
+    return row
+
+
+def _hint(kind: str, value: str, recipient: users.Party | None) -> str:
+    if kind == "email":
+        return users.mask_email(value)
+    if kind == "phone":
+        return users.mask_phone(value)
+    assert recipient is not None
+    return f"@{recipient.handle}" if recipient.handle else recipient.name
+
+
+def view(row: Row[Any], viewer_id: str) -> Transfer:
+    """The transfer as `viewer_id` (its sender or recipient) sees it."""
+    unclaimed = row.recipient_id is None
+    return Transfer(
+        id=row.id,
+        status=row.status,
+        direction="sent" if row.sender_id == viewer_id else "received",
+        sender=PartyView(user_id=row.sender_id, name=row.sender_name),
+        recipient=PartyView(
+            user_id=row.recipient_id,
+            name=row.recipient_name,
+            handle=row.recipient_hint if row.recipient_hint.startswith("@") else None,
+            contact=row.recipient_hint if row.recipient_kind in ("email", "phone") else None,
+        )
+        if not unclaimed
+        else PartyView(user_id=None, contact=row.recipient_hint),
+        amount=row.amount,
+        currency=row.currency,
+        note=row.note,
+        failure_reason=row.failure_reason,
+        request_id=row.request_id,
+        claim_expires_at=row.claim_expires_at if row.status == "pending_claim" else None,
+        created_at=row.created_at,
+        completed_at=row.completed_at,
+        updated_at=row.updated_at,
+    )
+
+
+async def get(conn: AsyncConnection, transfer_id: str, user_id: str) -> Row[Any]:
+    row = await store.get_visible(conn, transfer_id, user_id)
+    if row is None:
+        raise TransferNotFound("No such transfer")
+    return row
+
+
+async def cancel(conn: AsyncConnection, transfer_id: str, user_id: str) -> Row[Any]:
+    """The sender takes back a transfer nobody has received yet (escrow or under review)."""
+    row = await store.get_for_update(conn, transfer_id)
+    if row is None or (row.sender_id != user_id and row.recipient_id != user_id):
+        raise TransferNotFound("No such transfer")
+    if row.sender_id != user_id or row.status not in ("pending", "pending_claim"):
+        raise TransferNotCancellable(
+            f"A {row.status.replace('_', ' ')} transfer cannot be cancelled by you"
+        )
+    posting_id = await _return_to_sender(conn, row)
+    updated = await store.set_status(conn, row.id, "cancelled", posting_id=posting_id)
+    await publish(conn, updated)
+    return updated
+
+
+async def _return_to_sender(conn: AsyncConnection, row: Row[Any]) -> str | None:
+    """Undo a transfer that has not reached its recipient: void its hold or empty its escrow."""
+    if row.status == "pending":
+        await ledger.void_hold(conn, row.hold_id)
+        return None
+    posting = await ledger.move(
+        conn,
+        Money(row.amount, row.currency),
+        debit=ESCROW,
+        credit=wallet(row.sender_id),
+        kind=POSTING_RETURN,
+        reference=row.id,
+    )
+    return posting.id
+
+
+async def release_pending(conn: AsyncConnection, transfer_id: str) -> Row[Any]:
+    """Complete a transfer held for review (the Fraud Service's "release")."""
+    row = await store.get_for_update(conn, transfer_id)
+    if row is None or row.status != "pending":
+        raise TransferNotFound("No pending transfer with this id")
+    credit = wallet(row.recipient_id) if row.recipient_id else ESCROW
+    posting = await ledger.commit_hold(
+        conn, row.hold_id, row.amount, credit=credit, kind=POSTING_TRANSFER, memo=row.note
+    )
+    status = "completed" if row.recipient_id else "pending_claim"
+    updated = await store.set_status(conn, row.id, status, posting_id=posting.id)
+    await publish(conn, updated)
+    return updated
+
+
+async def fail_pending(conn: AsyncConnection, transfer_id: str, reason: str) -> Row[Any]:
+    """Refuse a transfer held for review: the hold is released, the sender keeps the money."""
+    row = await store.get_for_update(conn, transfer_id)
+    if row is None or row.status != "pending":
+        raise TransferNotFound("No pending transfer with this id")
+    await ledger.void_hold(conn, row.hold_id)
+    updated = await store.set_status(conn, row.id, "failed", failure_reason=reason)
+    await publish(conn, updated)
+    return updated
+
+
+async def reverse(conn: AsyncConnection, transfer_id: str, reason: str) -> Row[Any]:
+    """Take a completed transfer back from its recipient (support/fraud correction)."""
+    row = await store.get_for_update(conn, transfer_id)
+    if row is None:
+        raise TransferNotFound("No such transfer")
+    if row.status != "completed":
+        raise TransferNotCancellable(
+            f"A {row.status.replace('_', ' ')} transfer cannot be reversed"
+        )
+    posting = await ledger.move(
+        conn,
+        Money(row.amount, row.currency),
+        debit=wallet(row.recipient_id),
+        credit=wallet(row.sender_id),
+        kind="p2p_reversal",
+        reference=row.id,
+        memo=reason,
+    )
+    updated = await store.set_status(
+        conn, row.id, "reversed", posting_id=posting.id, failure_reason=reason
+    )
+    await publish(conn, updated, reason=reason)
+    return updated
