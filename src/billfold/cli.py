@@ -18,6 +18,8 @@ from billfold.config import Settings
 app = typer.Typer(help="billfold: a digital wallet backend", no_args_is_help=True)
 keys_app = typer.Typer(help="Signing keys")
 app.add_typer(keys_app, name="keys")
+ledger_app = typer.Typer(help="The double-entry ledger")
+app.add_typer(ledger_app, name="ledger")
 
 DataDir = Annotated[Path, typer.Option("--data-dir", help="Where embedded servers keep their data")]
 
@@ -93,8 +95,8 @@ async def _up(settings: Settings, host: str, port: int, seed: bool) -> None:
     import uvicorn
 
     from billfold.app import create_app
+    from billfold.jobs import run_background
     from billfold.migrations import upgrade_async
-    from billfold.platform.bus.postgres import OutboxRelay, dev_log_sink
     from billfold.users.seed import DEMO_PASSWORD, seed_demo_users
 
     await upgrade_async(settings.database_url)
@@ -102,7 +104,6 @@ async def _up(settings: Settings, host: str, port: int, seed: bool) -> None:
     resources = api.state.resources
     if seed:
         await seed_demo_users(resources.engine, api.state.users)
-    relay = OutboxRelay(resources.engine, settings.database_url, dev_log_sink, resources.metrics)
     config = uvicorn.Config(
         api,
         host=host,
@@ -134,7 +135,10 @@ async def _up(settings: Settings, host: str, port: int, seed: bool) -> None:
         "  Ctrl-C stops everything.",
         "",
     ]
-    relay_task = asyncio.create_task(relay.run())
+    stop_background = asyncio.Event()
+    background = asyncio.create_task(
+        run_background(resources.engine, settings, stop_background, resources.metrics)
+    )
 
     async def announce() -> None:
         while not server.started:  # noqa: ASYNC110 - uvicorn offers no start event
@@ -145,10 +149,10 @@ async def _up(settings: Settings, host: str, port: int, seed: bool) -> None:
     try:
         await server.serve()
     finally:
-        relay.stop()
+        stop_background.set()
         announce_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(relay_task, 5)
+            await asyncio.wait_for(background, 10)
 
 
 @app.command()
@@ -176,7 +180,7 @@ def serve(
 
 @app.command()
 def worker() -> None:
-    """Production worker: outbox relay and housekeeping (expired idempotency keys)."""
+    """Production worker: outbox relay, event consumers and scheduled jobs (expiries)."""
     from billfold.platform.observability import configure_logging
 
     settings = _settings()
@@ -186,31 +190,18 @@ def worker() -> None:
 
 
 async def _worker(settings: Settings) -> None:
-    from billfold.platform import idempotency
-    from billfold.platform.bus.postgres import OutboxRelay, dev_log_sink
-    from billfold.platform.db import create_engine, unit_of_work
+    from billfold.jobs import run_background
+    from billfold.platform.db import create_engine
 
     engine = create_engine(settings.database_url, pool_size=4)
-    relay = OutboxRelay(engine, settings.database_url, dev_log_sink)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-
-    async def housekeeping() -> None:
-        while not stop.is_set():
-            async with unit_of_work(engine) as uow:
-                await idempotency.purge_expired(await uow.connection())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 3600)
-
-    tasks = [asyncio.create_task(relay.run()), asyncio.create_task(housekeeping())]
-    await stop.wait()
-    relay.stop()
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await engine.dispose()
+    try:
+        await run_background(engine, settings, stop)
+    finally:
+        await engine.dispose()
 
 
 @app.command()
@@ -284,3 +275,25 @@ def rotate_jwt() -> None:
 
 if __name__ == "__main__":
     app()
+
+
+@ledger_app.command("verify")
+def ledger_verify() -> None:
+    """Re-sum every posting and check every balance and invariant; exit 1 on any discrepancy."""
+    from billfold.ledger.verify import verify_ledger
+    from billfold.platform.db import create_engine
+
+    settings = _settings()
+    _require_urls(settings)
+
+    async def run() -> bool:
+        engine = create_engine(settings.database_url, pool_size=1)
+        try:
+            report = await verify_ledger(engine)
+        finally:
+            await engine.dispose()
+        typer.echo(report.render())
+        return report.ok
+
+    if not asyncio.run(run()):
+        raise typer.Exit(1)

@@ -5,6 +5,8 @@ The app builds a `P2PRuntime` (with the `RiskCheck` the Fraud Service provides) 
 consumers.
 """
 
+from billfold.p2p.claims import consumers, expire_claims
+from billfold.p2p.requests import expire_requests
 from billfold.p2p.risk import AllowAll, RiskCheck, RiskDecision, TransferRisk
 from billfold.p2p.runtime import P2PRuntime
 from billfold.p2p.transfers import fail_pending, release_pending
@@ -15,6 +17,9 @@ __all__ = [
     "RiskCheck",
     "RiskDecision",
     "TransferRisk",
+    "consumers",
+    "expire_claims",
+    "expire_requests",
     "fail_pending",
     "release_pending",
 ]

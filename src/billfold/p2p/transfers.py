@@ -9,7 +9,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billfold import ledger, users
-from billfold.gateway.auth import Principal
+from billfold.gateway import Principal
 from billfold.p2p import events, limits
 from billfold.p2p.models import (
     InvalidAmount,

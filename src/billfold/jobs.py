@@ -1,0 +1,80 @@
+"""Background work of `billfold worker` (and `billfold up`): the outbox relay feeding the
+in-process consumers, and the scheduled jobs (expiries, housekeeping)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from billfold import ledger, p2p
+from billfold.config import Settings
+from billfold.platform import idempotency
+from billfold.platform.bus.consumers import ConsumerSink
+from billfold.platform.bus.postgres import OutboxRelay, Sink, dev_log_sink
+from billfold.platform.db import unit_of_work
+from billfold.platform.observability import Metrics, get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    every_seconds: float
+    run: Callable[[], Awaitable[object]]
+
+
+def scheduled_jobs(engine: AsyncEngine, settings: Settings) -> list[Job]:
+    async def purge_idempotency_keys() -> None:
+        async with unit_of_work(engine) as uow:
+            await idempotency.purge_expired(await uow.connection())
+
+    return [
+        Job("expire-holds", 30, lambda: ledger.expire_holds(engine)),
+        Job("expire-transfer-claims", 60, lambda: p2p.expire_claims(engine)),
+        Job("expire-transfer-requests", 60, lambda: p2p.expire_requests(engine)),
+        Job("purge-idempotency-keys", 3600, purge_idempotency_keys),
+    ]
+
+
+def event_sink(engine: AsyncEngine, downstream: Sink = dev_log_sink) -> ConsumerSink:
+    """Where the relay delivers: the in-process consumers, then `downstream`."""
+    return ConsumerSink(engine, p2p.consumers(), downstream)
+
+
+async def _every(job: Job, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            await job.run()
+        except Exception:
+            log.exception("job failed; will retry on schedule", job=job.name)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), job.every_seconds)
+
+
+async def run_background(
+    engine: AsyncEngine,
+    settings: Settings,
+    stop: asyncio.Event,
+    metrics: Metrics | None = None,
+) -> None:
+    """Relay, consumers and jobs until `stop` is set."""
+    relay = OutboxRelay(engine, settings.database_url, event_sink(engine), metrics)
+    tasks = [asyncio.create_task(relay.run(), name="outbox-relay")]
+    tasks += [
+        asyncio.create_task(_every(job, stop), name=job.name)
+        for job in scheduled_jobs(engine, settings)
+    ]
+    try:
+        await stop.wait()
+    finally:
+        relay.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(tasks[0], 5)
+        for t in tasks[1:]:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
