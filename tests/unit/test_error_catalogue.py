@@ -26,7 +26,8 @@ def _codes_in_source() -> set[str]:
     for path in (ROOT / "src" / "billfold").rglob("*.py"):
         text = path.read_text()
         found |= set(re.findall(r'code="([a-z_]+)"', text))
-        found |= set(re.findall(r'status, code, title = \d+, "([a-z_]+)"', text))
+        found |= set(re.findall(r'^\s+code = "([a-z_]+)"', text, flags=re.MULTILINE))
+        found |= set(re.findall(r'(?:status, )?code, title = (?:\d+, )?"([a-z_]+)"', text))
     return found | _DERIVED
 
 

@@ -12,6 +12,7 @@ from billfold import users
 from billfold.p2p.models import (
     CurrencyNotSupported,
     LimitExceeded,
+    LimitOverride,
     LimitsView,
     LimitWindow,
     TransferLimits,
@@ -107,4 +108,18 @@ async def view(conn: AsyncConnection, party: users.Party) -> LimitsView:
             )
             for r in rows
         ],
+    )
+
+
+async def override(
+    conn: AsyncConnection, party: users.Party, currency: str, limits: LimitOverride
+) -> None:
+    """Set (or, with nulls, clear) the user's own limits in `currency`."""
+    await store.set_override(
+        conn,
+        user_id=party.user_id,
+        currency=currency,
+        per_transfer=limits.per_transfer,
+        daily=limits.daily,
+        monthly=limits.monthly,
     )

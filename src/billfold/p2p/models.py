@@ -133,3 +133,15 @@ class TransferNotCancellable(ProblemError):
 
 class TransferBlocked(ProblemError):
     status, code, title = 422, "transfer_declined", "Transfer declined"
+
+
+class ReverseTransfer(Strict):
+    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=500)]
+
+
+class LimitOverride(Strict):
+    """Per-user limits in minor units; null restores the KYC tier's default."""
+
+    per_transfer: MinorUnits | None = Field(default=None, ge=0)
+    daily: MinorUnits | None = Field(default=None, ge=0)
+    monthly: MinorUnits | None = Field(default=None, ge=0)

@@ -12,18 +12,21 @@ from billfold.gateway import IdempotencyRequired, Principal, Uow, client_ip, req
 from billfold.p2p import limits, transfers
 from billfold.p2p.api.deps import Me, Runtime, StepUpHeader
 from billfold.p2p.models import (
+    LimitOverride,
     LimitsView,
     NewTransfer,
+    ReverseTransfer,
     Transfer,
     TransferStatus,
 )
 from billfold.p2p.store import transfers as store
-from billfold.platform.errors import problem_responses
+from billfold.platform.errors import NotFound, problem_responses
 from billfold.platform.money import Currency
 from billfold.platform.pagination import Page, PageParams, make_page, page_params
 
 router = APIRouter(tags=["transfers"])
 TransferId = Annotated[str, Path(max_length=64)]
+Admin = Annotated[Principal, Depends(require_admin)]
 
 
 @router.post(
@@ -127,4 +130,39 @@ async def cancel_transfer(transfer_id: TransferId, me: Me, uow: Uow) -> Transfer
     return transfers.view(row, me.user_id)
 
 
-Admin = Annotated[Principal, Depends(require_admin)]
+@router.post(
+    "/v1/admin/transfers/{transfer_id}/reverse",
+    response_model=Transfer,
+    summary="Reverse a completed transfer (administrators)",
+    dependencies=[IdempotencyRequired],
+    responses=problem_responses(401, 403, 404, 409, 422, 428),
+)
+async def reverse_transfer(
+    transfer_id: TransferId, body: ReverseTransfer, admin: Admin, uow: Uow
+) -> Transfer:
+    """Takes the money back from the recipient with a reversing posting (422
+    `insufficient_funds` if they no longer have it); the transfer becomes `reversed`."""
+    row = await transfers.reverse(await uow.connection(), transfer_id, body.reason)
+    return transfers.view(row, row.sender_id)
+
+
+@router.put(
+    "/v1/admin/users/{user_id}/transfer-limits/{currency}",
+    response_model=LimitsView,
+    summary="Override a user's transfer limits (administrators)",
+    responses=problem_responses(401, 403, 404, 422),
+)
+async def override_limits(
+    user_id: Annotated[str, Path(max_length=64)],
+    currency: Annotated[Currency, Path()],
+    body: LimitOverride,
+    admin: Admin,
+    uow: Uow,
+) -> LimitsView:
+    """Null fields fall back to the user's KYC tier default. Answers the user's limits after."""
+    conn = await uow.connection()
+    party = await users.get_party(conn, user_id)
+    if party is None:
+        raise NotFound("No such user", code="user_not_found")
+    await limits.override(conn, party, currency, body)
+    return await limits.view(conn, party)
