@@ -15,13 +15,18 @@ from billfold.platform.ids import new_id
 
 OUTBOX_CHANNEL = "billfold_outbox"
 
+# One round trip: the row and the wake-up. NOTIFY is transactional, so listeners hear it only
+# after commit (and several in one transaction fold into one).
 _INSERT = text(
     """
-    INSERT INTO platform.outbox (id, type, source, subject, aggregate_id, time, data)
-    VALUES (:id, :type, :source, :subject, :aggregate_id, :time, CAST(:data AS jsonb))
+    WITH added AS (
+        INSERT INTO platform.outbox (id, type, source, subject, aggregate_id, time, data)
+        VALUES (:id, :type, :source, :subject, :aggregate_id, :time, CAST(:data AS jsonb))
+        RETURNING seq
+    )
+    SELECT pg_notify(:channel, '') FROM added
     """
 )
-_NOTIFY = text(f"NOTIFY {OUTBOX_CHANNEL}")
 
 
 @dataclass(frozen=True)
@@ -61,8 +66,7 @@ async def record_event(conn: AsyncConnection, event: Event) -> Event:
             "aggregate_id": event.aggregate_id or event.subject,
             "time": event.time,
             "data": json.dumps(event.data, separators=(",", ":"), default=str),
+            "channel": OUTBOX_CHANNEL,
         },
     )
-    # NOTIFY is transactional: listeners hear it only after commit.
-    await conn.execute(_NOTIFY)
     return event
