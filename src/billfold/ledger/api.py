@@ -2,6 +2,202 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, status
+
+from billfold.gateway import IdempotencyRequired, Principal, Uow, require_scopes
+from billfold.ledger import service, wallet
+from billfold.ledger.models import (
+    InvalidAsOf,
+    PastBalance,
+    PastWallet,
+    StatementEntry,
+    Wallet,
+    WalletBalance,
+    WalletFunds,
+    WalletMovement,
+)
+from billfold.platform.clock import utcnow
+from billfold.platform.errors import FieldError, ProblemError, problem_responses
+from billfold.platform.money import Currency, Money
+from billfold.platform.pagination import Page, PageParams, encode_cursor, page_params
 
 router = APIRouter(tags=["wallet"])
+
+# The wallet is the user's money: reading or moving it needs the `wallet` scope (watches hold
+# only `pay`).
+Me = Annotated[Principal, Depends(require_scopes("wallet"))]
+
+_MAX_SEQ = 2**63 - 1  # entries.seq is a bigint
+
+
+# `async def` without I/O on purpose: a plain `def` dependency costs a thread-pool hop.
+async def max_amount(request: Request) -> int:
+    """The largest single top-up or withdrawal (`BILLFOLD_WALLET_MAX_TOPUP`)."""
+    return request.app.state.resources.settings.wallet_max_topup  # type: ignore[no-any-return]
+
+
+MaxAmount = Annotated[int, Depends(max_amount)]
+
+
+def parse_as_of(value: str) -> datetime:
+    """An RFC 3339 instant with an explicit offset, not in the future, as UTC."""
+
+    def invalid(detail: str) -> InvalidAsOf:
+        return InvalidAsOf(detail, errors=[FieldError(parameter="as_of", detail=detail)])
+
+    try:
+        instant = datetime.fromisoformat(value)
+    except ValueError:
+        raise invalid(
+            "as_of must be an RFC 3339 date-time such as 2025-01-31T23:59:59Z "
+            "(in a URL, encode a '+' offset as %2B)"
+        ) from None
+    if instant.tzinfo is None or instant.utcoffset() is None:
+        raise invalid("as_of needs a UTC offset (Z or ±hh:mm): a local time is ambiguous")
+    instant = instant.astimezone(UTC)
+    if instant > utcnow():
+        raise invalid("as_of is in the future: a balance then is not known yet")
+    return instant
+
+
+def _seq(after: str | None) -> int | None:
+    """The statement cursor is an entry's `seq`; anything else did not come from this list."""
+    if after is None:
+        return None
+    if after.isascii() and after.isdigit() and 0 < int(after) <= _MAX_SEQ:
+        return int(after)
+    raise ProblemError(
+        "The cursor is not valid; use next_cursor from the previous page",
+        status=422,
+        code="invalid_cursor",
+        errors=[FieldError(parameter="cursor", detail="not a cursor from this list")],
+    )
+
+
+@router.get(
+    "/v1/wallet",
+    response_model=Wallet | PastWallet,
+    summary="Your balances, now or at a past instant",
+    responses=problem_responses(401, 403, 422),
+)
+async def get_wallet(
+    me: Me,
+    uow: Uow,
+    as_of: Annotated[
+        str | None,
+        Query(
+            max_length=64,
+            description="RFC 3339 instant with an offset (e.g. `2025-01-31T23:59:59Z`): the "
+            "posted balance of each currency then",
+        ),
+    ] = None,
+) -> Wallet | PastWallet:
+    """Per currency: `posted` (the sum of all entries), `held` (reserved by pending payments
+    or transfers) and `available` = posted - held, what you can spend now. A new wallet has no
+    balances. With `as_of`, the posted balance of each currency at that instant (the running
+    balance after the last entry at or before it); holds keep no history, so a past balance has
+    no `held` or `available`."""
+    conn = await uow.connection()
+    if as_of is not None:
+        instant = parse_as_of(as_of)
+        past = await service.balances(conn, me.user_id, as_of=instant)
+        return PastWallet(
+            as_of=instant,
+            balances=[PastBalance(currency=b.currency, posted=b.posted) for b in past],
+        )
+    now = await service.balances(conn, me.user_id)
+    return Wallet(balances=[WalletBalance.of(b) for b in now])
+
+
+@router.get(
+    "/v1/wallet/entries",
+    response_model=Page[StatementEntry],
+    summary="Your wallet statement, newest first",
+    responses=problem_responses(401, 403, 422),
+)
+async def list_entries(
+    me: Me,
+    uow: Uow,
+    page: Annotated[PageParams, Depends(page_params)],
+    currency: Annotated[Currency | None, Query(description="Only this currency")] = None,
+) -> Page[StatementEntry]:
+    """Every entry of your wallet, newest first: what moved it (`kind`, `reference`, `memo`),
+    the signed `amount` (`direction` credit or debit) and the posted balance right after it
+    (`balance_after`, running per currency)."""
+    entries = await service.statement(
+        await uow.connection(),
+        me.user_id,
+        currency=currency,
+        limit=page.limit + 1,
+        after=_seq(page.after),
+    )
+    more = len(entries) > page.limit
+    entries = entries[: page.limit]
+    return Page[StatementEntry](
+        data=[
+            StatementEntry(
+                posting_id=e.posting_id,
+                kind=e.posting_kind,
+                reference=e.reference,
+                memo=e.memo,
+                direction="credit" if e.amount > 0 else "debit",
+                amount=e.amount,
+                currency=e.currency,
+                balance_after=e.balance_after,
+                created_at=e.created_at,
+            )
+            for e in entries
+        ],
+        next_cursor=encode_cursor(str(entries[-1].seq)) if more else None,
+    )
+
+
+def _view(movement: wallet.Movement) -> WalletMovement:
+    return WalletMovement(
+        id=movement.id,
+        type=movement.type,
+        amount=movement.money.amount,
+        currency=movement.money.currency,
+        balance=WalletBalance.of(movement.balance),
+        created_at=movement.created_at,
+    )
+
+
+@router.post(
+    "/v1/wallet/topups",
+    status_code=status.HTTP_201_CREATED,
+    response_model=WalletMovement,
+    summary="Add money to your wallet",
+    dependencies=[IdempotencyRequired],
+    responses=problem_responses(401, 403, 409, 422, 428),
+)
+async def create_topup(body: WalletFunds, me: Me, uow: Uow, limit: MaxAmount) -> WalletMovement:
+    """Credit `amount` (minor units) of `currency` to your wallet. The posting and its event
+    commit together. Requires `Idempotency-Key`: a retry with the same key returns this answer
+    again and adds nothing."""
+    movement = await wallet.top_up(
+        await uow.connection(), me.user_id, Money(body.amount, body.currency), max_amount=limit
+    )
+    return _view(movement)
+
+
+@router.post(
+    "/v1/wallet/withdrawals",
+    status_code=status.HTTP_201_CREATED,
+    response_model=WalletMovement,
+    summary="Take money out of your wallet",
+    dependencies=[IdempotencyRequired],
+    responses=problem_responses(401, 403, 409, 422, 428),
+)
+async def create_withdrawal(
+    body: WalletFunds, me: Me, uow: Uow, limit: MaxAmount
+) -> WalletMovement:
+    """Debit `amount` (minor units) of `currency` from your wallet's available balance (422
+    `insufficient_funds` if it is too low; nothing changes then). Requires `Idempotency-Key`."""
+    movement = await wallet.withdraw(
+        await uow.connection(), me.user_id, Money(body.amount, body.currency), max_amount=limit
+    )
+    return _view(movement)

@@ -6,7 +6,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
+from pydantic import BaseModel, Field
+
 from billfold.platform.errors import Conflict, ProblemError, Unprocessable
+from billfold.platform.money import Currency, MinorUnits
+from billfold.platform.validation import Strict
 
 # The owner of the system accounts (funding, escrow, fees, network settlement).
 SYSTEM = "system"
@@ -102,3 +106,96 @@ class HoldAmountExceeded(Unprocessable):
 
 class AlreadyReversed(Conflict):
     code, title = "already_reversed", "Posting already reversed"
+
+
+class InvalidAmount(Unprocessable):
+    code, title = "invalid_amount", "Invalid amount"
+
+
+class AmountTooLarge(ProblemError):
+    status, code, title = 422, "amount_too_large", "Amount above the maximum"
+
+
+class CurrencyNotSupported(Unprocessable):
+    code, title = "currency_not_supported", "Currency not supported"
+
+
+class InvalidAsOf(ProblemError):
+    status, code, title = 422, "invalid_as_of", "Invalid point in time"
+
+
+# --- HTTP shapes of the wallet (api.py) -------------------------------------------------------
+
+
+class WalletBalance(BaseModel):
+    """One currency of the wallet now: `available` = `posted` - `held`."""
+
+    currency: str
+    available: int = Field(description="What can be spent or sent now (minor units)")
+    posted: int = Field(description="The booked balance: the sum of all entries (minor units)")
+    held: int = Field(description="Reserved by active holds, not yet posted (minor units)")
+
+    @classmethod
+    def of(cls, balance: AccountBalance) -> WalletBalance:
+        return cls(
+            currency=balance.currency,
+            available=balance.available,
+            posted=balance.posted,
+            held=balance.held,
+        )
+
+
+class Wallet(BaseModel):
+    balances: list[WalletBalance]
+
+
+class PastBalance(BaseModel):
+    """One currency of the wallet at a past instant: the booked balance then."""
+
+    currency: str
+    posted: int = Field(description="The running balance after the last entry at or before as_of")
+
+
+class PastWallet(BaseModel):
+    """The wallet at `as_of`. Holds are reservations, not entries of the books, and the ledger
+    keeps no history of how much each one reserved over time, so a past instant reports only
+    the posted balance: there is no `held` or `available` in the past."""
+
+    as_of: datetime
+    balances: list[PastBalance]
+
+
+class StatementEntry(BaseModel):
+    """One line of the wallet statement."""
+
+    posting_id: str
+    kind: str = Field(description="What moved the money, e.g. `wallet_topup`, `p2p_transfer`")
+    reference: str = Field(description="The business object behind it, e.g. a transfer id")
+    memo: str | None
+    direction: Literal["credit", "debit"]
+    amount: int = Field(description="Signed minor units: positive credits, negative debits")
+    currency: str
+    balance_after: int = Field(description="The posted balance right after this entry")
+    created_at: datetime
+
+
+class WalletFunds(Strict):
+    """A top-up or withdrawal: `amount` in minor units (cents) of `currency`."""
+
+    amount: MinorUnits = Field(description="Minor units (cents); must be positive")
+    currency: Currency
+
+
+WalletMovementType = Literal["topup", "withdrawal"]
+
+
+class WalletMovement(BaseModel):
+    """A completed top-up or withdrawal; `id` is its ledger posting."""
+
+    id: str
+    type: WalletMovementType
+    amount: int
+    currency: str
+    status: Literal["completed"] = "completed"
+    balance: WalletBalance = Field(description="The wallet's balance in this currency right after")
+    created_at: datetime

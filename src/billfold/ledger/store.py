@@ -69,6 +69,7 @@ _POSTING_LEGS = text(
     ORDER BY e.seq
     """
 )
+_POSTING_CREATED_AT = text("SELECT created_at FROM ledger.postings WHERE id = :posting_id")
 _BALANCES = text(
     """
     SELECT id AS account_id, owner_id, kind, currency, posted, held FROM ledger.accounts
@@ -239,6 +240,11 @@ async def get_hold(conn: AsyncConnection, hold_id: str) -> Hold | None:
 
 async def posting_legs(conn: AsyncConnection, posting_id: str) -> list[Any]:
     return list((await conn.execute(_POSTING_LEGS, {"posting_id": posting_id})).all())
+
+
+async def posting_created_at(conn: AsyncConnection, posting_id: str) -> datetime:
+    result = await conn.execute(_POSTING_CREATED_AT, {"posting_id": posting_id})
+    return result.scalar_one()  # type: ignore[no-any-return]
 
 
 async def balances(conn: AsyncConnection, owner_id: str, kind: str) -> list[AccountBalance]:
