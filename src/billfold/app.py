@@ -68,25 +68,49 @@ class Resources:
     keys_engine: AsyncEngine  # the signing key ring's own pool (see users.KeyRing)
 
 
+@dataclass
+class Runtimes:
+    """What the services need per process, built one way for the API and the worker (the
+    worker's consumers hash contacts with the same key as the API, or claims would not match)."""
+
+    settings: Settings  # with the secret key resolved
+    sealed: SealedBox
+    keyring: users.KeyRing
+    users: users.UsersRuntime
+    p2p: p2p.P2PRuntime
+
+
+def build_runtimes(settings: Settings, redis: Redis, keys_engine: AsyncEngine) -> Runtimes:
+    """The services' runtimes; connects to nothing (the key ring loads when started)."""
+    secret = resolve_secret_key(settings)
+    settings = settings.model_copy(update={"secret_key": secret})
+    sealed = SealedBox.from_b64(secret)
+    keyring = users.KeyRing(keys_engine, sealed, settings)
+    tokens = users.AccessTokens(keyring, redis, settings)
+    users_rt = users.UsersRuntime(
+        settings=settings,
+        redis=redis,
+        tokens=tokens,
+        sealed=sealed,
+        blobs=build_blob_store(settings),
+    )
+    return Runtimes(settings, sealed, keyring, users_rt, p2p.P2PRuntime(settings, users_rt))
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The API with every service of this issue mounted; URLs must already be resolved."""
     if not settings.database_url or not settings.redis_url:
         raise RuntimeError("create_app needs database_url and redis_url (billfold up sets them)")
-    secret = resolve_secret_key(settings)
-    settings = settings.model_copy(update={"secret_key": secret})
-    sealed = SealedBox.from_b64(secret)
-    engine = create_engine(settings.database_url)
     redis = Redis.from_url(settings.redis_url, decode_responses=False)
-    metrics = Metrics()
     # Its own tiny pool: a key reload must never wait for a connection that the request which
     # triggered it is holding.
     keys_engine = create_engine(settings.database_url, pool_size=1, max_overflow=1)
-    keyring = users.KeyRing(keys_engine, sealed, settings)
-    tokens = users.AccessTokens(keyring, redis, settings)
-    blobs = build_blob_store(settings)
-    users_rt = users.UsersRuntime(
-        settings=settings, redis=redis, tokens=tokens, sealed=sealed, blobs=blobs
-    )
+    runtimes = build_runtimes(settings, redis, keys_engine)
+    settings, sealed, keyring = runtimes.settings, runtimes.sealed, runtimes.keyring
+    users_rt = runtimes.users
+    tokens, blobs = users_rt.tokens, users_rt.blobs
+    engine = create_engine(settings.database_url)
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -126,7 +150,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.resources = Resources(settings, engine, redis, metrics, keys_engine)
     app.state.users = users_rt
-    app.state.p2p = p2p.P2PRuntime(settings, users_rt)
+    app.state.p2p = runtimes.p2p
     install_error_handlers(app)
     app.include_router(users_router)
     app.include_router(wallet_router)

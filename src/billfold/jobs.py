@@ -8,9 +8,11 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billfold import ledger, p2p
+from billfold.app import build_runtimes
 from billfold.config import Settings
 from billfold.platform import idempotency
 from billfold.platform.bus.consumers import ConsumerSink
@@ -41,9 +43,11 @@ def scheduled_jobs(engine: AsyncEngine, settings: Settings) -> list[Job]:
     ]
 
 
-def event_sink(engine: AsyncEngine, downstream: Sink = dev_log_sink) -> ConsumerSink:
+def event_sink(
+    engine: AsyncEngine, p2p_runtime: p2p.P2PRuntime, downstream: Sink = dev_log_sink
+) -> ConsumerSink:
     """Where the relay delivers: the in-process consumers, then `downstream`."""
-    return ConsumerSink(engine, p2p.consumers(), downstream)
+    return ConsumerSink(engine, p2p.consumers(p2p_runtime), downstream)
 
 
 async def _every(job: Job, stop: asyncio.Event) -> None:
@@ -63,7 +67,11 @@ async def run_background(
     metrics: Metrics | None = None,
 ) -> None:
     """Relay, consumers and jobs until `stop` is set."""
-    relay = OutboxRelay(engine, settings.database_url, event_sink(engine), metrics)
+    redis = Redis.from_url(settings.redis_url, decode_responses=False)
+    # The same construction as the API's (same contact-hash key). The key ring is never started
+    # here (the worker signs nothing), so it may share the worker's engine.
+    runtimes = build_runtimes(settings, redis, engine)
+    relay = OutboxRelay(engine, settings.database_url, event_sink(engine, runtimes.p2p), metrics)
     tasks = [asyncio.create_task(relay.run(), name="outbox-relay")]
     tasks += [
         asyncio.create_task(_every(job, stop), name=job.name)
@@ -78,3 +86,5 @@ async def run_background(
         for t in tasks[1:]:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await runtimes.users.blobs.aclose()
+        await redis.aclose()

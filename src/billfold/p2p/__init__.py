@@ -5,11 +5,20 @@ The app builds a `P2PRuntime` (with the `RiskCheck` the Fraud Service provides) 
 consumers.
 """
 
-from billfold.p2p.claims import consumers, expire_claims
+from billfold.p2p import claims, requests
+from billfold.p2p.claims import claim_for_user, expire_claims
 from billfold.p2p.requests import expire_requests
 from billfold.p2p.risk import AllowAll, RiskCheck, RiskDecision, TransferRisk
 from billfold.p2p.runtime import P2PRuntime
 from billfold.p2p.transfers import fail_pending, release_pending
+from billfold.platform.bus.consumers import Consumer
+
+
+def consumers(rt: P2PRuntime) -> list[Consumer]:
+    """The P2P event consumers (run by the worker): claims for verified contacts, and payers
+    of money requests addressed to a contact."""
+    return [*claims.consumers(rt), *requests.consumers(rt)]
+
 
 __all__ = [
     "AllowAll",
@@ -17,6 +26,7 @@ __all__ = [
     "RiskCheck",
     "RiskDecision",
     "TransferRisk",
+    "claim_for_user",
     "consumers",
     "expire_claims",
     "expire_requests",

@@ -1,17 +1,147 @@
-"""Unclaimed transfers: claimed by the owner of the verified contact, or returned on expiry."""
+"""Unclaimed transfers: claimed by the owner of the verified contact, or returned on expiry.
+
+Money sent to an e-mail address or phone number waits in escrow (`pending_claim`) under a keyed
+hash of that contact, whether or not anyone registered has it. It moves to the user who has the
+contact *verified*: when they verify it (`billfold.users.contact.verified`), at once if they
+already had (`billfold.p2p.transfer.pending_claim`), or when they ask (`POST
+/v1/transfers/claims`). If nobody claims it by `claim_expires_at`, it goes back to the sender.
+"""
 
 from __future__ import annotations
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from typing import Any
 
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from billfold import ledger, users
+from billfold.p2p import events, transfers
+from billfold.p2p.runtime import P2PRuntime
+from billfold.p2p.store import transfers as store
 from billfold.platform.bus.consumers import Consumer
+from billfold.platform.db import unit_of_work
+from billfold.platform.money import Money
+from billfold.platform.observability import get_logger
+
+log = get_logger(__name__)
+
+# The User Service's event (its public face does not export event types; the name is the
+# contract): a user has just verified an e-mail address or phone number.
+CONTACT_VERIFIED = "billfold.users.contact.verified"
+
+CONTACT_KINDS = ("email", "phone")
+
+
+def verified_contact_hashes(rt: P2PRuntime, party: users.Party) -> list[bytes]:
+    """The keyed hashes of the party's verified e-mail and phone: what waits for them is
+    filed under these."""
+    contacts = (("email", party.verified_email), ("phone", party.verified_phone))
+    return [rt.contact_hash(kind, value) for kind, value in contacts if value]
+
+
+async def verified_owner(
+    conn: AsyncConnection, subject_id: str, invitee: Any
+) -> users.Party | None:
+    """The active user who has the invitee's contact (`{"email": …}` or `{"phone": …}`, as an
+    event carries it) verified; None if nobody has, or it is only registered unverified."""
+    if not isinstance(invitee, dict) or len(invitee) != 1:
+        return None
+    ((kind, value),) = invitee.items()
+    if kind not in CONTACT_KINDS or not isinstance(value, str):
+        return None
+    _, found = await users.find_counterparty(conn, subject_id, kind, value)
+    if found is None or not found.active:
+        return None
+    verified = found.verified_email if kind == "email" else found.verified_phone
+    return found if verified == value else None
+
+
+async def claim_for_user(conn: AsyncConnection, rt: P2PRuntime, user_id: str) -> list[Row[Any]]:
+    """Move every transfer waiting for one of the user's verified contacts from escrow to
+    their wallet, each as its own posting (kind `p2p_claim`, reference the transfer id), and
+    complete it. Returns the claimed transfers (none: nothing was waiting, or the user is not
+    active). A sender never claims their own transfer."""
+    party = await users.get_party(conn, user_id)
+    if party is None or not party.active:
+        return []
+    hashes = verified_contact_hashes(rt, party)
+    claimed = []
+    # Every row is locked before the first posting: a concurrent cancel (which locks its row,
+    # then the escrow) is never waited on while this transaction holds the escrow.
+    for row in await store.lock_unclaimed(conn, hashes, party.user_id):
+        posting = await ledger.move(
+            conn,
+            Money(row.amount, row.currency),
+            debit=transfers.ESCROW,
+            credit=transfers.wallet(party.user_id),
+            kind=transfers.POSTING_CLAIM,
+            reference=row.id,
+            memo=row.note,
+        )
+        updated = await store.set_status(
+            conn,
+            row.id,
+            "completed",
+            recipient_id=party.user_id,
+            recipient_name=party.name,
+            posting_id=posting.id,
+        )
+        await transfers.publish(conn, updated, claimed=True)
+        claimed.append(updated)
+    if claimed:
+        log.info("transfers claimed", user_id=party.user_id, count=len(claimed))
+    return claimed
 
 
 async def expire_claims(engine: AsyncEngine, *, batch: int = 200) -> int:
-    """Return unclaimed transfers past their deadline to their senders (worker job)."""
-    raise NotImplementedError
+    """Return unclaimed transfers past their deadline to their senders (worker job).
+
+    One transaction per transfer, each taking the next due row that no other worker holds
+    (`FOR UPDATE SKIP LOCKED`): two workers share the work and never return one twice, and a
+    transfer whose return fails is logged and skipped without holding up the rest."""
+    expired = 0
+    failed: list[str] = []
+    for _ in range(batch):
+        current: str | None = None
+        try:
+            async with unit_of_work(engine) as uow:
+                conn = await uow.connection()
+                row = await store.lock_next_expired_claim(conn, failed)
+                if row is None:
+                    break
+                current = row.id
+                posting_id = await transfers._return_to_sender(conn, row)
+                updated = await store.set_status(conn, row.id, "expired", posting_id=posting_id)
+                await transfers.publish(conn, updated)
+            expired += 1
+        except Exception:
+            if current is None:  # could not even look: the database is the problem, stop here
+                raise
+            log.exception("could not return an unclaimed transfer; will retry", transfer=current)
+            failed.append(current)
+    return expired
 
 
-def consumers() -> list[Consumer]:
-    """The event consumers that claim transfers for newly verified contacts."""
-    raise NotImplementedError
+def consumers(rt: P2PRuntime) -> list[Consumer]:
+    """The event consumer that claims transfers for the owners of verified contacts."""
+
+    async def handle(conn: AsyncConnection, event: dict[str, Any]) -> None:
+        data = event.get("data") or {}
+        if event["type"] == CONTACT_VERIFIED:
+            user_id = data.get("user_id")
+            if isinstance(user_id, str):
+                await claim_for_user(conn, rt, user_id)
+            return
+        # A new transfer to a contact: the contact may already be someone's, verified. The
+        # sender is the lookup's subject (find_counterparty returns both in one query).
+        owner = await verified_owner(conn, data.get("sender_id", ""), data.get("invitee"))
+        if owner is not None:
+            await claim_for_user(conn, rt, owner.user_id)
+
+    return [
+        Consumer(
+            "p2p.claim-transfers",
+            frozenset({CONTACT_VERIFIED, events.TRANSFER_PENDING_CLAIM}),
+            handle,
+        )
+    ]

@@ -145,3 +145,55 @@ class LimitOverride(Strict):
     per_transfer: MinorUnits | None = Field(default=None, ge=0)
     daily: MinorUnits | None = Field(default=None, ge=0)
     monthly: MinorUnits | None = Field(default=None, ge=0)
+
+
+# --- claims and money requests --------------------------------------------------------------
+
+
+class ClaimedTransfers(BaseModel):
+    """What a claim moved to you just now (empty when nothing was waiting)."""
+
+    data: list[Transfer]
+
+
+class NewTransferRequest(Strict):
+    payer: Counterparty
+    amount: MinorUnits = Field(description="Minor units (cents); must be positive")
+    currency: Currency
+    note: Note | None = None
+
+
+RequestDirection = Literal["outgoing", "incoming"]
+
+
+class TransferRequest(BaseModel):
+    id: str
+    status: RequestStatus
+    # outgoing: you asked for the money; incoming: you are asked to pay.
+    direction: RequestDirection
+    requester: PartyView
+    payer: PartyView
+    amount: int
+    currency: str
+    note: str | None
+    transfer_id: str | None = None
+    expires_at: datetime
+    created_at: datetime
+    decided_at: datetime | None = None
+    updated_at: datetime
+
+
+class SelfRequest(ProblemError):
+    status, code, title = 422, "self_request", "Cannot request money from yourself"
+
+
+class RequestNotFound(NotFound):
+    status, code, title = 404, "request_not_found", "Not found"
+
+
+class RequestNotPending(ProblemError):
+    status, code, title = 409, "request_not_pending", "Request is no longer pending"
+
+
+class RequestActionNotAllowed(ProblemError):
+    status, code, title = 403, "request_action_not_allowed", "Not yours to do"

@@ -139,3 +139,46 @@ async def list_for_user(
         "currency": filters.currency,
     }
     return await fetch_page(conn, query, params, limit=limit + 1, after=after)
+
+
+# --- claims: transfers waiting in escrow for the owner of a contact ----------------------------
+
+# Plain FOR UPDATE (not SKIP LOCKED): a claim must not miss a transfer only because a cancel or
+# another claim holds it for a moment; it waits, and the status is checked again on the row it
+# then locks, so what was cancelled or claimed meanwhile drops out. Locked in id order, all before
+# any ledger posting, so two claims never wait on each other in a cycle.
+_LOCK_UNCLAIMED = text(
+    f"""
+    SELECT {COLUMNS} FROM p2p.transfers
+    WHERE recipient_contact_hash = ANY(:hashes) AND status = 'pending_claim'
+      AND sender_id <> :claimant
+    ORDER BY id
+    FOR UPDATE
+    """
+)
+# One expired claim at a time, skipping those another worker holds (or that failed this run).
+_LOCK_NEXT_EXPIRED_CLAIM = text(
+    f"""
+    SELECT {COLUMNS} FROM p2p.transfers
+    WHERE status = 'pending_claim' AND claim_expires_at <= now() AND id <> ALL(:skip)
+    ORDER BY claim_expires_at
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+    """
+)
+
+
+async def lock_unclaimed(
+    conn: AsyncConnection, contact_hashes: list[bytes], claimant_id: str
+) -> list[Row[Any]]:
+    """Lock the `pending_claim` transfers addressed to any of `contact_hashes` that
+    `claimant_id` did not send themselves, oldest first."""
+    if not contact_hashes:
+        return []
+    params = {"hashes": contact_hashes, "claimant": claimant_id}
+    return list((await conn.execute(_LOCK_UNCLAIMED, params)).all())
+
+
+async def lock_next_expired_claim(conn: AsyncConnection, skip: list[str]) -> Row[Any] | None:
+    """The unclaimed transfer longest past its deadline that nobody else is handling."""
+    return (await conn.execute(_LOCK_NEXT_EXPIRED_CLAIM, {"skip": skip})).first()
