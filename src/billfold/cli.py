@@ -95,15 +95,16 @@ async def _up(settings: Settings, host: str, port: int, seed: bool) -> None:
     import uvicorn
 
     from billfold.app import create_app
+    from billfold.demo import seed_demo
     from billfold.jobs import run_background
     from billfold.migrations import upgrade_async
-    from billfold.users.seed import DEMO_PASSWORD, seed_demo_users
+    from billfold.users.seed import DEMO_PASSWORD
 
     await upgrade_async(settings.database_url)
     api = create_app(settings)
     resources = api.state.resources
     if seed:
-        await seed_demo_users(resources.engine, api.state.users)
+        await seed_demo(resources.engine, api.state.users)
     config = uvicorn.Config(
         api,
         host=host,
@@ -239,13 +240,13 @@ def seed_command(
 
     async def run() -> None:
         from billfold.app import create_app
-        from billfold.users.seed import seed_demo_users
+        from billfold.demo import seed_demo
 
         api = create_app(settings)
-        result = await seed_demo_users(
+        result = await seed_demo(
             api.state.resources.engine, api.state.users, allow_production=allow_production
         )
-        for demo, created in result:
+        for demo, _, created in result:
             typer.echo(f"{'created' if created else 'exists '} {demo.email}")
         await api.state.resources.engine.dispose()
         await api.state.resources.keys_engine.dispose()

@@ -29,6 +29,7 @@ from billfold.ledger.service import (
     statement,
     void_hold,
 )
+from billfold.ledger.wallet import Movement, top_up, withdraw
 
 __all__ = [
     "SYSTEM",
@@ -41,6 +42,7 @@ __all__ = [
     "HoldNotActive",
     "InsufficientFunds",
     "Leg",
+    "Movement",
     "Posting",
     "balances",
     "commit_hold",
@@ -51,5 +53,7 @@ __all__ = [
     "post",
     "reverse",
     "statement",
+    "top_up",
     "void_hold",
+    "withdraw",
 ]

@@ -48,17 +48,18 @@ DEMO_USERS = (
 
 async def seed_demo_users(
     engine: AsyncEngine, rt: UsersRuntime, *, allow_production: bool = False
-) -> list[tuple[DemoUser, bool]]:
-    """Create the demo users that do not exist yet; returns (user, created) pairs.
+) -> list[tuple[DemoUser, str, bool]]:
+    """Create the demo users that do not exist yet; returns (user, user id, created) triples.
 
     Refused (`SeedRefused`) in production unless `allow_production`."""
     check_seed_allowed(rt.settings.environment, allow_production=allow_production)
-    out: list[tuple[DemoUser, bool]] = []
+    out: list[tuple[DemoUser, str, bool]] = []
     for demo in DEMO_USERS:
         async with unit_of_work(engine) as uow:
             conn = await uow.connection()
-            if await store.find_user_by_email(conn, demo.email) is not None:
-                out.append((demo, False))
+            existing = await store.find_user_by_email(conn, demo.email)
+            if existing is not None:
+                out.append((demo, existing.id, False))
                 continue
             user = await register_user(
                 uow,
@@ -86,5 +87,5 @@ async def seed_demo_users(
                 },
                 now,
             )
-            out.append((demo, True))
+            out.append((demo, user.id, True))
     return out
