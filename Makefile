@@ -103,7 +103,7 @@ bench: install
 	@shopt -s nullglob; files=(bench/*.py); \
 	if [ $${#files[@]} -eq 0 ]; then echo "no benchmarks in bench/"; exit 0; fi; \
 	for f in "$${files[@]}"; do \
-	  case "$$(basename "$$f")" in _*|conftest.py) continue;; esac; \
+	  case "$$(basename "$$f")" in _*|conftest.py|common.py) continue;; esac; \
 	  echo "==> $$f"; $(BIN)/python "$$f"; \
 	done
 
