@@ -100,10 +100,17 @@ _STATEMENT = """
     ORDER BY e.seq DESC
     LIMIT :limit
 """
+# The earliest expiries first, but released in account order: releasing locks each hold's
+# account, and two sweepers (worker replicas) releasing holds of the same accounts in expiry
+# order could each wait for the other's account (a deadlock that aborts a whole batch). Every
+# other path locks accounts in id order too (ledger.lock_accounts).
 _EXPIRED_HOLDS = text(
     """
-    SELECT id FROM ledger.holds WHERE status = 'active' AND expires_at <= now()
-    ORDER BY expires_at LIMIT :limit FOR UPDATE SKIP LOCKED
+    SELECT id FROM (
+        SELECT id, account_id FROM ledger.holds WHERE status = 'active' AND expires_at <= now()
+        ORDER BY expires_at LIMIT :limit FOR UPDATE SKIP LOCKED
+    ) due
+    ORDER BY account_id, id
     """
 )
 
