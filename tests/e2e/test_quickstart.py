@@ -71,20 +71,48 @@ def _servers_using(data_dir: Path) -> list[psutil.Process]:
     return found
 
 
-def _sign_in(base: str) -> dict:
+def _auth(base: str, email: str = "alice@demo.billfold.dev") -> dict[str, str]:
     r = httpx.post(
         f"{base}/v1/auth/token",
-        data={
-            "grant_type": "password",
-            "username": "alice@demo.billfold.dev",
-            "password": DEMO_PASSWORD,
-        },
+        data={"grant_type": "password", "username": email, "password": DEMO_PASSWORD},
         timeout=10,
     )
     assert r.status_code == 200, r.text
-    me = httpx.get(f"{base}/v1/me", headers={"Authorization": f"Bearer {r.json()['access_token']}"})
+    return {"Authorization": f"Bearer {r.json()['access_token']}"}
+
+
+def _sign_in(base: str) -> dict:
+    me = httpx.get(f"{base}/v1/me", headers=_auth(base))
     assert me.status_code == 200
     return me.json()
+
+
+def _send_money_the_demo_way(base: str) -> None:
+    """Alice has demo money; money sent to Bob's (verified) phone number waits in escrow and the
+    background consumer that `billfold up` runs hands it to Bob moments later."""
+    alice = _auth(base)
+    wallet = httpx.get(f"{base}/v1/wallet", headers=alice).json()
+    assert {"currency": "USD", "available": 100_000, "posted": 100_000, "held": 0} in wallet[
+        "balances"
+    ]
+    sent = httpx.post(
+        f"{base}/v1/transfers",
+        json={"recipient": {"phone": "+14155550133"}, "amount": 1_250, "currency": "USD"},
+        headers={**alice, "Idempotency-Key": "e2e-coffee"},
+    )
+    assert sent.status_code == 201, sent.text
+    assert sent.json()["status"] == "pending_claim"
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{base}/v1/transfers/{sent.json()['id']}", headers=alice).json()
+        if status["status"] == "completed":
+            break
+        time.sleep(0.2)
+    assert status["status"] == "completed", status
+    bob = httpx.get(f"{base}/v1/wallet", headers=_auth(base, "bob@demo.billfold.dev")).json()
+    assert {"currency": "USD", "available": 101_250, "posted": 101_250, "held": 0} in bob[
+        "balances"
+    ]
 
 
 def test_up_serves_demo_data_stops_cleanly_and_reuses_data(tmp_path: Path) -> None:
@@ -98,6 +126,7 @@ def test_up_serves_demo_data_stops_cleanly_and_reuses_data(tmp_path: Path) -> No
         assert me["email"] == "alice@demo.billfold.dev" and me["kyc_status"] == "verified"
         assert httpx.get(f"{base}/openapi.json").status_code == 200
         assert httpx.get(f"{base}/metrics").status_code == 200
+        _send_money_the_demo_way(base)
     finally:
         out = _stop(proc)
     assert f"{base}/docs" in out and "alice@demo.billfold.dev" in out and DEMO_PASSWORD in out
