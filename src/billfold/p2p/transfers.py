@@ -99,6 +99,12 @@ async def send(
         raise RecipientNotFound("No user matches this recipient")
 
     await limits.count_transfer(conn, sender, money)
+    # A step-up token counts only once verified (and spent): the risk check is told the sender
+    # stepped up only then, or a junk header would pass any check that trusts `stepped_up`.
+    stepped_up = False
+    if step_up_token is not None:
+        await users.verify_step_up(rt.users, step_up_token, principal, STEP_UP_PURPOSE)
+        stepped_up = True
     transfer_id = new_id("p2p")
     decision = await rt.risk.assess(
         conn,
@@ -110,15 +116,13 @@ async def send(
             money=money,
             device_id=principal.device_id,
             ip=ip,
-            stepped_up=step_up_token is not None,
+            stepped_up=stepped_up,
         ),
     )
     if decision.action == "block":
         raise TransferBlocked("This transfer was declined", extra={"reasons": decision.reasons})
-    if decision.action == "challenge":
-        if step_up_token is None:
-            raise users.step_up_required(STEP_UP_PURPOSE)
-        await users.verify_step_up(rt.users, step_up_token, principal, STEP_UP_PURPOSE)
+    if decision.action == "challenge" and not stepped_up:
+        raise users.step_up_required(STEP_UP_PURPOSE)
 
     posting_id = hold_id = None
     if decision.action == "review":
