@@ -10,6 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from billfold.platform.ids import is_valid_id
 from billfold.platform.pagination import fetch_page
 
 COLUMNS = (
@@ -73,10 +74,14 @@ async def insert(conn: AsyncConnection, values: dict[str, Any]) -> Row[Any]:
 
 async def get_visible(conn: AsyncConnection, transfer_id: str, user_id: str) -> Row[Any] | None:
     """The transfer if `user_id` sent or received it; None otherwise (others get a 404)."""
+    if not is_valid_id(transfer_id, "p2p"):  # junk (a NUL would be a database error) is a 404
+        return None
     return (await conn.execute(_GET_VISIBLE, {"id": transfer_id, "user_id": user_id})).first()
 
 
 async def get_for_update(conn: AsyncConnection, transfer_id: str) -> Row[Any] | None:
+    if not is_valid_id(transfer_id, "p2p"):
+        return None
     return (await conn.execute(_GET_FOR_UPDATE, {"id": transfer_id})).first()
 
 
