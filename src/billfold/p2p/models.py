@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
 from billfold import users
-from billfold.platform.errors import NotFound, ProblemError, Unprocessable
+from billfold.platform.errors import FieldError, NotFound, ProblemError, Unprocessable
 from billfold.platform.money import Currency, MinorUnits
 from billfold.platform.validation import Strict
 
@@ -18,6 +18,9 @@ TransferStatus = Literal[
 RequestStatus = Literal["pending", "accepted", "declined", "cancelled", "expired"]
 Note = Annotated[str, StringConstraints(strip_whitespace=True, max_length=140)]
 UserId = Annotated[str, StringConstraints(pattern=r"^usr_[0-9a-z]{26}$")]
+# The largest integer every JSON parser keeps exact. Far above any limit, and small enough that
+# adding it to a day's usage never overflows a bigint (a larger amount was a 500, not a 422).
+MAX_AMOUNT = 2**53 - 1
 
 
 class Counterparty(Strict):
@@ -53,7 +56,7 @@ class Counterparty(Strict):
 
 class NewTransfer(Strict):
     recipient: Counterparty
-    amount: MinorUnits = Field(description="Minor units (cents); must be positive")
+    amount: MinorUnits = Field(description="Minor units (cents); must be positive", le=MAX_AMOUNT)
     currency: Currency
     note: Note | None = None
 
@@ -122,6 +125,14 @@ class CurrencyNotSupported(Unprocessable):
 class InvalidAmount(Unprocessable):
     code, title = "invalid_amount", "Invalid amount"
 
+    def __init__(self, detail: str | None = None, **kwargs: Any) -> None:
+        # Point at the field, like every other invalid field of the body does.
+        kwargs.setdefault(
+            "errors",
+            [FieldError(pointer="#/amount", detail="must be positive", code="invalid_amount")],
+        )
+        super().__init__(detail, **kwargs)
+
 
 class TransferNotFound(NotFound):
     code = "transfer_not_found"
@@ -142,9 +153,9 @@ class ReverseTransfer(Strict):
 class LimitOverride(Strict):
     """Per-user limits in minor units; null restores the KYC tier's default."""
 
-    per_transfer: MinorUnits | None = Field(default=None, ge=0)
-    daily: MinorUnits | None = Field(default=None, ge=0)
-    monthly: MinorUnits | None = Field(default=None, ge=0)
+    per_transfer: MinorUnits | None = Field(default=None, ge=0, le=MAX_AMOUNT)
+    daily: MinorUnits | None = Field(default=None, ge=0, le=MAX_AMOUNT)
+    monthly: MinorUnits | None = Field(default=None, ge=0, le=MAX_AMOUNT)
 
 
 # --- claims and money requests --------------------------------------------------------------
