@@ -32,20 +32,32 @@ class LocalCalendar:
     month_ends: datetime
 
 
-def local_calendar(timezone: str, now: datetime | None = None) -> LocalCalendar:
+def _zone(timezone: str) -> ZoneInfo:
     try:
-        zone = ZoneInfo(timezone)
+        return ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError):
-        zone = ZoneInfo("UTC")
-    local = (now or utcnow()).astimezone(zone)
+        return ZoneInfo("UTC")
+
+
+def _start_of(d: date, timezone: str) -> datetime:
+    """Local midnight that begins `d` in `timezone`, as a UTC instant."""
+    return datetime.combine(d, time(), tzinfo=_zone(timezone)).astimezone(UTC)
+
+
+def _next_month(month: date) -> date:
+    return (month + timedelta(days=32)).replace(day=1)
+
+
+def local_calendar(timezone: str, now: datetime | None = None) -> LocalCalendar:
+    local = (now or utcnow()).astimezone(_zone(timezone))
     day = local.date()
     month = day.replace(day=1)
-    next_month = (month + timedelta(days=32)).replace(day=1)
-
-    def start_of(d: date) -> datetime:
-        return datetime.combine(d, time(), tzinfo=zone).astimezone(UTC)
-
-    return LocalCalendar(day, month, start_of(day + timedelta(days=1)), start_of(next_month))
+    return LocalCalendar(
+        day,
+        month,
+        _start_of(day + timedelta(days=1), timezone),
+        _start_of(_next_month(month), timezone),
+    )
 
 
 async def count_transfer(conn: AsyncConnection, sender: users.Party, money: Money) -> None:
@@ -97,13 +109,23 @@ async def view(conn: AsyncConnection, party: users.Party) -> LimitsView:
                     limit=r.daily,
                     used=r.used_today,
                     remaining=max(0, r.daily - r.used_today),
-                    resets_at=cal.day_ends,
+                    # Usage counted in a day that is still ahead here (the user moved to a time
+                    # zone behind) lasts until that day is over here too.
+                    resets_at=(
+                        _start_of(r.usage_day + timedelta(days=1), party.timezone)
+                        if r.usage_day is not None and r.usage_day > cal.day
+                        else cal.day_ends
+                    ),
                 ),
                 monthly=LimitWindow(
                     limit=r.monthly,
                     used=r.used_this_month,
                     remaining=max(0, r.monthly - r.used_this_month),
-                    resets_at=cal.month_ends,
+                    resets_at=(
+                        _start_of(_next_month(r.usage_month), party.timezone)
+                        if r.usage_month is not None and r.usage_month > cal.month
+                        else cal.month_ends
+                    ),
                 ),
             )
             for r in rows
@@ -114,7 +136,10 @@ async def view(conn: AsyncConnection, party: users.Party) -> LimitsView:
 async def override(
     conn: AsyncConnection, party: users.Party, currency: str, limits: LimitOverride
 ) -> None:
-    """Set (or, with nulls, clear) the user's own limits in `currency`."""
+    """Set (or, with nulls, clear) the user's own limits in `currency`; an override cannot
+    offer a currency that transfers are not offered in (loyalty points, for one)."""
+    if not await store.offered(conn, currency):
+        raise CurrencyNotSupported(f"Transfers in {currency} are not available")
     await store.set_override(
         conn,
         user_id=party.user_id,
