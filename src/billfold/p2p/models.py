@@ -17,7 +17,8 @@ TransferStatus = Literal[
 ]
 RequestStatus = Literal["pending", "accepted", "declined", "cancelled", "expired"]
 Note = Annotated[str, StringConstraints(strip_whitespace=True, max_length=140)]
-UserId = Annotated[str, StringConstraints(pattern=r"^usr_[0-9a-z]{26}$")]
+USER_ID_PATTERN = r"^usr_[0-9a-z]{26}$"
+UserId = Annotated[str, StringConstraints(pattern=USER_ID_PATTERN)]
 # The largest integer every JSON parser keeps exact. Far above any limit, and small enough that
 # adding it to a day's usage never overflows a bigint (a larger amount was a 500, not a 422).
 MAX_AMOUNT = 2**53 - 1

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request, status
+from pydantic import AwareDatetime
 
 from billfold import users
 from billfold.gateway import IdempotencyRequired, Principal, Uow, client_ip, require_admin
 from billfold.p2p import limits, transfers
 from billfold.p2p.api.deps import Me, Runtime, StepUpHeader
 from billfold.p2p.models import (
+    MAX_AMOUNT,
+    USER_ID_PATTERN,
     LimitOverride,
     LimitsView,
     NewTransfer,
@@ -21,6 +23,7 @@ from billfold.p2p.models import (
 )
 from billfold.p2p.store import transfers as store
 from billfold.platform.errors import NotFound, problem_responses
+from billfold.platform.ids import is_valid_id
 from billfold.platform.money import Currency
 from billfold.platform.pagination import Page, PageParams, make_page, page_params
 
@@ -68,11 +71,13 @@ async def list_transfers(
     page: Annotated[PageParams, Depends(page_params)],
     status_: Annotated[TransferStatus | None, Query(alias="status")] = None,
     direction: Annotated[str | None, Query(pattern="^(sent|received)$")] = None,
-    counterparty: Annotated[str | None, Query(max_length=64)] = None,
-    created_from: Annotated[datetime | None, Query(alias="from")] = None,
-    created_to: Annotated[datetime | None, Query(alias="to")] = None,
-    amount_min: Annotated[int | None, Query(ge=0)] = None,
-    amount_max: Annotated[int | None, Query(ge=0)] = None,
+    # A user id, a time with its UTC offset (a bare local time is ambiguous) and amounts a
+    # bigint holds: anything else is a 422 here, not a database error (a 500) or a guess.
+    counterparty: Annotated[str | None, Query(pattern=USER_ID_PATTERN)] = None,
+    created_from: Annotated[AwareDatetime | None, Query(alias="from")] = None,
+    created_to: Annotated[AwareDatetime | None, Query(alias="to")] = None,
+    amount_min: Annotated[int | None, Query(ge=0, le=MAX_AMOUNT)] = None,
+    amount_max: Annotated[int | None, Query(ge=0, le=MAX_AMOUNT)] = None,
     currency: Annotated[Currency | None, Query()] = None,
 ) -> Page[Transfer]:
     """Newest first. `counterparty` is a user id; `from`/`to` bound `created_at` (to exclusive)."""
@@ -161,7 +166,7 @@ async def override_limits(
 ) -> LimitsView:
     """Null fields fall back to the user's KYC tier default. Answers the user's limits after."""
     conn = await uow.connection()
-    party = await users.get_party(conn, user_id)
+    party = await users.get_party(conn, user_id) if is_valid_id(user_id, "usr") else None
     if party is None:
         raise NotFound("No such user", code="user_not_found")
     await limits.override(conn, party, currency, body)
