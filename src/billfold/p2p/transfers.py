@@ -203,7 +203,13 @@ def view(row: Row[Any], viewer_id: str) -> Transfer:
         recipient=PartyView(
             user_id=row.recipient_id,
             name=row.recipient_name,
-            handle=row.recipient_hint if row.recipient_hint.startswith("@") else None,
+            # The hint is "@handle", or the name of a recipient without one; names are free
+            # text, so a name "@someone" must not pass for a handle.
+            handle=(
+                row.recipient_hint
+                if row.recipient_hint.startswith("@") and row.recipient_hint != row.recipient_name
+                else None
+            ),
             contact=row.recipient_hint if row.recipient_kind in ("email", "phone") else None,
         )
         if not unclaimed
