@@ -141,10 +141,16 @@ async def test_bad_requests_are_refused_and_create_nothing(
         ({"user_id": bob.user["id"]}, "12.50", "USD", 422, "validation_failed"),
         ({"user_id": bob.user["id"]}, 100, "JPY", 422, "currency_not_supported"),
         ({"user_id": bob.user["id"], "email": bob.email}, 100, "USD", 422, "validation_failed"),
+        ({"user_id": bob.user["id"]}, 2**53, "USD", 422, "validation_failed"),
+        ({"user_id": bob.user["id"]}, 2**63, "USD", 422, "validation_failed"),
+        ({"user_id": bob.user["id"]}, 10**30, "USD", 422, "validation_failed"),
+        ({"user_id": bob.user["id"]}, 100, "usd", 422, "validation_failed"),
     ]
     for payer, amount, currency, status, code in cases:
         r = await ask(client, alice, payer, amount, currency)
         assert (r.status_code, r.json()["code"]) == (status, code), (payer, amount, r.text)
+    nul = await ask(client, alice, {"user_id": bob.user["id"]}, 100, note="a\x00b")
+    assert nul.status_code == 422 and nul.json()["code"] == "validation_failed", nul.text
     no_key = await client.post(
         "/v1/transfer-requests",
         json={"payer": {"user_id": bob.user["id"]}, "amount": 100, "currency": "USD"},
@@ -421,3 +427,17 @@ async def test_lists_page_newest_first(
     assert seen == list(reversed(made))
     bad = await client.get("/v1/transfer-requests?direction=sideways", headers=alice.headers)
     assert bad.status_code == 422
+
+
+@pytest.mark.parametrize(
+    "request_id",
+    ["req_" + "0" * 26, "req_nope", "p2p_" + "0" * 26, "%00", "req_%00", "%E2%82%AC", "x" * 64],
+)
+async def test_malformed_or_unknown_request_ids_are_404(
+    client: httpx.AsyncClient, alice: SignedIn, request_id: str
+) -> None:
+    r = await client.get(f"/v1/transfer-requests/{request_id}", headers=alice.headers)
+    assert r.status_code == 404 and r.json()["code"] == "request_not_found", r.text
+    for verb in ("accept", "decline", "cancel"):
+        r = await act(client, alice, request_id, verb)
+        assert r.status_code == 404 and r.json()["code"] == "request_not_found", (verb, r.text)

@@ -168,9 +168,16 @@ class ClaimedTransfers(BaseModel):
     data: list[Transfer]
 
 
+# The largest integer every JSON client keeps exact (2^53 - 1); the limit counters and balances
+# it is added to stay far inside PostgreSQL's bigint, so a huge request is a 422, never a 500.
+MAX_REQUEST_AMOUNT = 2**53 - 1
+
+
 class NewTransferRequest(Strict):
     payer: Counterparty
-    amount: MinorUnits = Field(description="Minor units (cents); must be positive")
+    amount: MinorUnits = Field(
+        description="Minor units (cents); must be positive", le=MAX_REQUEST_AMOUNT
+    )
     currency: Currency
     note: Note | None = None
 

@@ -38,7 +38,7 @@ from billfold.platform.bus.consumers import Consumer
 from billfold.platform.clock import utcnow
 from billfold.platform.db import unit_of_work
 from billfold.platform.errors import Forbidden
-from billfold.platform.ids import new_id
+from billfold.platform.ids import is_valid_id, new_id
 
 Role = Literal["requester", "payer"]
 
@@ -141,6 +141,8 @@ async def viewer(
 
 async def get(conn: AsyncConnection, rt: P2PRuntime, request_id: str, user_id: str) -> Row[Any]:
     """The request if `user_id` made it or is its payer; RequestNotFound otherwise."""
+    if not is_valid_id(request_id, "req"):  # junk (even NUL bytes) never reaches SQL
+        raise RequestNotFound("No such request")
     _, hashes = await viewer(conn, rt, user_id)
     row = await store.get(conn, request_id)
     if row is None or role_of(row, user_id, hashes) is None:
@@ -153,6 +155,8 @@ async def _lock(
 ) -> tuple[Row[Any], users.Party]:
     """Lock the request (first, before limits and accounts: one lock order for everyone) and
     check that `user_id` may `verb` it now."""
+    if not is_valid_id(request_id, "req"):
+        raise RequestNotFound("No such request")
     party, hashes = await viewer(conn, rt, user_id)
     row = await store.get_for_update(conn, request_id)
     role = role_of(row, user_id, hashes) if row is not None else None
