@@ -441,3 +441,21 @@ async def test_malformed_or_unknown_request_ids_are_404(
     for verb in ("accept", "decline", "cancel"):
         r = await act(client, alice, request_id, verb)
         assert r.status_code == 404 and r.json()["code"] == "request_not_found", (verb, r.text)
+
+
+async def test_the_payer_is_shown_by_handle_and_a_name_is_never_taken_for_one(
+    client: httpx.AsyncClient, alice: SignedIn
+) -> None:
+    handle = f"h_{new_phone()[-8:]}"
+    with_handle = await sign_up(client, handle=handle, name="Handy Example")
+    r = await ask(client, alice, {"handle": handle.upper()})
+    assert r.status_code == 201, r.text
+    assert r.json()["payer"] == {
+        "user_id": with_handle.user["id"],
+        "name": "Handy Example",
+        "handle": f"@{handle}",
+        "contact": None,
+    }
+    lookalike = await sign_up(client, name="@alice_real")
+    r = await ask(client, alice, {"user_id": lookalike.user["id"]})
+    assert r.json()["payer"]["handle"] is None and r.json()["payer"]["name"] == "@alice_real"

@@ -243,7 +243,13 @@ def view(row: Row[Any], viewer_id: str) -> TransferRequest:
         PartyView(
             user_id=row.payer_id,
             name=row.payer_name,
-            handle=row.payer_hint if row.payer_hint.startswith("@") else None,
+            # The hint is "@handle", or the name of a payer without one; names are free text,
+            # so a name "@someone" must not pass for a handle (as in transfers.view).
+            handle=(
+                row.payer_hint
+                if row.payer_hint.startswith("@") and row.payer_hint != row.payer_name
+                else None
+            ),
             contact=contact,
         )
         if named
