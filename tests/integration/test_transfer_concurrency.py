@@ -348,9 +348,6 @@ async def test_concurrent_duplicates_take_effect_exactly_once(
             assert r.headers["retry-after"] == "1"
             in_progress.append(k)
 
-    # Both races happened: copies that overlapped the first (409) and copies that came after
-    # its commit (replays; more requests than pool connections makes some wait that long).
-    assert in_progress and any(replays.values()), (len(in_progress), replays)
     ids: dict[int, str] = {}
     for k in range(len(transfers)):
         assert len(first[k]) == 1, f"key {k} took effect {len(first[k])} times"
@@ -359,6 +356,10 @@ async def test_concurrent_duplicates_take_effect_exactly_once(
         ids[k] = original["id"]
         for replay in replays[k]:
             assert replay.json() == original  # the stored answer, not a second transfer
+
+    # Both races happened: copies that overlapped the first (409) and copies that came after
+    # its commit (replays; more requests than pool connections makes some wait that long).
+    assert in_progress and any(replays.values()), (len(in_progress), replays)
 
     # Now that every first request has committed, each refused duplicate replays it (one at a
     # time: retries fired together would be concurrent duplicates of each other again).
