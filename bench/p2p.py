@@ -86,6 +86,7 @@ from common import (
     silence_app_log,
     start_api,
     stop,
+    tail,
     versions,
     wait_ready,
 )
@@ -117,6 +118,7 @@ class Window:
     busy: float = 0.0  # share of the machine's CPU time that was busy, 0..1
     backends: tuple[int, int] = (0, 0)  # PostgreSQL backends at the start, new ones after
     error_samples: list[str] = field(default_factory=list)
+    log_tail: str = ""  # the end of the API's log, kept when there were errors
 
     @property
     def tps(self) -> float:
@@ -459,6 +461,7 @@ async def billfold_run(
     finally:
         stop(proc)
     errors = warm.errors + measured.errors
+    log = tail(log_path) if errors else ""  # the temporary directory goes at the end
     return Window(
         label=f"billfold, {workers} worker{'s' if workers > 1 else ''}",
         transactions=measured.succeeded,
@@ -472,6 +475,7 @@ async def billfold_run(
         busy=busy,
         backends=backends,
         error_samples=errors[:3],
+        log_tail=log,
     )
 
 
@@ -724,6 +728,7 @@ async def _bench(
             )
             for e in w.error_samples:
                 print(f"  {e}", file=sys.stderr)
+            print(f"the end of the API's log:\n{w.log_tail}", file=sys.stderr)
     for w in (windows[0], windows[-1]):
         if w.errors:
             failed = True
