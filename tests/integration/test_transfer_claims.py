@@ -333,3 +333,39 @@ async def test_a_second_claim_waits_for_the_first_and_finds_nothing(
     assert await second == []
     assert await available(app, ivy.user["id"]) == 900
     assert await postings(app, r.json()["id"], "p2p_claim") == 1
+
+
+async def test_a_contact_transfer_released_from_review_still_reaches_its_verified_owner(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn
+) -> None:
+    """The risk check held it (no `invitee` went out then); release re-invites from the sealed
+    contact, and the consumer hands it to the owner who already has the phone verified."""
+    from billfold.platform.db import unit_of_work
+
+    class Review:
+        async def assess(self, conn: Any, transfer: Any) -> p2p.RiskDecision:
+            return p2p.RiskDecision("review", 700, ("new recipient",))
+
+    phone = new_phone()
+    frank = await sign_up(client, phone=phone, name="Frank Example")
+    await verify_contact(client, app, frank, "phone")
+    await fund(app, alice.user["id"], 5_000)
+    original, app.state.p2p.risk = app.state.p2p.risk, Review()
+    try:
+        r = await send(client, alice, {"phone": phone}, 900)
+    finally:
+        app.state.p2p.risk = original
+    assert r.status_code == 201 and r.json()["status"] == "pending", r.text
+    held = await outbox_events(app, "billfold.p2p.transfer.pending", r.json()["id"])
+    assert "invitee" not in held[0]["data"]
+
+    async with unit_of_work(app.state.resources.engine) as uow:
+        await p2p.release_pending(await uow.connection(), app.state.p2p, r.json()["id"])
+    invited = await outbox_events(app, "billfold.p2p.transfer.pending_claim", r.json()["id"])
+    assert invited[0]["data"]["invitee"] == {"phone": phone}
+    await deliver(app, "billfold.p2p.transfer.pending_claim", r.json()["id"])
+    row = await transfer_row(app, r.json()["id"])
+    assert (row.status, row.recipient_id) == ("completed", frank.user["id"])
+    assert await available(app, frank.user["id"]) == 900
+    assert await available(app, alice.user["id"]) == 4_100
+    await assert_escrow_conserved(app)

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from billfold.p2p import fail_pending, release_pending
+from billfold.p2p.models import TransferNotFound
 from billfold.platform.db import unit_of_work
 from tests.conftest import SignedIn, fund, idem, new_phone, sign_up
 from tests.integration.transfer_support import (
@@ -806,7 +807,7 @@ async def test_review_holds_the_money_then_release_completes_it(
     )
 
     async with unit_of_work(app.state.resources.engine) as uow:
-        row = await release_pending(await uow.connection(), pending["id"])
+        row = await release_pending(await uow.connection(), app.state.p2p, pending["id"])
     assert row.status == "completed"
     assert await balance(app, alice) == Balance(700, 0)
     assert await available(app, bob) == 300
@@ -831,8 +832,11 @@ async def test_review_then_fail_releases_the_hold(
     seen = (await client.get(f"/v1/transfers/{pending['id']}", headers=alice.headers)).json()
     assert seen["status"] == "failed" and seen["failure_reason"] == "fraud_review_declined"
     # Neither can be applied twice.
-    for decide in (release_pending, lambda c, t: fail_pending(c, t, "again")):
-        with pytest.raises(Exception) as exc:
+    for decide in (
+        lambda c, t: release_pending(c, app.state.p2p, t),
+        lambda c, t: fail_pending(c, t, "again"),
+    ):
+        with pytest.raises(TransferNotFound) as exc:
             async with unit_of_work(app.state.resources.engine) as uow:
                 await decide(await uow.connection(), pending["id"])
         assert getattr(exc.value, "code", None) == "transfer_not_found"
@@ -898,8 +902,8 @@ async def test_sender_cancels_a_transfer_under_review(
         "transfer_not_cancellable",
     )
     async with unit_of_work(app.state.resources.engine) as uow:
-        with pytest.raises(Exception) as exc:
-            await release_pending(await uow.connection(), pending["id"])
+        with pytest.raises(TransferNotFound) as exc:
+            await release_pending(await uow.connection(), app.state.p2p, pending["id"])
     assert getattr(exc.value, "code", None) == "transfer_not_found"
 
 

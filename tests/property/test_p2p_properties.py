@@ -446,7 +446,9 @@ class P2PMachine(RuleBasedStateMachine):
     def release(self, transfer_id: str) -> None:
         """The fraud review lets a held transfer through."""
         t = self.model_transfers[transfer_id]
-        outcome = self.world.step(lambda conn: transfers.release_pending(conn, transfer_id))
+        outcome = self.world.step(
+            lambda conn: transfers.release_pending(conn, self.world.rt, transfer_id)
+        )
         if t.status != "pending":
             self.refused(outcome, TransferNotFound)
             return
@@ -640,6 +642,6 @@ async def test_contact_transfer_held_for_review_is_refused_or_released(app: Any)
     async with unit_of_work(engine) as uow:
         held = await transfers.send(await uow.connection(), rt, principal, to_stranger)
     async with unit_of_work(engine) as uow:
-        released = await transfers.release_pending(await uow.connection(), held.id)
+        released = await transfers.release_pending(await uow.connection(), rt, held.id)
     assert (released.status, released.recipient_id) == ("pending_claim", None)
     assert await wallet_and_escrow() == ((9_000, 0), escrow_before + 1_000)

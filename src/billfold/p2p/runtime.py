@@ -19,3 +19,15 @@ class P2PRuntime:
         """Keyed hash of a normalised e-mail/phone: unclaimed transfers are found by it, and
         the table never holds the contact of someone who is not a user in clear."""
         return self.users.keyed_hash("p2p-contact", f"{kind}:{value}")
+
+    def seal_contact(self, transfer_id: str, kind: str, value: str) -> bytes:
+        """The contact of an unclaimed transfer, sealed to that transfer: kept only to invite
+        its owner again when a transfer held for review is released."""
+        return self.users.sealed.seal(f"{kind}:{value}".encode(), transfer_id.encode())
+
+    def open_contact(self, transfer_id: str, sealed: bytes) -> dict[str, str]:
+        """`{"email": …}` or `{"phone": …}`, the shape of an event's `invitee`."""
+        kind, _, value = (
+            self.users.sealed.open(sealed, transfer_id.encode()).decode().partition(":")
+        )
+        return {kind: value}

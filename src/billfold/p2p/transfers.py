@@ -158,6 +158,9 @@ async def send(
             "recipient_name": recipient.name if recipient else None,
             "recipient_kind": who.kind,
             "recipient_contact_hash": contact_hash,
+            "recipient_contact_sealed": (
+                rt.seal_contact(transfer_id, who.kind, who.value) if who.is_contact else None
+            ),
             "recipient_hint": _hint(who.kind, who.value, recipient),
             "amount": money.amount,
             "currency": money.currency,
@@ -174,8 +177,9 @@ async def send(
         },
     )
     extra: dict[str, Any] = {}
-    if who.is_contact:
-        # Whoever delivers the invitation needs the address; only this event carries it.
+    if status == "pending_claim":
+        # Whoever delivers the invitation needs the address; only this event carries it (a
+        # transfer held for review invites nobody until it is released).
         extra["invitee"] = {who.kind: who.value}
     if decision.action != "allow":
         extra["risk"] = {"action": decision.action, "score": decision.score}
@@ -264,8 +268,10 @@ async def _return_to_sender(conn: AsyncConnection, row: Row[Any]) -> str | None:
     return posting.id
 
 
-async def release_pending(conn: AsyncConnection, transfer_id: str) -> Row[Any]:
-    """Complete a transfer held for review (the Fraud Service's "release")."""
+async def release_pending(conn: AsyncConnection, rt: P2PRuntime, transfer_id: str) -> Row[Any]:
+    """Complete a transfer held for review (the Fraud Service's "release"); one to an e-mail or
+    phone goes on to escrow, and its event carries the contact again so its owner is invited
+    (or, if they already have it verified, the claim consumer hands it over)."""
     row = await store.get_for_update(conn, transfer_id)
     if row is None or row.status != "pending":
         raise TransferNotFound("No pending transfer with this id")
@@ -275,7 +281,12 @@ async def release_pending(conn: AsyncConnection, transfer_id: str) -> Row[Any]:
     )
     status = "completed" if row.recipient_id else "pending_claim"
     updated = await store.set_status(conn, row.id, status, posting_id=posting.id)
-    await publish(conn, updated)
+    extra: dict[str, Any] = {}
+    if row.recipient_id is None:
+        sealed = await store.sealed_contact(conn, row.id)
+        if sealed is not None:
+            extra["invitee"] = rt.open_contact(row.id, sealed)
+    await publish(conn, updated, **extra)
     return updated
 
 

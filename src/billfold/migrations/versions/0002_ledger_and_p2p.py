@@ -221,8 +221,10 @@ CREATE TABLE p2p.transfers (
     recipient_name     text,
     recipient_kind     text NOT NULL
         CHECK (recipient_kind IN ('user_id', 'email', 'phone', 'handle')),
-    -- Keyed hash of the e-mail address or phone number an unclaimed transfer waits for.
+    -- Keyed hash of the e-mail address or phone number an unclaimed transfer waits for, and the
+    -- contact itself sealed (for the invitation when a transfer held for review is released).
     recipient_contact_hash bytea,
+    recipient_contact_sealed bytea,
     recipient_hint     text NOT NULL,
     amount             bigint NOT NULL CHECK (amount > 0),
     currency           text NOT NULL,
@@ -237,7 +239,8 @@ CREATE TABLE p2p.transfers (
     created_at         timestamptz NOT NULL DEFAULT now(),
     updated_at         timestamptz NOT NULL DEFAULT now(),
     completed_at       timestamptz,
-    CHECK (recipient_id IS NOT NULL OR status IN ('pending_claim', 'expired', 'cancelled'))
+    -- Only a transfer addressed to an e-mail/phone can lack a recipient (until it is claimed).
+    CHECK (recipient_id IS NOT NULL OR recipient_kind IN ('email', 'phone'))
 );
 CREATE INDEX transfers_sender ON p2p.transfers (sender_id, id);
 CREATE INDEX transfers_recipient ON p2p.transfers (recipient_id, id);

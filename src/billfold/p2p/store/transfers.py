@@ -23,11 +23,13 @@ _INSERT = text(
     f"""
     INSERT INTO p2p.transfers (
         id, sender_id, sender_name, recipient_id, recipient_name, recipient_kind,
-        recipient_contact_hash, recipient_hint, amount, currency, note, status, request_id,
+        recipient_contact_hash, recipient_contact_sealed, recipient_hint, amount, currency, note,
+        status, request_id,
         posting_id, hold_id, claim_expires_at, completed_at, created_at, updated_at)
     VALUES (
         :id, :sender_id, :sender_name, :recipient_id, :recipient_name, :recipient_kind,
-        :recipient_contact_hash, :recipient_hint, :amount, :currency, :note, :status, :request_id,
+        :recipient_contact_hash, :recipient_contact_sealed, :recipient_hint, :amount, :currency,
+        :note, :status, :request_id,
         :posting_id, :hold_id, :claim_expires_at,
         CASE WHEN :status = 'completed' THEN now() END, now(), now())
     RETURNING {COLUMNS}
@@ -77,6 +79,12 @@ async def get_visible(conn: AsyncConnection, transfer_id: str, user_id: str) -> 
     if not is_valid_id(transfer_id, "p2p"):  # junk (a NUL would be a database error) is a 404
         return None
     return (await conn.execute(_GET_VISIBLE, {"id": transfer_id, "user_id": user_id})).first()
+
+
+async def sealed_contact(conn: AsyncConnection, transfer_id: str) -> bytes | None:
+    sql = text("SELECT recipient_contact_sealed FROM p2p.transfers WHERE id = :id")
+    value = (await conn.execute(sql, {"id": transfer_id})).scalar_one_or_none()
+    return bytes(value) if value is not None else None
 
 
 async def get_for_update(conn: AsyncConnection, transfer_id: str) -> Row[Any] | None:
