@@ -29,13 +29,12 @@ def _settings(**overrides: object) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]
 
 
-def _require_urls(settings: Settings) -> None:
-    if not settings.database_url or not settings.redis_url:
-        typer.echo(
-            "BILLFOLD_DATABASE_URL and BILLFOLD_REDIS_URL must be set "
-            "(or use `billfold up` for embedded servers)",
-            err=True,
+def _require_urls(settings: Settings, *, redis: bool = True) -> None:
+    if not settings.database_url or (redis and not settings.redis_url):
+        needed = (
+            "BILLFOLD_DATABASE_URL and BILLFOLD_REDIS_URL" if redis else "BILLFOLD_DATABASE_URL"
         )
+        typer.echo(f"{needed} must be set (or use `billfold up` for embedded servers)", err=True)
         raise typer.Exit(2)
 
 
@@ -285,7 +284,7 @@ def ledger_verify() -> None:
     from billfold.platform.db import create_engine
 
     settings = _settings()
-    _require_urls(settings)
+    _require_urls(settings, redis=False)
 
     async def run() -> bool:
         engine = create_engine(settings.database_url, pool_size=1)
