@@ -82,14 +82,17 @@ async def claim(
 ) -> StoredResponse | None:
     """Lock the key for this transaction and return the stored response, if any."""
     locked = (await conn.execute(_LOCK, {"scope": scope, "key": key})).scalar_one()
-    if not locked:
-        raise Conflict(
-            "A request with this Idempotency-Key is still being processed; retry later",
-            code="idempotency_request_in_progress",
-            headers={"Retry-After": "1"},
-        )
+    # Looked up after the lock attempt, so the read sees a first request that committed while
+    # we asked. Unlocked: another request holds the key; if the first one has committed, that
+    # is only a concurrent retry (replay it too), otherwise the first is still running.
     row = (await conn.execute(_FIND, {"scope": scope, "key": key})).first()
     if row is None:
+        if not locked:
+            raise Conflict(
+                "A request with this Idempotency-Key is still being processed; retry later",
+                code="idempotency_request_in_progress",
+                headers={"Retry-After": "1"},
+            )
         return None
     if row.request_hash != fingerprint:
         raise Unprocessable(

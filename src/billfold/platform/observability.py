@@ -125,7 +125,10 @@ def _add_request_id(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, An
 def configure_logging(level: str = "INFO", json_logs: bool = True) -> None:
     """Route stdlib and structlog through one redacting JSON renderer on stderr."""
     renderer: Any = (
-        structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer()
+        if json_logs
+        # Plain tracebacks: rich ones print every frame's locals (request bodies, secrets).
+        else structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
     )
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
