@@ -240,6 +240,44 @@ async def test_transfers_under_review_count_toward_limits(
     assert (await limits(client, alice))["daily"]["used"] == PER_TRANSFER
 
 
+async def test_money_that_never_arrived_stops_counting(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn, bob: SignedIn
+) -> None:
+    """Cancelled (escrow or review) and refused-on-review transfers give their amount back to
+    today's and this month's usage; a completed transfer keeps counting."""
+    from billfold import p2p
+    from billfold.platform.db import unit_of_work
+
+    async def made(amount: int, **recipient: str) -> dict[str, Any]:
+        r = await send(client, alice, amount, **recipient)
+        assert r.status_code == 201, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    await fund(app, alice.user["id"], 100_000)
+    await send_ok(client, alice, 1_000, bob)
+    escrowed = await made(2_000, email="nobody-yet@example.org")
+    with risk(app, Always("review")):
+        held = await made(3_000, user_id=bob.user["id"])
+        refused = await made(4_000, user_id=bob.user["id"])
+    assert (await limits(client, alice))["daily"]["used"] == 10_000
+
+    for transfer in (escrowed, held):
+        r = await client.post(f"/v1/transfers/{transfer['id']}/cancel", headers=alice.headers)
+        assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+    async with unit_of_work(app.state.resources.engine) as uow:
+        await p2p.fail_pending(await uow.connection(), refused["id"], "fraud review")
+
+    now = await limits(client, alice)
+    assert (now["daily"]["used"], now["monthly"]["used"]) == (1_000, 1_000)
+    # The windows are what they were counted in: a give-back for an older day touches nothing.
+    await move_usage_back(app, alice, days=1)
+    again = await made(500, email="nobody-yet@example.org")
+    await move_usage_back(app, alice, days=1)
+    r = await client.post(f"/v1/transfers/{again['id']}/cancel", headers=alice.headers)
+    assert r.status_code == 200, r.text
+    assert (await usage(app, alice)).used_today == 500  # the stored, older day keeps its 500
+
+
 # --- the user's own day ----------------------------------------------------------------------------
 
 

@@ -424,6 +424,12 @@ class P2PMachine(RuleBasedStateMachine):
     def cancel_held(self, transfer_id: str, by: int) -> None:
         self.cancel_by(transfer_id, by)
 
+    def give_back(self, t: Any) -> None:
+        """Money that never reached anyone stops counting against the sender's limits (the
+        example runs within one local day, so today's and this month's windows are current)."""
+        self.used[t.sender][0] -= t.amount
+        self.used[t.sender][1] -= t.amount
+
     def cancel_by(self, transfer_id: str, by: int) -> None:
         t, who = self.model_transfers[transfer_id], self.user(by)
         outcome = self.world.step(lambda conn: transfers.cancel(conn, transfer_id, who))
@@ -439,6 +445,7 @@ class P2PMachine(RuleBasedStateMachine):
         else:
             self.escrow -= t.amount
             self.posted[t.sender] += t.amount
+        self.give_back(t)
         t.status = "cancelled"
         assert outcome.status == "cancelled"
 
@@ -475,6 +482,7 @@ class P2PMachine(RuleBasedStateMachine):
             return
         assert not isinstance(outcome, ProblemError), outcome
         self.held[t.sender] -= t.amount
+        self.give_back(t)
         t.status = "failed"
         assert outcome.status == "failed"
 

@@ -110,7 +110,7 @@ async def expire_claims(engine: AsyncEngine, *, batch: int = 200) -> int:
                 if row is None:
                     break
                 current = row.id
-                posting_id = await transfers._return_to_sender(conn, row)
+                posting_id = await transfers.return_to_sender(conn, row)
                 updated = await store.set_status(conn, row.id, "expired", posting_id=posting_id)
                 await transfers.publish(conn, updated)
             expired += 1

@@ -148,3 +148,19 @@ async def override(
         daily=limits.daily,
         monthly=limits.monthly,
     )
+
+
+async def give_back(conn: AsyncConnection, sender_id: str, money: Money, sent_at: datetime) -> None:
+    """A transfer that never reached anyone (cancelled, refused, unclaimed) stops counting:
+    its amount leaves the daily/monthly usage if that window, in the sender's local time when
+    it was sent, is still the current one. A reversed transfer keeps counting: it was paid."""
+    party = await users.get_party(conn, sender_id)
+    cal = local_calendar(party.timezone if party else "UTC", sent_at)
+    await store.give_back(
+        conn,
+        user_id=sender_id,
+        currency=money.currency,
+        amount=money.amount,
+        day=cal.day,
+        month=cal.month,
+    )

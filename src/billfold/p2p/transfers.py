@@ -246,14 +246,17 @@ async def cancel(conn: AsyncConnection, transfer_id: str, user_id: str) -> Row[A
         raise TransferNotCancellable(
             f"A {row.status.replace('_', ' ')} transfer cannot be cancelled by you"
         )
-    posting_id = await _return_to_sender(conn, row)
+    posting_id = await return_to_sender(conn, row)
     updated = await store.set_status(conn, row.id, "cancelled", posting_id=posting_id)
     await publish(conn, updated)
     return updated
 
 
-async def _return_to_sender(conn: AsyncConnection, row: Row[Any]) -> str | None:
-    """Undo a transfer that has not reached its recipient: void its hold or empty its escrow."""
+async def return_to_sender(conn: AsyncConnection, row: Row[Any]) -> str | None:
+    """Undo a transfer that has not reached its recipient (cancelled, refused on review or
+    unclaimed): void its hold or empty its escrow, and give the amount back to the sender's
+    limits if it still counts in the current window. Returns the return posting, if any."""
+    await limits.give_back(conn, row.sender_id, Money(row.amount, row.currency), row.created_at)
     if row.status == "pending":
         await ledger.void_hold(conn, row.hold_id)
         return None
@@ -280,7 +283,15 @@ async def release_pending(conn: AsyncConnection, rt: P2PRuntime, transfer_id: st
         conn, row.hold_id, row.amount, credit=credit, kind=POSTING_TRANSFER, memo=row.note
     )
     status = "completed" if row.recipient_id else "pending_claim"
-    updated = await store.set_status(conn, row.id, status, posting_id=posting.id)
+    # The recipient's time to claim starts now, not when the review began.
+    claim_window = timedelta(seconds=rt.settings.p2p_claim_ttl_seconds)
+    updated = await store.set_status(
+        conn,
+        row.id,
+        status,
+        posting_id=posting.id,
+        claim_expires_at=None if row.recipient_id else utcnow() + claim_window,
+    )
     extra: dict[str, Any] = {}
     if row.recipient_id is None:
         sealed = await store.sealed_contact(conn, row.id)
@@ -295,7 +306,7 @@ async def fail_pending(conn: AsyncConnection, transfer_id: str, reason: str) -> 
     row = await store.get_for_update(conn, transfer_id)
     if row is None or row.status != "pending":
         raise TransferNotFound("No pending transfer with this id")
-    await ledger.void_hold(conn, row.hold_id)
+    await return_to_sender(conn, row)
     updated = await store.set_status(conn, row.id, "failed", failure_reason=reason)
     await publish(conn, updated)
     return updated

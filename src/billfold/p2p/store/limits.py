@@ -119,3 +119,32 @@ async def set_override(
 async def offered(conn: AsyncConnection, currency: str) -> bool:
     """Whether transfers in `currency` are offered at any KYC tier."""
     return bool((await conn.execute(_OFFERED, {"currency": currency})).scalar_one())
+
+
+_GIVE_BACK = text(
+    """
+    UPDATE p2p.transfer_limits SET
+        used_today = CASE WHEN usage_day = :day THEN greatest(used_today - :amount, 0)
+                          ELSE used_today END,
+        used_this_month = CASE WHEN usage_month = :month
+                               THEN greatest(used_this_month - :amount, 0)
+                               ELSE used_this_month END,
+        updated_at = now()
+    WHERE user_id = :user_id AND currency = :currency
+      AND (usage_day = :day OR usage_month = :month)
+    """
+)
+
+
+async def give_back(
+    conn: AsyncConnection, *, user_id: str, currency: str, amount: int, day: date, month: date
+) -> None:
+    """Subtract `amount` from the windows that are still the ones it was counted in."""
+    params = {
+        "user_id": user_id,
+        "currency": currency,
+        "amount": amount,
+        "day": day,
+        "month": month,
+    }
+    await conn.execute(_GIVE_BACK, params)

@@ -50,6 +50,7 @@ _SET_STATUS = text(
         recipient_name = coalesce(:recipient_name, recipient_name),
         posting_id = coalesce(:posting_id, posting_id),
         failure_reason = coalesce(:failure_reason, failure_reason),
+        claim_expires_at = coalesce(:claim_expires_at, claim_expires_at),
         completed_at = CASE WHEN :status = 'completed' THEN now() ELSE completed_at END,
         updated_at = now()
     WHERE id = :id
@@ -102,6 +103,7 @@ async def set_status(
     recipient_name: str | None = None,
     posting_id: str | None = None,
     failure_reason: str | None = None,
+    claim_expires_at: datetime | None = None,
 ) -> Row[Any]:
     params = {
         "id": transfer_id,
@@ -110,6 +112,7 @@ async def set_status(
         "recipient_name": recipient_name,
         "posting_id": posting_id,
         "failure_reason": failure_reason,
+        "claim_expires_at": claim_expires_at,
     }
     return (await conn.execute(_SET_STATUS, params)).one()
 
