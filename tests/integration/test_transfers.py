@@ -34,6 +34,7 @@ from tests.integration.transfer_support import (
     set_status,
     snapshot,
     sql,
+    usage,
 )
 
 PROBLEM = "application/problem+json"
@@ -681,7 +682,8 @@ async def test_admin_reverses_a_completed_transfer(
     assert r.status_code == 200, r.text
     reversed_ = r.json()
     assert reversed_["status"] == "reversed"
-    assert reversed_["failure_reason"] == "sent to the wrong person"
+    # The parties get a stable code; the agent's own words stay in the event.
+    assert reversed_["failure_reason"] == "reversed_by_support"
     assert await available(app, alice) == 1_000
     assert await available(app, bob) == 0
     assert await events(app, "billfold.p2p.transfer.reversed", sent["id"]) == [
@@ -828,9 +830,9 @@ async def test_review_then_fail_releases_the_hold(
     assert await balance(app, alice) == Balance(1_000, 0)
     assert await available(app, bob) == 0
     (event,) = await events(app, "billfold.p2p.transfer.failed", pending["id"])
-    assert event["status"] == "failed"
+    assert event["status"] == "failed" and event["reason"] == "fraud_review_declined"
     seen = (await client.get(f"/v1/transfers/{pending['id']}", headers=alice.headers)).json()
-    assert seen["status"] == "failed" and seen["failure_reason"] == "fraud_review_declined"
+    assert seen["status"] == "failed" and seen["failure_reason"] == "declined_after_review"
     # Neither can be applied twice.
     for decide in (
         lambda c, t: release_pending(c, app.state.p2p, t),
@@ -928,6 +930,7 @@ async def _step_up_token(
     *,
     totp_secret: str | None = None,
     purpose: str = "transfer",
+    reference: str | None = None,
 ) -> str:
     """A real step-up: by TOTP (the next period's code: the one that confirmed the enrolment is
     spent, and each period's code works once), or by a code e-mailed to the verified address."""
@@ -936,7 +939,7 @@ async def _step_up_token(
     method = "totp" if totp_secret else "email"
     r = await client.post(
         "/v1/auth/step-up/challenges",
-        json={"method": method, "purpose": purpose},
+        json={"method": method, "purpose": purpose, "reference": reference},
         headers=who.headers,
     )
     assert r.status_code == 201, r.text
@@ -979,14 +982,26 @@ async def test_challenge_needs_a_step_up(
 
         # Only a valid step-up token for transfers of this session counts: not junk, not an
         # access token, not one made for another purpose, not someone else's.
-        wrong_purpose = await _step_up_token(app, client, alice, purpose="payment")
-        for bad in ("garbage", alice.tokens["access_token"], wrong_purpose):
+        # The step-up is for this recipient, amount and currency: the problem names it.
+        reference = problem["step_up"]["reference"]
+        assert reference.startswith("transfer:")
+        wrong_purpose = await _step_up_token(
+            app, client, alice, purpose="payment", reference=reference
+        )
+        no_reference = await _step_up_token(app, client, alice)
+        for bad in ("garbage", alice.tokens["access_token"], wrong_purpose, no_reference):
             await refused(app, (alice, bob), post(alice, bad), 403, "invalid_step_up_token")
-        alices = await _step_up_token(app, client, alice)
+        # A token for this transfer does not send a bigger one.
+        other = await _step_up_token(app, client, alice, reference=reference)
+        bigger = {**body, "amount": 500}
+        await refused(
+            app, (alice, bob), post(alice, other, json=bigger), 403, "invalid_step_up_token"
+        )
+        alices = await _step_up_token(app, client, alice, reference=reference)
         back = {**body, "recipient": {"user_id": alice.user["id"]}}
         await refused(app, (alice, bob), post(bob, alices, json=back), 403, "invalid_step_up_token")
 
-        token = await _step_up_token(app, client, alice, totp_secret=secret)
+        token = await _step_up_token(app, client, alice, totp_secret=secret, reference=reference)
         r = await post(alice, token)()
         assert r.status_code == 201, r.text
         assert r.json()["status"] == "completed"
@@ -1062,3 +1077,36 @@ async def test_openapi_documents_the_transfer_routes(client: httpx.AsyncClient) 
         "amount_max",
         "currency",
     } <= query
+
+
+async def test_a_review_that_outlives_its_hold_fails_the_transfer(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn, bob: SignedIn
+) -> None:
+    """The ledger's sweeper releases the expired hold; the P2P consumer of its event fails the
+    transfer (`review_expired`) and gives the amount back to the sender's limits, once."""
+    from billfold import jobs, ledger
+    from tests.integration.p2p_contact_support import outbox_events
+
+    await fund(app, alice.user["id"], 1_000)
+    with risk(app, Always("review")):
+        pending = (await send(client, alice, 300, user_id=bob.user["id"])).json()
+    assert pending["status"] == "pending"
+    row = (await sql(app, "SELECT hold_id FROM p2p.transfers WHERE id = :id", id=pending["id"]))[0]
+    await sql(
+        app,
+        "UPDATE ledger.holds SET expires_at = now() - interval '1 second' WHERE id = :h",
+        h=row.hold_id,
+    )
+    engine = app.state.resources.engine
+    await ledger.expire_holds(engine)
+    assert await balance(app, alice) == Balance(1_000, 0)
+
+    (expired,) = await outbox_events(app, "billfold.ledger.hold.expired", row.hold_id)
+    sink = jobs.event_sink(engine, app.state.p2p)
+    for _ in range(2):  # redelivered: one effect
+        await sink(expired)
+    seen = (await client.get(f"/v1/transfers/{pending['id']}", headers=alice.headers)).json()
+    assert (seen["status"], seen["failure_reason"]) == ("failed", "review_expired")
+    assert len(await events(app, "billfold.p2p.transfer.failed", pending["id"])) == 1
+    assert (await usage(app, alice)).used_today == 0
+    assert await available(app, bob) == 0

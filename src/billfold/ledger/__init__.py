@@ -4,6 +4,7 @@ Every movement of money in billfold is a `post` (or `move`, `commit_hold`, `reve
 caller's connection, so it commits with the caller's business row and outbox event.
 """
 
+from billfold.ledger.events import HOLD_EXPIRED
 from billfold.ledger.models import (
     SYSTEM,
     AccountBalance,
@@ -32,6 +33,7 @@ from billfold.ledger.service import (
 from billfold.ledger.wallet import Movement, top_up, withdraw
 
 __all__ = [
+    "HOLD_EXPIRED",
     "SYSTEM",
     "AccountBalance",
     "AlreadyReversed",

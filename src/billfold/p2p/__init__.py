@@ -5,7 +5,7 @@ The app builds a `P2PRuntime` (with the `RiskCheck` the Fraud Service provides) 
 consumers.
 """
 
-from billfold.p2p import claims, requests
+from billfold.p2p import claims, requests, transfers
 from billfold.p2p.claims import claim_for_user, expire_claims
 from billfold.p2p.requests import expire_requests
 from billfold.p2p.risk import AllowAll, RiskCheck, RiskDecision, TransferRisk
@@ -15,9 +15,9 @@ from billfold.platform.bus.consumers import Consumer
 
 
 def consumers(rt: P2PRuntime) -> list[Consumer]:
-    """The P2P event consumers (run by the worker): claims for verified contacts, and payers
-    of money requests addressed to a contact."""
-    return [*claims.consumers(rt), *requests.consumers(rt)]
+    """The P2P event consumers (run by the worker): claims for verified contacts, payers of
+    money requests addressed to a contact, and transfers whose review hold expired."""
+    return [*claims.consumers(rt), *requests.consumers(rt), *transfers.consumers()]
 
 
 __all__ = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import timedelta
 from typing import Any
 
@@ -25,12 +26,14 @@ from billfold.p2p.models import (
 from billfold.p2p.risk import TransferRisk
 from billfold.p2p.runtime import P2PRuntime
 from billfold.p2p.store import transfers as store
+from billfold.platform.bus.consumers import Consumer
 from billfold.platform.clock import utcnow
 from billfold.platform.errors import Forbidden
 from billfold.platform.ids import new_id
 from billfold.platform.money import Money
 
 STEP_UP_PURPOSE = "transfer"
+REVIEW_EXPIRED = "review_expired"
 
 # Ledger posting kinds of the P2P service.
 POSTING_TRANSFER = "p2p_transfer"
@@ -72,6 +75,16 @@ async def publish(conn: AsyncConnection, row: Row[Any], **extra: Any) -> None:
     await events.publish(conn, _EVENT_FOR_STATUS[row.status], row.id, event_data(row, **extra))
 
 
+def step_up_reference(body: NewTransfer) -> str:
+    """What a step-up for a transfer authorises: this recipient, amount and currency only (the
+    transfer has no id yet), so a token for 5.00 to Bob does not send 500.00 to someone else."""
+    who = body.recipient
+    digest = hashlib.sha256(
+        f"{who.kind}\0{who.value}\0{body.amount}\0{body.currency}".encode()
+    ).hexdigest()
+    return f"transfer:{digest[:32]}"
+
+
 async def send(
     conn: AsyncConnection,
     rt: P2PRuntime,
@@ -102,8 +115,9 @@ async def send(
     # A step-up token counts only once verified (and spent): the risk check is told the sender
     # stepped up only then, or a junk header would pass any check that trusts `stepped_up`.
     stepped_up = False
+    reference = step_up_reference(body)
     if step_up_token is not None:
-        await users.verify_step_up(rt.users, step_up_token, principal, STEP_UP_PURPOSE)
+        await users.verify_step_up(rt.users, step_up_token, principal, STEP_UP_PURPOSE, reference)
         stepped_up = True
     transfer_id = new_id("p2p")
     decision = await rt.risk.assess(
@@ -122,7 +136,7 @@ async def send(
     if decision.action == "block":
         raise TransferBlocked("This transfer was declined", extra={"reasons": decision.reasons})
     if decision.action == "challenge" and not stepped_up:
-        raise users.step_up_required(STEP_UP_PURPOSE)
+        raise users.step_up_required(STEP_UP_PURPOSE, reference)
 
     posting_id = hold_id = None
     if decision.action == "review":
@@ -196,6 +210,17 @@ def _hint(kind: str, value: str, recipient: users.Party | None) -> str:
     return f"@{recipient.handle}" if recipient.handle else recipient.name
 
 
+# What the parties are told about a failed or reversed transfer: a stable code, never the
+# reviewer's or support agent's own words (they may name a suspicion; they stay in the events).
+_PUBLIC_REASONS = {"failed": "declined_after_review", "reversed": "reversed_by_support"}
+
+
+def public_reason(row: Row[Any]) -> str | None:
+    if row.failure_reason == REVIEW_EXPIRED:
+        return REVIEW_EXPIRED
+    return _PUBLIC_REASONS.get(row.status)
+
+
 def view(row: Row[Any], viewer_id: str) -> Transfer:
     """The transfer as `viewer_id` (its sender or recipient) sees it."""
     unclaimed = row.recipient_id is None
@@ -221,7 +246,7 @@ def view(row: Row[Any], viewer_id: str) -> Transfer:
         amount=row.amount,
         currency=row.currency,
         note=row.note,
-        failure_reason=row.failure_reason,
+        failure_reason=public_reason(row),
         request_id=row.request_id,
         claim_expires_at=row.claim_expires_at if row.status == "pending_claim" else None,
         created_at=row.created_at,
@@ -308,7 +333,7 @@ async def fail_pending(conn: AsyncConnection, transfer_id: str, reason: str) -> 
         raise TransferNotFound("No pending transfer with this id")
     await return_to_sender(conn, row)
     updated = await store.set_status(conn, row.id, "failed", failure_reason=reason)
-    await publish(conn, updated)
+    await publish(conn, updated, reason=reason)
     return updated
 
 
@@ -335,3 +360,27 @@ async def reverse(conn: AsyncConnection, transfer_id: str, reason: str) -> Row[A
     )
     await publish(conn, updated, reason=reason)
     return updated
+
+
+async def expire_review(conn: AsyncConnection, hold_id: str, transfer_id: str) -> Row[Any] | None:
+    """The review outlived its hold (the ledger's sweeper released it): the transfer fails
+    with `review_expired` and stops counting against the sender's limits."""
+    row = await store.get_for_update(conn, transfer_id)
+    if row is None or row.status != "pending" or row.hold_id != hold_id:
+        return None  # released, refused or cancelled before the hold ran out
+    await limits.give_back(conn, row.sender_id, Money(row.amount, row.currency), row.created_at)
+    updated = await store.set_status(conn, row.id, "failed", failure_reason=REVIEW_EXPIRED)
+    await publish(conn, updated)
+    return updated
+
+
+def consumers() -> list[Consumer]:
+    """Fails transfers whose review hold expired (`billfold.ledger.hold.expired`)."""
+
+    async def handle(conn: AsyncConnection, event: dict[str, Any]) -> None:
+        data = event.get("data") or {}
+        reference, hold_id = data.get("reference"), data.get("hold_id")
+        if isinstance(reference, str) and reference.startswith("p2p_") and isinstance(hold_id, str):
+            await expire_review(conn, hold_id, reference)
+
+    return [Consumer("p2p.expire-reviews", frozenset({ledger.HOLD_EXPIRED}), handle)]
