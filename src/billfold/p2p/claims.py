@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from billfold import ledger, users
 from billfold.p2p import events, transfers
+from billfold.p2p.models import CONTACT_KINDS
 from billfold.p2p.runtime import P2PRuntime
 from billfold.p2p.store import transfers as store
 from billfold.platform.bus.consumers import Consumer
@@ -28,8 +29,6 @@ log = get_logger(__name__)
 # The User Service's event (its public face does not export event types; the name is the
 # contract): a user has just verified an e-mail address or phone number.
 CONTACT_VERIFIED = "billfold.users.contact.verified"
-
-CONTACT_KINDS = ("email", "phone")
 
 
 def verified_contact_hashes(rt: P2PRuntime, party: users.Party) -> list[bytes]:

@@ -22,6 +22,13 @@ UserId = Annotated[str, StringConstraints(pattern=USER_ID_PATTERN)]
 # The largest integer every JSON parser keeps exact. Far above any limit, and small enough that
 # adding it to a day's usage never overflows a bigint (a larger amount was a 500, not a 422).
 MAX_AMOUNT = 2**53 - 1
+# The ways to name someone that may name nobody registered yet (the money waits in escrow).
+CONTACT_KINDS = ("email", "phone")
+# A transfer's or request's amount: positive (checked by the service: 0 is an `invalid_amount`
+# problem pointing at the field) and at most MAX_AMOUNT.
+Amount = Annotated[
+    MinorUnits, Field(description="Minor units (cents); must be positive", le=MAX_AMOUNT)
+]
 
 
 class Counterparty(Strict):
@@ -52,12 +59,12 @@ class Counterparty(Strict):
     @property
     def is_contact(self) -> bool:
         """E-mail and phone may name someone not registered yet (the money waits in escrow)."""
-        return self.kind in ("email", "phone")
+        return self.kind in CONTACT_KINDS
 
 
 class NewTransfer(Strict):
     recipient: Counterparty
-    amount: MinorUnits = Field(description="Minor units (cents); must be positive", le=MAX_AMOUNT)
+    amount: Amount
     currency: Currency
     note: Note | None = None
 
@@ -168,16 +175,9 @@ class ClaimedTransfers(BaseModel):
     data: list[Transfer]
 
 
-# The largest integer every JSON client keeps exact (2^53 - 1); the limit counters and balances
-# it is added to stay far inside PostgreSQL's bigint, so a huge request is a 422, never a 500.
-MAX_REQUEST_AMOUNT = 2**53 - 1
-
-
 class NewTransferRequest(Strict):
     payer: Counterparty
-    amount: MinorUnits = Field(
-        description="Minor units (cents); must be positive", le=MAX_REQUEST_AMOUNT
-    )
+    amount: Amount
     currency: Currency
     note: Note | None = None
 

@@ -16,16 +16,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from billfold import users
 from billfold.gateway import Principal
-from billfold.p2p import events, transfers
+from billfold.p2p import events, parties, transfers
 from billfold.p2p.claims import CONTACT_VERIFIED, verified_contact_hashes, verified_owner
 from billfold.p2p.models import (
+    CONTACT_KINDS,
     Counterparty,
     CurrencyNotSupported,
-    InvalidAmount,
     NewTransfer,
     NewTransferRequest,
     PartyView,
-    RecipientNotFound,
     RequestActionNotAllowed,
     RequestNotFound,
     RequestNotPending,
@@ -75,18 +74,17 @@ async def create(
     """Ask `body.payer` for money. To a user (id, handle) it is theirs at once; to an e-mail or
     phone it waits for whoever has that contact verified, and the answer is the same whether
     or not anyone has it today."""
-    if body.amount <= 0:
-        raise InvalidAmount("The amount must be a positive number of minor units")
     who = body.payer
-    requester, found = await users.find_counterparty(conn, principal.user_id, who.kind, who.value)
-    if requester is None or not requester.active:
-        raise Forbidden("This account cannot request money", code="account_not_active")
-    if found is not None and found.user_id == requester.user_id:
-        raise SelfRequest("You cannot request money from yourself")
-    # By e-mail/phone the match is ignored (even if verified): see the module docstring.
-    payer = None if who.is_contact else found
-    if not who.is_contact and (payer is None or not payer.active):
-        raise RecipientNotFound("No user matches this payer")
+    # By e-mail/phone the payer is None (even if verified): see the module docstring.
+    requester, payer = await parties.resolve(
+        conn,
+        principal,
+        who,
+        body.amount,
+        action="request money",
+        role="payer",
+        to_self=SelfRequest("You cannot request money from yourself"),
+    )
     if not await store.currency_offered(conn, body.currency):
         raise CurrencyNotSupported(f"Transfers in {body.currency} are not available")
 
@@ -100,7 +98,7 @@ async def create(
             "payer_name": payer.name if payer else None,
             "payer_kind": who.kind,
             "payer_contact_hash": rt.contact_hash(who.kind, who.value) if who.is_contact else None,
-            "payer_hint": transfers._hint(who.kind, who.value, payer),
+            "payer_hint": parties.hint(who.kind, who.value, payer),
             "amount": body.amount,
             "currency": body.currency,
             "note": body.note,
@@ -234,7 +232,7 @@ async def cancel(conn: AsyncConnection, rt: P2PRuntime, request_id: str, user_id
 def view(row: Row[Any], viewer_id: str) -> TransferRequest:
     """The request as `viewer_id` (its requester or payer) sees it."""
     outgoing = row.requester_id == viewer_id
-    by_contact = row.payer_kind in ("email", "phone")
+    by_contact = row.payer_kind in CONTACT_KINDS
     contact = row.payer_hint if by_contact else None
     # Who has an e-mail/phone is shown to the requester only once they answered: earlier, it
     # would tell the requester whether that contact belongs to a registered user.
@@ -243,13 +241,7 @@ def view(row: Row[Any], viewer_id: str) -> TransferRequest:
         PartyView(
             user_id=row.payer_id,
             name=row.payer_name,
-            # The hint is "@handle", or the name of a payer without one; names are free text,
-            # so a name "@someone" must not pass for a handle (as in transfers.view).
-            handle=(
-                row.payer_hint
-                if row.payer_hint.startswith("@") and row.payer_hint != row.payer_name
-                else None
-            ),
+            handle=parties.handle_in(row.payer_hint, row.payer_name),
             contact=contact,
         )
         if named

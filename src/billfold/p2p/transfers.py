@@ -11,12 +11,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billfold import ledger, users
 from billfold.gateway import Principal
-from billfold.p2p import events, limits
+from billfold.p2p import events, limits, parties
 from billfold.p2p.models import (
-    InvalidAmount,
+    CONTACT_KINDS,
     NewTransfer,
     PartyView,
-    RecipientNotFound,
     SelfTransfer,
     Transfer,
     TransferBlocked,
@@ -28,7 +27,6 @@ from billfold.p2p.runtime import P2PRuntime
 from billfold.p2p.store import transfers as store
 from billfold.platform.bus.consumers import Consumer
 from billfold.platform.clock import utcnow
-from billfold.platform.errors import Forbidden
 from billfold.platform.ids import new_id
 from billfold.platform.money import Money
 
@@ -98,18 +96,17 @@ async def send(
     """Make a transfer. To a user (id, handle) it completes at once; to an e-mail/phone the
     money waits in escrow until the owner of that verified contact claims it, whether or not
     they are registered today, so the answer never tells who has an account."""
-    if body.amount <= 0:
-        raise InvalidAmount("The amount must be a positive number of minor units")
-    money = Money(body.amount, body.currency)
     who = body.recipient
-    sender, found = await users.find_counterparty(conn, principal.user_id, who.kind, who.value)
-    if sender is None or not sender.active:
-        raise Forbidden("This account cannot send money", code="account_not_active")
-    if found is not None and found.user_id == sender.user_id:
-        raise SelfTransfer("You cannot send money to yourself")
-    recipient = None if who.is_contact else found
-    if not who.is_contact and (recipient is None or not recipient.active):
-        raise RecipientNotFound("No user matches this recipient")
+    sender, recipient = await parties.resolve(
+        conn,
+        principal,
+        who,
+        body.amount,
+        action="send money",
+        role="recipient",
+        to_self=SelfTransfer("You cannot send money to yourself"),
+    )
+    money = Money(body.amount, body.currency)
 
     await limits.count_transfer(conn, sender, money)
     # A step-up token counts only once verified (and spent): the risk check is told the sender
@@ -175,7 +172,7 @@ async def send(
             "recipient_contact_sealed": (
                 rt.seal_contact(transfer_id, who.kind, who.value) if who.is_contact else None
             ),
-            "recipient_hint": _hint(who.kind, who.value, recipient),
+            "recipient_hint": parties.hint(who.kind, who.value, recipient),
             "amount": money.amount,
             "currency": money.currency,
             "note": body.note,
@@ -201,15 +198,6 @@ async def send(
     return row
 
 
-def _hint(kind: str, value: str, recipient: users.Party | None) -> str:
-    if kind == "email":
-        return users.mask_email(value)
-    if kind == "phone":
-        return users.mask_phone(value)
-    assert recipient is not None
-    return f"@{recipient.handle}" if recipient.handle else recipient.name
-
-
 # What the parties are told about a failed or reversed transfer: a stable code, never the
 # reviewer's or support agent's own words (they may name a suspicion; they stay in the events).
 _PUBLIC_REASONS = {"failed": "declined_after_review", "reversed": "reversed_by_support"}
@@ -232,14 +220,8 @@ def view(row: Row[Any], viewer_id: str) -> Transfer:
         recipient=PartyView(
             user_id=row.recipient_id,
             name=row.recipient_name,
-            # The hint is "@handle", or the name of a recipient without one; names are free
-            # text, so a name "@someone" must not pass for a handle.
-            handle=(
-                row.recipient_hint
-                if row.recipient_hint.startswith("@") and row.recipient_hint != row.recipient_name
-                else None
-            ),
-            contact=row.recipient_hint if row.recipient_kind in ("email", "phone") else None,
+            handle=parties.handle_in(row.recipient_hint, row.recipient_name),
+            contact=row.recipient_hint if row.recipient_kind in CONTACT_KINDS else None,
         )
         if not unclaimed
         else PartyView(user_id=None, contact=row.recipient_hint),
