@@ -55,13 +55,34 @@ async def verified_owner(
     return found if verified == value else None
 
 
+async def contact_owner(
+    conn: AsyncConnection, event: dict[str, Any], subject_field: str
+) -> users.Party | None:
+    """Whose verified contacts an event concerns: the user who has just verified one
+    (`CONTACT_VERIFIED`), or the verified owner of the contact a new transfer or request was
+    addressed to (its `invitee`; `subject_field` names the sender or requester in the event's
+    data, the lookup's subject: `find_counterparty` reads both in one query). None: nobody."""
+    data = event.get("data") or {}
+    if event["type"] == CONTACT_VERIFIED:
+        user_id = data.get("user_id")
+        return await users.get_party(conn, user_id) if isinstance(user_id, str) else None
+    return await verified_owner(conn, data.get(subject_field, ""), data.get("invitee"))
+
+
 async def claim_for_user(conn: AsyncConnection, rt: P2PRuntime, user_id: str) -> list[Row[Any]]:
     """Move every transfer waiting for one of the user's verified contacts from escrow to
-    their wallet, each as its own posting (kind `p2p_claim`, reference the transfer id), and
-    complete it. Returns the claimed transfers (none: nothing was waiting, or the user is not
-    active). A sender never claims their own transfer."""
+    their wallet (see `claim_for`). Returns the claimed transfers (none: nothing was waiting,
+    or the user is not active)."""
     party = await users.get_party(conn, user_id)
-    if party is None or not party.active:
+    return await claim_for(conn, rt, party) if party is not None else []
+
+
+async def claim_for(conn: AsyncConnection, rt: P2PRuntime, party: users.Party) -> list[Row[Any]]:
+    """Move every transfer waiting for one of the party's verified contacts from escrow to
+    their wallet, each as its own posting (kind `p2p_claim`, reference the transfer id), and
+    complete it. Returns the claimed transfers (none: nothing was waiting, or the party is not
+    active). A sender never claims their own transfer."""
+    if not party.active:
         return []
     hashes = verified_contact_hashes(rt, party)
     claimed = []
@@ -125,17 +146,11 @@ def consumers(rt: P2PRuntime) -> list[Consumer]:
     """The event consumer that claims transfers for the owners of verified contacts."""
 
     async def handle(conn: AsyncConnection, event: dict[str, Any]) -> None:
-        data = event.get("data") or {}
-        if event["type"] == CONTACT_VERIFIED:
-            user_id = data.get("user_id")
-            if isinstance(user_id, str):
-                await claim_for_user(conn, rt, user_id)
-            return
-        # A new transfer to a contact: the contact may already be someone's, verified. The
-        # sender is the lookup's subject (find_counterparty returns both in one query).
-        owner = await verified_owner(conn, data.get("sender_id", ""), data.get("invitee"))
+        # A contact just verified, or a new transfer to a contact that may already be
+        # someone's, verified.
+        owner = await contact_owner(conn, event, "sender_id")
         if owner is not None:
-            await claim_for_user(conn, rt, owner.user_id)
+            await claim_for(conn, rt, owner)
 
     return [
         Consumer(

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from billfold import users
 from billfold.gateway import Principal
 from billfold.p2p import events, parties, transfers
-from billfold.p2p.claims import CONTACT_VERIFIED, verified_contact_hashes, verified_owner
+from billfold.p2p.claims import CONTACT_VERIFIED, contact_owner, verified_contact_hashes
 from billfold.p2p.models import (
     CONTACT_KINDS,
     Counterparty,
@@ -288,11 +288,7 @@ def consumers(rt: P2PRuntime) -> list[Consumer]:
     """The event consumer that writes down who pays requests addressed to a contact."""
 
     async def handle(conn: AsyncConnection, event: dict[str, Any]) -> None:
-        data = event.get("data") or {}
-        if event["type"] == CONTACT_VERIFIED:
-            party = await users.get_party(conn, data.get("user_id", ""))
-        else:
-            party = await verified_owner(conn, data.get("requester_id", ""), data.get("invitee"))
+        party = await contact_owner(conn, event, "requester_id")
         if party is not None:
             await bind_payer(conn, rt, party)
 
