@@ -20,7 +20,6 @@ from billfold.ledger.models import (
     AmountTooLarge,
     CurrencyNotSupported,
     InvalidAmount,
-    Posting,
     WalletMovementType,
 )
 from billfold.platform.clock import rfc3339
@@ -33,6 +32,11 @@ FUNDING = (SYSTEM, "funding")
 # Ledger posting kinds of wallet movements (what a statement line shows as `kind`).
 POSTING_TOPUP = "wallet_topup"
 POSTING_WITHDRAWAL = "wallet_withdrawal"
+
+_POSTING_AND_EVENT: dict[WalletMovementType, tuple[str, str]] = {
+    "topup": (POSTING_TOPUP, events.WALLET_TOPPED_UP),
+    "withdrawal": (POSTING_WITHDRAWAL, events.WALLET_WITHDRAWN),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,17 +78,7 @@ async def top_up(
     `billfold.ledger.wallet.topped_up` event. `max_amount` is the largest single amount (None:
     no limit, for callers that apply their own); `reference` names the business object that
     brought the money in (a card payment, a bank transfer), by default the user."""
-    _check(money, max_amount)
-    posting = await service.move(
-        conn,
-        money,
-        debit=FUNDING,
-        credit=(user_id, "wallet"),
-        kind=POSTING_TOPUP,
-        reference=reference or user_id,
-        memo=memo,
-    )
-    return await _record(conn, "topup", events.WALLET_TOPPED_UP, user_id, money, posting)
+    return await _move(conn, "topup", user_id, money, max_amount, reference, memo)
 
 
 async def withdraw(
@@ -100,27 +94,32 @@ async def withdraw(
     `billfold.ledger.wallet.withdrawn` event. Raises `InsufficientFunds` (from the database,
     which aborts the transaction: the caller must roll back) when the available balance is too
     low; nothing is written then."""
+    return await _move(conn, "withdrawal", user_id, money, max_amount, reference, memo)
+
+
+async def _move(
+    conn: AsyncConnection,
+    type_: WalletMovementType,
+    user_id: str,
+    money: Money,
+    max_amount: int | None,
+    reference: str | None,
+    memo: str | None,
+) -> Movement:
+    """Post a top-up (funding to wallet) or a withdrawal (wallet to funding) and its event."""
     _check(money, max_amount)
+    wallet = (user_id, "wallet")
+    debit, credit = (FUNDING, wallet) if type_ == "topup" else (wallet, FUNDING)
+    kind, event_type = _POSTING_AND_EVENT[type_]
     posting = await service.move(
         conn,
         money,
-        debit=(user_id, "wallet"),
-        credit=FUNDING,
-        kind=POSTING_WITHDRAWAL,
+        debit=debit,
+        credit=credit,
+        kind=kind,
         reference=reference or user_id,
         memo=memo,
     )
-    return await _record(conn, "withdrawal", events.WALLET_WITHDRAWN, user_id, money, posting)
-
-
-async def _record(
-    conn: AsyncConnection,
-    type_: WalletMovementType,
-    event_type: str,
-    user_id: str,
-    money: Money,
-    posting: Posting,
-) -> Movement:
     balance = posting.balance_of(user_id, "wallet")
     movement = Movement(
         id=posting.id,
