@@ -40,6 +40,19 @@ async def post(
     below its available balance; nothing is written then."""
     if sum(leg.amount for leg in legs) != 0:
         raise ValueError("a posting must balance")
+    return await _write(conn, kind, reference, currency, legs, memo)
+
+
+async def _write(
+    conn: AsyncConnection,
+    kind: str,
+    reference: str,
+    currency: str,
+    legs: Sequence[Leg],
+    memo: str | None,
+    reverses: str | None = None,
+) -> Posting:
+    """Write a balanced posting under a new id; the accounts' balances come back with it."""
     posting_id = new_id("pst")
     accounts = await store.post(
         conn,
@@ -49,6 +62,7 @@ async def post(
         currency=currency,
         legs=legs,
         memo=memo,
+        reverses=reverses,
     )
     return Posting(posting_id, kind, reference, currency, accounts)
 
@@ -83,18 +97,9 @@ async def reverse(
     if not rows:
         raise KeyError(posting_id)
     legs = [Leg(r.owner_id, r.account_kind, -r.amount) for r in rows]
-    new = new_id("pst")
-    accounts = await store.post(
-        conn,
-        posting_id=new,
-        kind=kind,
-        reference=rows[0].reference,
-        currency=rows[0].currency,
-        legs=legs,
-        memo=memo,
-        reverses=posting_id,
+    return await _write(
+        conn, kind, rows[0].reference, rows[0].currency, legs, memo, reverses=posting_id
     )
-    return Posting(new, kind, rows[0].reference, rows[0].currency, accounts)
 
 
 async def place_hold(

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, NoReturn
 
-from sqlalchemy import text
+from sqlalchemy import Result, TextClause, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -135,6 +135,16 @@ def _raise_mapped(exc: DBAPIError) -> NoReturn:
     raise exc
 
 
+async def _call(
+    conn: AsyncConnection, statement: TextClause, params: dict[str, Any]
+) -> Result[Any]:
+    """Run a statement that may trip a ledger rule, raising that rule's problem."""
+    try:
+        return await conn.execute(statement, params)
+    except DBAPIError as exc:
+        _raise_mapped(exc)
+
+
 def _balances(rows: Sequence[Any], currency: str) -> tuple[AccountBalance, ...]:
     return tuple(
         AccountBalance(r.account_id, r.owner_id, r.kind, currency, r.posted, r.held) for r in rows
@@ -164,10 +174,7 @@ async def post(
         "new_ids": [new_id("acct") for _ in legs],
         "reverses": reverses,
     }
-    try:
-        rows = (await conn.execute(_POST, params)).all()
-    except DBAPIError as exc:
-        _raise_mapped(exc)
+    rows = (await _call(conn, _POST, params)).all()
     return _balances(rows, currency)
 
 
@@ -192,11 +199,7 @@ async def place_hold(
         "reference": reference,
         "expires_at": expires_at,
     }
-    try:
-        row = (await conn.execute(_PLACE_HOLD, params)).first()
-    except DBAPIError as exc:
-        _raise_mapped(exc)
-    return row is not None
+    return (await _call(conn, _PLACE_HOLD, params)).first() is not None
 
 
 async def commit_hold(
@@ -223,21 +226,13 @@ async def commit_hold(
         "to_kind": to_kind,
         "new_id": new_id("acct"),
     }
-    try:
-        rows = (await conn.execute(_COMMIT_HOLD, params)).all()
-    except DBAPIError as exc:
-        _raise_mapped(exc)
+    rows = (await _call(conn, _COMMIT_HOLD, params)).all()
     return _balances(rows, currency)
 
 
 async def release_hold(conn: AsyncConnection, hold_id: str, status: str) -> int:
-    try:
-        released = (
-            await conn.execute(_RELEASE_HOLD, {"hold_id": hold_id, "status": status})
-        ).scalar_one()
-    except DBAPIError as exc:
-        _raise_mapped(exc)
-    return int(released)
+    result = await _call(conn, _RELEASE_HOLD, {"hold_id": hold_id, "status": status})
+    return int(result.scalar_one())
 
 
 async def get_hold(conn: AsyncConnection, hold_id: str) -> Hold | None:
