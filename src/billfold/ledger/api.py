@@ -22,7 +22,7 @@ from billfold.ledger.models import (
 from billfold.platform.clock import utcnow
 from billfold.platform.errors import FieldError, ProblemError, problem_responses
 from billfold.platform.money import Currency, Money
-from billfold.platform.pagination import Page, PageParams, encode_cursor, page_params
+from billfold.platform.pagination import Page, PageParams, make_page, page_params
 
 router = APIRouter(tags=["wallet"])
 
@@ -134,8 +134,7 @@ async def list_entries(
         limit=page.limit + 1,
         after=_seq(page.after),
     )
-    more = len(entries) > page.limit
-    entries = entries[: page.limit]
+    found = make_page(entries, page.limit, "seq")
     return Page[StatementEntry](
         data=[
             StatementEntry(
@@ -149,9 +148,9 @@ async def list_entries(
                 balance_after=e.balance_after,
                 created_at=e.created_at,
             )
-            for e in entries
+            for e in found.data
         ],
-        next_cursor=encode_cursor(str(entries[-1].seq)) if more else None,
+        next_cursor=found.next_cursor,
     )
 
 
