@@ -138,8 +138,7 @@ async def override(
 ) -> None:
     """Set (or, with nulls, clear) the user's own limits in `currency`; an override cannot
     offer a currency that transfers are not offered in (loyalty points, for one)."""
-    if not await store.offered(conn, currency):
-        raise CurrencyNotSupported(f"Transfers in {currency} are not available")
+    await check_offered(conn, currency)
     await store.set_override(
         conn,
         user_id=party.user_id,
@@ -148,6 +147,13 @@ async def override(
         daily=limits.daily,
         monthly=limits.monthly,
     )
+
+
+async def check_offered(conn: AsyncConnection, currency: str) -> None:
+    """Refuse (`currency_not_supported`) a currency that transfers are not offered in at any
+    KYC tier (loyalty points, for one)."""
+    if not await store.offered(conn, currency):
+        raise CurrencyNotSupported(f"Transfers in {currency} are not available")
 
 
 async def give_back(conn: AsyncConnection, sender_id: str, money: Money, sent_at: datetime) -> None:

@@ -16,12 +16,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from billfold import users
 from billfold.gateway import Principal
-from billfold.p2p import events, parties, transfers
+from billfold.p2p import events, limits, parties, transfers
 from billfold.p2p.claims import CONTACT_VERIFIED, contact_owner, verified_contact_hashes
 from billfold.p2p.models import (
     CONTACT_KINDS,
     Counterparty,
-    CurrencyNotSupported,
     NewTransfer,
     NewTransferRequest,
     PartyView,
@@ -85,8 +84,7 @@ async def create(
         role="payer",
         to_self=SelfRequest("You cannot request money from yourself"),
     )
-    if not await store.currency_offered(conn, body.currency):
-        raise CurrencyNotSupported(f"Transfers in {body.currency} are not available")
+    await limits.check_offered(conn, body.currency)
 
     row = await store.insert(
         conn,

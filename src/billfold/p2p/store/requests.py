@@ -68,8 +68,6 @@ _EXPIRE = text(
     """
 )
 # Currencies that transfers are offered in at some KYC tier (a request is paid by a transfer).
-_CURRENCY_OFFERED = text("SELECT EXISTS (SELECT 1 FROM p2p.tier_limits WHERE currency = :c)")
-
 # Who sees a request: its requester, its payer, and (before the payer is written down) the
 # user who has the e-mail/phone it was addressed to verified, while it is pending.
 _OUTGOING = "requester_id = :user_id"
@@ -124,10 +122,6 @@ async def bind_payer(
 async def expire_due(conn: AsyncConnection, limit: int) -> list[Row[Any]]:
     """Expire up to `limit` pending requests past their deadline that no one else holds."""
     return list((await conn.execute(_EXPIRE, {"limit": limit})).all())
-
-
-async def currency_offered(conn: AsyncConnection, currency: str) -> bool:
-    return bool((await conn.execute(_CURRENCY_OFFERED, {"c": currency})).scalar_one())
 
 
 async def list_for_user(
