@@ -135,14 +135,24 @@ async def viewer(
     return party, verified_contact_hashes(rt, party)
 
 
-async def get(conn: AsyncConnection, rt: P2PRuntime, request_id: str, user_id: str) -> Row[Any]:
-    """The request if `user_id` made it or is its payer; RequestNotFound otherwise."""
+async def _find(
+    conn: AsyncConnection, rt: P2PRuntime, request_id: str, user_id: str, *, for_update: bool
+) -> tuple[Row[Any], Role, users.Party]:
+    """The request (locked `for_update`), how `user_id` stands to it, and the caller;
+    RequestNotFound if it is none of their business."""
     if not is_valid_id(request_id, "req"):  # junk (even NUL bytes) never reaches SQL
         raise RequestNotFound("No such request")
-    _, hashes = await viewer(conn, rt, user_id)
-    row = await store.get(conn, request_id)
-    if row is None or role_of(row, user_id, hashes) is None:
+    party, hashes = await viewer(conn, rt, user_id)
+    row = await (store.get_for_update if for_update else store.get)(conn, request_id)
+    role = role_of(row, user_id, hashes) if row is not None else None
+    if row is None or role is None:
         raise RequestNotFound("No such request")
+    return row, role, party
+
+
+async def get(conn: AsyncConnection, rt: P2PRuntime, request_id: str, user_id: str) -> Row[Any]:
+    """The request if `user_id` made it or is its payer; RequestNotFound otherwise."""
+    row, _, _ = await _find(conn, rt, request_id, user_id, for_update=False)
     return row
 
 
@@ -151,13 +161,7 @@ async def _lock(
 ) -> tuple[Row[Any], users.Party]:
     """Lock the request (first, before limits and accounts: one lock order for everyone) and
     check that `user_id` may `verb` it now."""
-    if not is_valid_id(request_id, "req"):
-        raise RequestNotFound("No such request")
-    party, hashes = await viewer(conn, rt, user_id)
-    row = await store.get_for_update(conn, request_id)
-    role = role_of(row, user_id, hashes) if row is not None else None
-    if row is None or role is None:
-        raise RequestNotFound("No such request")
+    row, role, party = await _find(conn, rt, request_id, user_id, for_update=True)
     if role != allowed:
         raise RequestActionNotAllowed(f"Only the {allowed} can {verb} this request")
     if row.status != "pending":
