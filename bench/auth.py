@@ -37,10 +37,8 @@ from typing import Any
 
 import httpx
 
-from billfold.platform.keys import SealedBox
 from common import (
     PASSWORD,
-    RATE_LIMITS,
     Account,
     Client,
     RawConnection,
@@ -50,6 +48,7 @@ from common import (
     cpu_model,
     drop_redis_keys,
     fresh_database,
+    in_process_app,
     make_accounts,
     print_cpu_by_package,
     run_scenario,
@@ -57,7 +56,6 @@ from common import (
     server_env,
     server_versions,
     servers_label,
-    silence_app_log,
     start_api,
     stop,
     versions,
@@ -221,64 +219,35 @@ async def _measure(
 
 
 async def profile(args: argparse.Namespace, admin_url: str, redis_url: str, tmp: Path) -> int:
-    prefix = f"bfb:{uuid.uuid4().hex[:8]}:"
-    try:
-        async with fresh_database(admin_url) as (_, database_url):
-            return await _profile(args, database_url, redis_url, prefix, tmp)
-    finally:
-        await drop_redis_keys(redis_url, prefix)
-
-
-async def _profile(
-    args: argparse.Namespace, database_url: str, redis_url: str, prefix: str, tmp: Path
-) -> int:
     import cProfile
     import pstats
 
-    from asgi_lifespan import LifespanManager
+    async with in_process_app(admin_url, redis_url, tmp) as (_, _, client):
+        accounts = await make_accounts(client, args.concurrency)
+        request = scenarios(accounts)[args.profile]
+        clients: list[Client] = [client] * args.concurrency
+        await run_scenario(
+            clients,
+            args.profile,
+            request,
+            duration=1,
+            warmup=0,
+        )
+        sampler: Any = None
+        if args.profiler == "pyinstrument":
+            from pyinstrument import Profiler  # not a dependency: uv pip install it
 
-    from billfold.app import create_app
-    from billfold.config import Settings
-
-    settings = Settings(
-        database_url=database_url,
-        redis_url=redis_url,
-        redis_prefix=prefix,
-        data_dir=tmp / "data",
-        secret_key=SealedBox.generate_b64(),
-        environment="bench",
-        **RATE_LIMITS,
-    )
-    silence_app_log()
-    app = create_app(settings)
-    async with LifespanManager(app):
-        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
-            accounts = await make_accounts(client, args.concurrency)
-            request = scenarios(accounts)[args.profile]
-            clients: list[Client] = [client] * args.concurrency
-            await run_scenario(
-                clients,
-                args.profile,
-                request,
-                duration=1,
-                warmup=0,
-            )
-            sampler: Any = None
-            if args.profiler == "pyinstrument":
-                from pyinstrument import Profiler  # not a dependency: uv pip install it
-
-                sampler = Profiler(interval=0.0005, async_mode="disabled")
-            prof = cProfile.Profile(time.process_time)  # CPU, not waiting
-            sampler.start() if sampler else prof.enable()
-            r = await run_scenario(
-                clients,
-                args.profile,
-                request,
-                duration=args.duration,
-                warmup=0,
-            )
-            sampler.stop() if sampler else prof.disable()
+            sampler = Profiler(interval=0.0005, async_mode="disabled")
+        prof = cProfile.Profile(time.process_time)  # CPU, not waiting
+        sampler.start() if sampler else prof.enable()
+        r = await run_scenario(
+            clients,
+            args.profile,
+            request,
+            duration=args.duration,
+            warmup=0,
+        )
+        sampler.stop() if sampler else prof.disable()
     if r.errors:
         print(f"FAILED: {r.errors[:3]}", file=sys.stderr)
         return 1

@@ -49,6 +49,14 @@ RATE_LIMITS = {
 # --- measurement -----------------------------------------------------------------------------
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank `q`th percentile of `values` (NaN when there are none)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
 @dataclass
 class Result:
     name: str
@@ -65,11 +73,7 @@ class Result:
 
     def pct(self, q: float) -> float:
         """Nearest-rank percentile, in milliseconds."""
-        if not self.latencies:
-            return float("nan")
-        ordered = sorted(self.latencies)
-        rank = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
-        return ordered[rank] * 1000
+        return percentile(self.latencies, q) * 1000
 
     def cpu_us(self, seconds: float) -> float:
         """CPU microseconds per request."""
@@ -356,6 +360,40 @@ async def fresh_database(
         yield name, url
     finally:
         await admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.asynccontextmanager
+async def in_process_app(
+    admin_url: str, redis_url: str, tmp: Path
+) -> AsyncIterator[tuple[Any, str, httpx.AsyncClient]]:
+    """For `--profile`: the app in this process on a fresh database and a Redis key prefix of
+    its own (both gone at exit), unlimited rate limits and its log lines sent nowhere, behind
+    an httpx client over ASGI (no socket). Yields (app, database URL, client)."""
+    from asgi_lifespan import LifespanManager
+
+    from billfold.app import create_app
+    from billfold.config import Settings
+
+    prefix = f"bfb:{uuid.uuid4().hex[:8]}:"
+    try:
+        async with fresh_database(admin_url) as (_, url):
+            settings = Settings(
+                database_url=url,
+                redis_url=redis_url,
+                redis_prefix=prefix,
+                data_dir=tmp / "data",
+                secret_key=SealedBox.generate_b64(),
+                environment="bench",
+                **RATE_LIMITS,
+            )
+            silence_app_log()
+            app = create_app(settings)
+            async with LifespanManager(app):
+                transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
+                async with httpx.AsyncClient(transport=transport, base_url="http://bench") as c:
+                    yield app, url, c
+    finally:
+        await drop_redis_keys(redis_url, prefix)
 
 
 def free_port() -> int:

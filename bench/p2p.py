@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import math
 import os
 import platform
 import random
@@ -63,7 +62,6 @@ from billfold.platform.db import async_url, create_engine, unit_of_work
 from billfold.platform.keys import SealedBox
 from billfold.platform.money import Money
 from common import (
-    RATE_LIMITS,
     UNLIMITED,
     Account,
     Client,
@@ -74,8 +72,10 @@ from common import (
     cpu_model,
     drop_redis_keys,
     fresh_database,
+    in_process_app,
     machine_busy,
     make_accounts,
+    percentile,
     print_cpu_by_package,
     process_cpu,
     run_scenario,
@@ -83,7 +83,6 @@ from common import (
     server_env,
     server_versions,
     servers_label,
-    silence_app_log,
     start_api,
     stop,
     tail,
@@ -126,10 +125,7 @@ class Window:
 
     def pct(self, q: float) -> float:
         """Nearest-rank percentile of the latencies, in milliseconds."""
-        if not self.latencies_ms:
-            return float("nan")
-        ordered = sorted(self.latencies_ms)
-        return ordered[max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))]
+        return percentile(self.latencies_ms, q)
 
     def per_tx_us(self, cpu: float | None) -> str:
         if cpu is None or not self.transactions:
@@ -743,39 +739,13 @@ async def _bench(
 
 
 async def profile(args: argparse.Namespace, admin_url: str, redis_url: str, tmp: Path) -> int:
-    prefix = f"bfb:{uuid.uuid4().hex[:8]}:"
-    try:
-        async with fresh_database(admin_url) as (_, database_url):
-            return await _profile(args, database_url, redis_url, prefix, tmp)
-    finally:
-        await drop_redis_keys(redis_url, prefix)
-
-
-async def _profile(
-    args: argparse.Namespace, database_url: str, redis_url: str, prefix: str, tmp: Path
-) -> int:
     """cProfile (CPU time) of the transfer requests in-process, and the SQL each one sends as
     SQLAlchemy sees it (statements, transactions)."""
     import cProfile
     import pstats
 
-    from asgi_lifespan import LifespanManager
     from sqlalchemy import event
 
-    from billfold.app import create_app
-    from billfold.config import Settings
-
-    settings = Settings(
-        database_url=database_url,
-        redis_url=redis_url,
-        redis_prefix=prefix,
-        data_dir=tmp / "data",
-        secret_key=SealedBox.generate_b64(),
-        environment="bench",
-        **RATE_LIMITS,
-    )
-    silence_app_log()
-    app = create_app(settings)
     sql: dict[str, int] = {}
 
     def count(kind: str) -> Callable[..., None]:
@@ -785,25 +755,23 @@ async def _profile(
         return listener
 
     sent = Sent()
-    async with LifespanManager(app):
+    async with in_process_app(admin_url, redis_url, tmp) as (app, database_url, client):
         engine = app.state.resources.engine.sync_engine
         for kind in ("before_cursor_execute", "begin", "commit", "rollback"):
             event.listen(engine, kind, count(kind))
-        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
-            accounts = await make_accounts(client, args.users, concurrency=4)
-            await prepare_users(database_url, accounts)
-            request = transfer_request(accounts, args.amount_max, sent)
-            clients: list[Client] = [client] * args.clients
-            options: dict[str, Any] = {"ok_status": (201,), "max_errors": 5}
-            await run_scenario(clients, "warm-up", request, duration=1, warmup=0, **options)
-            sql.clear()
-            prof = cProfile.Profile(time.process_time)  # CPU, not waiting
-            prof.enable()
-            r = await run_scenario(
-                clients, "transfers", request, duration=args.seconds, warmup=0, **options
-            )
-            prof.disable()
+        accounts = await make_accounts(client, args.users, concurrency=4)
+        await prepare_users(database_url, accounts)
+        request = transfer_request(accounts, args.amount_max, sent)
+        clients: list[Client] = [client] * args.clients
+        options: dict[str, Any] = {"ok_status": (201,), "max_errors": 5}
+        await run_scenario(clients, "warm-up", request, duration=1, warmup=0, **options)
+        sql.clear()
+        prof = cProfile.Profile(time.process_time)  # CPU, not waiting
+        prof.enable()
+        r = await run_scenario(
+            clients, "transfers", request, duration=args.seconds, warmup=0, **options
+        )
+        prof.disable()
     if r.errors:
         print(f"FAILED: {r.errors[:3]}", file=sys.stderr)
         return 1
