@@ -57,7 +57,10 @@ def parse_as_of(value: str) -> datetime:
         ) from None
     if instant.tzinfo is None or instant.utcoffset() is None:
         raise invalid("as_of needs a UTC offset (Z or ±hh:mm): a local time is ambiguous")
-    instant = instant.astimezone(UTC)
+    try:
+        instant = instant.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00 is in year 0 in UTC
+        raise invalid("as_of is outside the years 1 to 9999 in UTC") from None
     if instant > utcnow():
         raise invalid("as_of is in the future: a balance then is not known yet")
     return instant
