@@ -20,3 +20,15 @@ async def test_a_wallet_as_of_outside_the_utc_range_is_a_422(
     assert r.headers["content-type"] == "application/problem+json"
     assert r.json()["code"] == "invalid_as_of"
     assert r.json()["errors"][0]["parameter"] == "as_of"
+
+
+@pytest.mark.parametrize("bound", ["from", "to"])
+@pytest.mark.parametrize("instant", OUT_OF_RANGE_IN_UTC)
+async def test_a_history_bound_outside_the_utc_range_is_a_422(
+    client: httpx.AsyncClient, alice: SignedIn, bound: str, instant: str
+) -> None:
+    r = await client.get("/v1/transfers", params={bound: instant}, headers=alice.headers)
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["code"] == "validation_failed"
+    assert r.json()["errors"][0]["parameter"] == bound

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request, status
-from pydantic import AwareDatetime
+from pydantic import AfterValidator, AwareDatetime
 
 from billfold import users
 from billfold.gateway import IdempotencyRequired, Principal, Uow, client_ip, require_admin
@@ -30,6 +31,17 @@ from billfold.platform.pagination import Page, PageParams, make_page, page_param
 router = APIRouter(tags=["transfers"])
 TransferId = Annotated[str, Path(max_length=64)]
 Admin = Annotated[Principal, Depends(require_admin)]
+
+
+def _in_utc(instant: datetime) -> datetime:
+    try:
+        return instant.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+14:00 is year 0 in UTC: the driver refused it
+        raise ValueError("must fall within the years 1 to 9999 in UTC") from None
+
+
+# An instant with its UTC offset that UTC can hold (a 500 from the database driver otherwise).
+UtcInstant = Annotated[AwareDatetime, AfterValidator(_in_utc)]
 
 
 @router.post(
@@ -74,8 +86,8 @@ async def list_transfers(
     # A user id, a time with its UTC offset (a bare local time is ambiguous) and amounts a
     # bigint holds: anything else is a 422 here, not a database error (a 500) or a guess.
     counterparty: Annotated[str | None, Query(pattern=USER_ID_PATTERN)] = None,
-    created_from: Annotated[AwareDatetime | None, Query(alias="from")] = None,
-    created_to: Annotated[AwareDatetime | None, Query(alias="to")] = None,
+    created_from: Annotated[UtcInstant | None, Query(alias="from")] = None,
+    created_to: Annotated[UtcInstant | None, Query(alias="to")] = None,
     amount_min: Annotated[int | None, Query(ge=0, le=MAX_AMOUNT)] = None,
     amount_max: Annotated[int | None, Query(ge=0, le=MAX_AMOUNT)] = None,
     currency: Annotated[Currency | None, Query()] = None,
