@@ -9,6 +9,7 @@ already had (`billfold.p2p.transfer.pending_claim`), or when they ask (`POST
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy.engine import Row
@@ -53,20 +54,6 @@ async def verified_owner(
         return None
     verified = found.verified_email if kind == "email" else found.verified_phone
     return found if verified == value else None
-
-
-async def contact_owner(
-    conn: AsyncConnection, event: dict[str, Any], subject_field: str
-) -> users.Party | None:
-    """Whose verified contacts an event concerns: the user who has just verified one
-    (`CONTACT_VERIFIED`), or the verified owner of the contact a new transfer or request was
-    addressed to (its `invitee`; `subject_field` names the sender or requester in the event's
-    data, the lookup's subject: `find_counterparty` reads both in one query). None: nobody."""
-    data = event.get("data") or {}
-    if event["type"] == CONTACT_VERIFIED:
-        user_id = data.get("user_id")
-        return await users.get_party(conn, user_id) if isinstance(user_id, str) else None
-    return await verified_owner(conn, data.get(subject_field, ""), data.get("invitee"))
 
 
 async def claim_for_user(conn: AsyncConnection, rt: P2PRuntime, user_id: str) -> list[Row[Any]]:
@@ -142,20 +129,37 @@ async def expire_claims(engine: AsyncEngine, *, batch: int = 200) -> int:
     return expired
 
 
-def consumers(rt: P2PRuntime) -> list[Consumer]:
-    """The event consumer that claims transfers for the owners of verified contacts."""
+def contact_consumer(
+    name: str,
+    addressed: str,
+    subject_field: str,
+    serve: Callable[[AsyncConnection, users.Party], Awaitable[object]],
+) -> Consumer:
+    """A consumer that hands what waits for a contact to its verified owner (`serve`): when a
+    user verifies one (`CONTACT_VERIFIED`), and when something new is addressed to a contact
+    that someone already has verified (the `addressed` event: its `invitee`, looked up with
+    its sender or requester, `subject_field`, as the subject: one query for both)."""
 
     async def handle(conn: AsyncConnection, event: dict[str, Any]) -> None:
-        # A contact just verified, or a new transfer to a contact that may already be
-        # someone's, verified.
-        owner = await contact_owner(conn, event, "sender_id")
+        data = event.get("data") or {}
+        if event["type"] == CONTACT_VERIFIED:
+            user_id = data.get("user_id")
+            owner = await users.get_party(conn, user_id) if isinstance(user_id, str) else None
+        else:
+            owner = await verified_owner(conn, data.get(subject_field, ""), data.get("invitee"))
         if owner is not None:
-            await claim_for(conn, rt, owner)
+            await serve(conn, owner)
 
+    return Consumer(name, frozenset({CONTACT_VERIFIED, addressed}), handle)
+
+
+def consumers(rt: P2PRuntime) -> list[Consumer]:
+    """The event consumer that claims transfers for the owners of verified contacts."""
     return [
-        Consumer(
+        contact_consumer(
             "p2p.claim-transfers",
-            frozenset({CONTACT_VERIFIED, events.TRANSFER_PENDING_CLAIM}),
-            handle,
+            events.TRANSFER_PENDING_CLAIM,
+            "sender_id",
+            lambda conn, owner: claim_for(conn, rt, owner),
         )
     ]

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from billfold import users
 from billfold.gateway import Principal
 from billfold.p2p import events, limits, parties, transfers
-from billfold.p2p.claims import CONTACT_VERIFIED, contact_owner, verified_contact_hashes
+from billfold.p2p.claims import contact_consumer, verified_contact_hashes
 from billfold.p2p.models import (
     CONTACT_KINDS,
     Counterparty,
@@ -288,16 +288,11 @@ async def expire_requests(engine: AsyncEngine, *, batch: int = 200) -> int:
 
 def consumers(rt: P2PRuntime) -> list[Consumer]:
     """The event consumer that writes down who pays requests addressed to a contact."""
-
-    async def handle(conn: AsyncConnection, event: dict[str, Any]) -> None:
-        party = await contact_owner(conn, event, "requester_id")
-        if party is not None:
-            await bind_payer(conn, rt, party)
-
     return [
-        Consumer(
+        contact_consumer(
             "p2p.bind-request-payers",
-            frozenset({CONTACT_VERIFIED, events.REQUEST_CREATED}),
-            handle,
+            events.REQUEST_CREATED,
+            "requester_id",
+            lambda conn, owner: bind_payer(conn, rt, owner),
         )
     ]
