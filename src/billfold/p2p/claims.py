@@ -75,7 +75,11 @@ async def claim_for(conn: AsyncConnection, rt: P2PRuntime, party: users.Party) -
     claimed = []
     # Every row is locked before the first posting: a concurrent cancel (which locks its row,
     # then the escrow) is never waited on while this transaction holds the escrow.
-    for row in await store.lock_unclaimed(conn, hashes, party.user_id):
+    rows = await store.lock_unclaimed(conn, hashes, party.user_id)
+    # Posted currency by currency: each posting locks that currency's escrow, shared by every
+    # claim, so all claims take the escrows in one order. In id order, one claim holding the USD
+    # escrow waited for the EUR one while another held EUR and waited for USD (a deadlock).
+    for row in sorted(rows, key=lambda r: (r.currency, r.id)):
         posting = await ledger.move(
             conn,
             Money(row.amount, row.currency),
@@ -97,7 +101,7 @@ async def claim_for(conn: AsyncConnection, rt: P2PRuntime, party: users.Party) -
         claimed.append(updated)
     if claimed:
         log.info("transfers claimed", user_id=party.user_id, count=len(claimed))
-    return claimed
+    return sorted(claimed, key=lambda r: r.id)  # oldest first, as they were locked
 
 
 async def expire_claims(engine: AsyncEngine, *, batch: int = 200) -> int:
