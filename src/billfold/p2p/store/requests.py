@@ -45,9 +45,11 @@ _DECIDE = text(
     """
 )
 # Pending requests addressed to a contact nobody had yet: they are the verified owner's now.
+# `updated_at` stays: the requester sees it, and a request to a registered (verified) contact
+# that changed a moment after it was made, unlike one to a contact nobody has, told them so.
 _BIND_PAYER = text(
     """
-    UPDATE p2p.transfer_requests SET payer_id = :user_id, payer_name = :name, updated_at = now()
+    UPDATE p2p.transfer_requests SET payer_id = :user_id, payer_name = :name
     WHERE payer_id IS NULL AND status = 'pending' AND payer_contact_hash = ANY(:hashes)
       AND requester_id <> :user_id
     RETURNING id
