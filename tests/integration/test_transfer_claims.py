@@ -17,15 +17,17 @@ from tests.conftest import SignedIn, fund, idem, new_phone, sign_up
 from tests.integration.p2p_contact_support import (
     EMAIL_DOMAIN,
     assert_escrow_conserved,
-    available,
     deliver,
     escrow,
+    unregistered_email,
+    verify_contact,
+)
+from tests.integration.transfer_support import (
+    available,
     outbox_events,
     postings,
     send,
     transfer_row,
-    unregistered_email,
-    verify_contact,
 )
 
 
@@ -36,7 +38,7 @@ async def test_invite_by_email_waits_in_escrow_until_the_verified_owner_claims_i
     email = unregistered_email()
     escrow_before = await escrow(app)
 
-    r = await send(client, alice, {"email": email}, 2_500)
+    r = await send(client, alice, 2_500, email=email)
     assert r.status_code == 201, r.text
     sent = r.json()
     assert sent["status"] == "pending_claim"
@@ -94,7 +96,7 @@ async def test_a_verified_owner_addressed_by_phone_gets_it_from_the_pending_clai
     await verify_contact(client, app, dave, "phone")
     await fund(app, alice.user["id"], 5_000)
 
-    r = await send(client, alice, {"phone": phone}, 1_200)
+    r = await send(client, alice, 1_200, phone=phone)
     assert r.status_code == 201, r.text
     assert r.json()["status"] == "pending_claim"  # the answer does not say dave exists
     assert r.json()["recipient"]["user_id"] is None
@@ -114,7 +116,7 @@ async def test_an_unverified_phone_owner_gets_nothing(
     erin = await sign_up(client, phone=phone)
     await verify_contact(client, app, erin, "email")  # another contact verified: not enough
     await fund(app, alice.user["id"], 5_000)
-    r = await send(client, alice, {"phone": phone}, 700)
+    r = await send(client, alice, 700, phone=phone)
     await deliver(app, "billfold.p2p.transfer.pending_claim", r.json()["id"])
     await deliver(app, "billfold.users.contact.verified", erin.user["id"])
     claim = await client.post("/v1/transfers/claims", headers=erin.headers)
@@ -128,8 +130,8 @@ async def test_sending_to_a_registered_or_unknown_email_looks_the_same(
 ) -> None:
     await verify_contact(client, app, bob, "email")
     await fund(app, alice.user["id"], 5_000)
-    known = await send(client, alice, {"email": bob.email}, 1_000)
-    unknown = await send(client, alice, {"email": unregistered_email()}, 1_000)
+    known = await send(client, alice, 1_000, email=bob.email)
+    unknown = await send(client, alice, 1_000, email=unregistered_email())
     assert known.status_code == unknown.status_code == 201
 
     def scrub(body: dict[str, Any]) -> dict[str, Any]:
@@ -152,8 +154,8 @@ async def test_claim_endpoint_claims_now_and_only_once_even_when_called_concurre
 ) -> None:
     email = unregistered_email()
     await fund(app, alice.user["id"], 10_000)
-    first = (await send(client, alice, {"email": email}, 1_000)).json()
-    second = (await send(client, alice, {"email": email}, 2_000)).json()
+    first = (await send(client, alice, 1_000, email=email)).json()
+    second = (await send(client, alice, 2_000, email=email)).json()
     frank = await sign_up(client, email=email)
     await verify_contact(client, app, frank, "email")  # no consumer run: the endpoint claims
 
@@ -176,7 +178,7 @@ async def test_claims_never_reveal_other_peoples_transfers(
     client: httpx.AsyncClient, app: Any, alice: SignedIn, bob: SignedIn
 ) -> None:
     await fund(app, alice.user["id"], 5_000)
-    r = await send(client, alice, {"email": unregistered_email()}, 500)
+    r = await send(client, alice, 500, email=unregistered_email())
     await verify_contact(client, app, bob, "email")
     claim = await client.post("/v1/transfers/claims", headers=bob.headers)
     assert claim.status_code == 200 and claim.json() == {"data": []}
@@ -190,7 +192,7 @@ async def test_the_sender_never_claims_their_own_transfer(
 ) -> None:
     email = unregistered_email()
     await fund(app, alice.user["id"], 5_000)
-    r = await send(client, alice, {"email": email}, 800)
+    r = await send(client, alice, 800, email=email)
     # alice takes that address herself afterwards and verifies it.
     moved = await client.patch("/v1/me", json={"email": email}, headers=alice.headers)
     assert moved.status_code == 200, moved.text
@@ -205,9 +207,7 @@ async def test_unclaimed_transfers_return_to_the_sender_once_with_two_workers(
     client: httpx.AsyncClient, app: Any, alice: SignedIn
 ) -> None:
     await fund(app, alice.user["id"], 10_000)
-    sent = [
-        (await send(client, alice, {"email": unregistered_email()}, 1_000)).json() for _ in range(4)
-    ]
+    sent = [(await send(client, alice, 1_000, email=unregistered_email())).json() for _ in range(4)]
     ids = [t["id"] for t in sent]
     assert await available(app, alice.user["id"]) == 6_000
     engine = app.state.resources.engine
@@ -244,7 +244,7 @@ async def test_expiry_leaves_transfers_not_yet_due(
     client: httpx.AsyncClient, app: Any, alice: SignedIn
 ) -> None:
     await fund(app, alice.user["id"], 1_000)
-    r = await send(client, alice, {"email": unregistered_email()}, 1_000)
+    r = await send(client, alice, 1_000, email=unregistered_email())
     await p2p.expire_claims(app.state.resources.engine)
     assert (await transfer_row(app, r.json()["id"])).status == "pending_claim"
     assert await available(app, alice.user["id"]) == 0
@@ -255,7 +255,7 @@ async def test_the_sender_can_cancel_an_unclaimed_transfer(
 ) -> None:
     email = unregistered_email()
     await fund(app, alice.user["id"], 3_000)
-    r = await send(client, alice, {"email": email}, 2_000)
+    r = await send(client, alice, 2_000, email=email)
     transfer_id = r.json()["id"]
     stranger = await client.post(f"/v1/transfers/{transfer_id}/cancel", headers=bob.headers)
     assert stranger.status_code == 404
@@ -285,7 +285,7 @@ async def test_a_claim_racing_a_cancel_moves_the_money_exactly_once(
     await verify_contact(client, app, hank, "email")
     for _ in range(5):
         await fund(app, alice.user["id"], 400)
-        r = await send(client, alice, {"email": email}, 400)
+        r = await send(client, alice, 400, email=email)
         transfer_id = r.json()["id"]
         claim, cancel = await asyncio.gather(
             client.post("/v1/transfers/claims", headers=hank.headers),
@@ -313,7 +313,7 @@ async def test_a_second_claim_waits_for_the_first_and_finds_nothing(
     """Deterministic form of the race: the first claim holds its rows until it commits."""
     email = unregistered_email()
     await fund(app, alice.user["id"], 900)
-    r = await send(client, alice, {"email": email}, 900)
+    r = await send(client, alice, 900, email=email)
     ivy = await sign_up(client, email=email)
     await verify_contact(client, app, ivy, "email")
     engine, rt = app.state.resources.engine, app.state.p2p
@@ -352,7 +352,7 @@ async def test_a_contact_transfer_released_from_review_still_reaches_its_verifie
     await fund(app, alice.user["id"], 5_000)
     original, app.state.p2p.risk = app.state.p2p.risk, Review()
     try:
-        r = await send(client, alice, {"phone": phone}, 900)
+        r = await send(client, alice, 900, phone=phone)
     finally:
         app.state.p2p.risk = original
     assert r.status_code == 201 and r.json()["status"] == "pending", r.text

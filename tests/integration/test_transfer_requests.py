@@ -15,12 +15,11 @@ from billfold import p2p
 from tests.conftest import SignedIn, fund, idem, new_phone, set_kyc_tier, sign_up
 from tests.integration.p2p_contact_support import (
     EMAIL_DOMAIN,
-    available,
     deliver,
-    outbox_events,
     unregistered_email,
     verify_contact,
 )
+from tests.integration.transfer_support import available, outbox_events, sql
 
 
 async def ask(
@@ -52,33 +51,21 @@ async def act(
 
 
 async def request_row(app: Any, request_id: str) -> Any:
-    async with app.state.resources.engine.connect() as conn:
-        return (
-            await conn.execute(
-                text("SELECT * FROM p2p.transfer_requests WHERE id = :id"), {"id": request_id}
-            )
-        ).one()
+    (row,) = await sql(app, "SELECT * FROM p2p.transfer_requests WHERE id = :id", id=request_id)
+    return row
 
 
 async def transfers_for(app: Any, request_id: str) -> list[Any]:
-    async with app.state.resources.engine.connect() as conn:
-        return list(
-            (
-                await conn.execute(
-                    text("SELECT * FROM p2p.transfers WHERE request_id = :id"), {"id": request_id}
-                )
-            ).all()
-        )
+    return await sql(app, "SELECT * FROM p2p.transfers WHERE request_id = :id", id=request_id)
 
 
 async def count_requests(app: Any, requester_id: str) -> int:
-    async with app.state.resources.engine.connect() as conn:
-        return int(
-            await conn.scalar(
-                text("SELECT count(*) FROM p2p.transfer_requests WHERE requester_id = :u"),
-                {"u": requester_id},
-            )
-        )
+    rows = await sql(
+        app,
+        "SELECT count(*) AS n FROM p2p.transfer_requests WHERE requester_id = :u",
+        u=requester_id,
+    )
+    return int(rows[0].n)
 
 
 async def test_ask_a_user_and_both_sides_see_it(

@@ -27,6 +27,7 @@ from tests.integration.transfer_support import (
     balance,
     events,
     make_admin,
+    outbox_events,
     patch_me,
     risk,
     send,
@@ -1085,7 +1086,6 @@ async def test_a_review_that_outlives_its_hold_fails_the_transfer(
     """The ledger's sweeper releases the expired hold; the P2P consumer of its event fails the
     transfer (`review_expired`) and gives the amount back to the sender's limits, once."""
     from billfold import jobs, ledger
-    from tests.integration.p2p_contact_support import outbox_events
 
     await fund(app, alice.user["id"], 1_000)
     with risk(app, Always("review")):

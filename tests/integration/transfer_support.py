@@ -1,4 +1,5 @@
-"""Helpers shared by the transfer tests: sending, reading balances, snapshots, admins, risk swaps.
+"""Helpers shared by the wallet and transfer tests: sending, reading balances, rows, postings
+and outbox events, snapshots, admins, risk swaps (`p2p_contact_support` adds the contact ones).
 
 Reads go straight to PostgreSQL (the ledger's public face for balances, SQL for the rest) so a
 test checks what was stored, not what an endpoint says was stored.
@@ -61,11 +62,15 @@ class Balance:
         return self.posted - self.held
 
 
-async def balance(app: Any, who: SignedIn | str, currency: str = "USD") -> Balance:
-    """The wallet's posted and held balance in `currency`, read through the ledger's face."""
-    user_id = who if isinstance(who, str) else who.user["id"]
+async def balance(
+    app: Any, who: SignedIn | str, currency: str = "USD", *, kind: str = "wallet"
+) -> Balance:
+    """The posted and held balance of `who`'s account of `kind` (their wallet unless said; a
+    system account with `ledger.SYSTEM`) in `currency`, read through the ledger's face; zero
+    if it was never opened."""
+    owner_id = who if isinstance(who, str) else who.user["id"]
     async with app.state.resources.engine.connect() as conn:
-        for b in await ledger.balances(conn, user_id):
+        for b in await ledger.balances(conn, owner_id, kind=kind):
             if b.currency == currency:
                 return Balance(b.posted, b.held)
     return Balance(0, 0)
@@ -115,15 +120,50 @@ async def snapshot(app: Any, *users: SignedIn) -> dict[str, Any]:
     }
 
 
-async def events(app: Any, type_: str, transfer_id: str) -> list[dict[str, Any]]:
-    """The outbox events of one type about one transfer, oldest first."""
+async def transfer_row(app: Any, transfer_id: str) -> Any:
+    (row,) = await sql(app, "SELECT * FROM p2p.transfers WHERE id = :id", id=transfer_id)
+    return row
+
+
+async def postings(app: Any, reference: str, kind: str) -> int:
+    """How many ledger postings of `kind` name `reference` (a transfer id, say)."""
     rows = await sql(
         app,
-        "SELECT data FROM platform.outbox WHERE type = :t AND subject = :s ORDER BY seq",
-        t=type_,
-        s=transfer_id,
+        "SELECT count(*) AS n FROM ledger.postings WHERE reference = :r AND kind = :k",
+        r=reference,
+        k=kind,
     )
-    return [dict(r.data) for r in rows]
+    return int(rows[0].n)
+
+
+async def outbox_events(app: Any, event_type: str, subject: str) -> list[dict[str, Any]]:
+    """The events of `event_type` about `subject`, oldest first, as the relay hands them to a
+    sink (CloudEvents envelopes)."""
+    rows = await sql(
+        app,
+        "SELECT id, type, source, subject, time, data FROM platform.outbox "
+        "WHERE type = :t AND subject = :s ORDER BY seq",
+        t=event_type,
+        s=subject,
+    )
+    return [
+        {
+            "specversion": "1.0",
+            "id": r.id,
+            "type": r.type,
+            "source": r.source,
+            "subject": r.subject,
+            "time": r.time.isoformat(),
+            "datacontenttype": "application/json",
+            "data": r.data,
+        }
+        for r in rows
+    ]
+
+
+async def events(app: Any, type_: str, transfer_id: str) -> list[dict[str, Any]]:
+    """The data of the outbox events of one type about one transfer, oldest first."""
+    return [dict(e["data"]) for e in await outbox_events(app, type_, transfer_id)]
 
 
 async def all_events(app: Any, transfer_id: str) -> list[str]:
