@@ -21,7 +21,6 @@ from typing import Any
 
 import httpx
 from argon2 import PasswordHasher
-from sqlalchemy import text
 
 from billfold import ledger
 from billfold.ledger.verify import verify_ledger
@@ -29,6 +28,7 @@ from billfold.platform.db import unit_of_work
 from billfold.users import service as users_service
 from billfold.users.models import RegisterUser, User
 from tests.conftest import SignedIn, fund, idem, registration, set_kyc_tier
+from tests.integration.transfer_support import balance, sql
 
 CURRENCY = "USD"
 RICH_FUNDS = 500_000  # 5,000.00: random transfers never drain a rich user
@@ -86,11 +86,6 @@ async def wallet_user(client: httpx.AsyncClient, app: Any, funds: int, name: str
     return who
 
 
-async def sql(app: Any, query: str, **params: Any) -> list[Any]:
-    async with app.state.resources.engine.connect() as conn:
-        return list((await conn.execute(text(query), params)).all())
-
-
 async def wallet_balance(app: Any, user_id: str) -> ledger.AccountBalance:
     async with app.state.resources.engine.connect() as conn:
         for b in await ledger.balances(conn, user_id):
@@ -100,14 +95,7 @@ async def wallet_balance(app: Any, user_id: str) -> ledger.AccountBalance:
 
 
 async def funding_posted(app: Any) -> int:
-    rows = await sql(
-        app,
-        "SELECT posted FROM ledger.accounts WHERE owner_id = :o AND kind = 'funding' "
-        "AND currency = :c",
-        o=ledger.SYSTEM,
-        c=CURRENCY,
-    )
-    return int(rows[0].posted) if rows else 0
+    return (await balance(app, ledger.SYSTEM, CURRENCY, kind="funding")).posted
 
 
 async def assert_ledger_sound(app: Any, user_ids: list[str], context: str) -> None:

@@ -10,8 +10,10 @@ import httpx
 import pytest
 from sqlalchemy import text
 
+from billfold import ledger
 from billfold.platform.pagination import encode_cursor
 from tests.conftest import SignedIn, fund, idem, sign_up
+from tests.integration.transfer_support import balance
 
 
 async def wallet(client: httpx.AsyncClient, who: SignedIn, **params: str) -> dict[str, Any]:
@@ -65,17 +67,7 @@ async def outbox(app: Any, subject: str) -> list[Any]:
 
 
 async def funding_posted(app: Any, currency: str = "USD") -> int:
-    async with app.state.resources.engine.connect() as conn:
-        value = (
-            await conn.execute(
-                text(
-                    "SELECT posted FROM ledger.accounts WHERE owner_id = 'system' "
-                    "AND kind = 'funding' AND currency = :c"
-                ),
-                {"c": currency},
-            )
-        ).scalar()
-    return int(value or 0)
+    return (await balance(app, ledger.SYSTEM, currency, kind="funding")).posted
 
 
 async def postings_of(app: Any, who: SignedIn) -> int:
