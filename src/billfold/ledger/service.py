@@ -194,14 +194,23 @@ async def statement(
 
 
 async def expire_holds(engine: AsyncEngine, *, batch: int = 200) -> int:
-    """Release holds past their expiry (the worker's job); each expiry is an event."""
+    """Release up to `batch` holds past their expiry (the worker's job), each in its own
+    transaction with its `hold.expired` event.
+
+    One hold, so one account, per transaction: the sweeper never holds one account while it
+    waits for another. A batch in one transaction locked many accounts in id order, while a
+    claim locks escrow and wallet currency by currency: a claimant whose own holds expired as
+    they claimed in two currencies deadlocked with it (PostgreSQL aborted one of the two)."""
     expired = 0
-    async with unit_of_work(engine) as uow:
-        conn = await uow.connection()
-        for hold_id in await store.expired_hold_ids(conn, batch):
+    for _ in range(batch):
+        async with unit_of_work(engine) as uow:
+            conn = await uow.connection()
+            hold_id = await store.next_expired_hold(conn)
+            if hold_id is None:
+                break
             hold = await store.get_hold(conn, hold_id)
-            released = await store.release_hold(conn, hold_id, "expired")
             assert hold is not None
+            released = await store.release_hold(conn, hold_id, "expired")
             await events.publish(
                 conn,
                 events.HOLD_EXPIRED,
@@ -214,5 +223,5 @@ async def expire_holds(engine: AsyncEngine, *, batch: int = 200) -> int:
                     "released": released,
                 },
             )
-            expired += 1
+        expired += 1
     return expired

@@ -100,17 +100,12 @@ _STATEMENT = """
     ORDER BY e.seq DESC
     LIMIT :limit
 """
-# The earliest expiries first, but released in account order: releasing locks each hold's
-# account, and two sweepers (worker replicas) releasing holds of the same accounts in expiry
-# order could each wait for the other's account (a deadlock that aborts a whole batch). Every
-# other path locks accounts in id order too (ledger.lock_accounts).
-_EXPIRED_HOLDS = text(
+# The earliest expiry first, one at a time, skipping holds another sweeper (worker replica) has
+# taken: see service.expire_holds for why a transaction releases one hold only.
+_NEXT_EXPIRED_HOLD = text(
     """
-    SELECT id FROM (
-        SELECT id, account_id FROM ledger.holds WHERE status = 'active' AND expires_at <= now()
-        ORDER BY expires_at LIMIT :limit FOR UPDATE SKIP LOCKED
-    ) due
-    ORDER BY account_id, id
+    SELECT id FROM ledger.holds WHERE status = 'active' AND expires_at <= now()
+    ORDER BY expires_at LIMIT 1 FOR UPDATE SKIP LOCKED
     """
 )
 
@@ -282,5 +277,6 @@ async def statement(
     return [Entry(**r._mapping) for r in rows]
 
 
-async def expired_hold_ids(conn: AsyncConnection, limit: int) -> list[str]:
-    return list((await conn.execute(_EXPIRED_HOLDS, {"limit": limit})).scalars())
+async def next_expired_hold(conn: AsyncConnection) -> str | None:
+    """The active hold longest past its expiry that no other transaction holds, locked."""
+    return (await conn.execute(_NEXT_EXPIRED_HOLD)).scalar_one_or_none()  # type: ignore[no-any-return]
