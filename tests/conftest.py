@@ -219,3 +219,30 @@ async def set_kyc_tier(app: Any, user_id: str, tier: int) -> None:
             text("UPDATE users.users SET kyc_tier = :t, kyc_status = 'verified' WHERE id = :u"),
             {"t": tier, "u": user_id},
         )
+
+
+# --- administrators (shared by the KYC, wallet and transfer tests) ------------------------------
+
+
+async def make_admin(app: Any, client: httpx.AsyncClient) -> SignedIn:
+    """An administrator, signed in (made through the users service: no endpoint hands out the
+    role)."""
+    from billfold.platform.db import unit_of_work
+    from billfold.users import service
+    from billfold.users.models import RegisterUser
+
+    body = registration(name="Root Admin")
+    async with unit_of_work(app.state.resources.engine) as uow:
+        user = await service.register_user(uow, app.state.users, RegisterUser(**body), role="admin")
+    t = await client.post(
+        "/v1/auth/token",
+        data={"grant_type": "password", "username": body["email"], "password": body["password"]},
+    )
+    assert t.status_code == 200, t.text
+    assert "admin" in t.json()["scope"].split()
+    return SignedIn(user.model_dump(mode="json"), t.json(), body["email"], body["password"])
+
+
+@pytest.fixture
+async def admin(app: Any, client: httpx.AsyncClient) -> SignedIn:
+    return await make_admin(app, client)

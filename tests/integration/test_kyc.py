@@ -12,10 +12,9 @@ from sqlalchemy import text
 
 from billfold.platform.db import unit_of_work
 from billfold.platform.ids import new_id
-from billfold.users import kyc, service
+from billfold.users import kyc
 from billfold.users.events import KYC_STATUS_CHANGED
-from billfold.users.models import RegisterUser
-from tests.conftest import SignedIn, registration, sign_up
+from tests.conftest import SignedIn, sign_up
 
 _DE_CHARS = "0123456789CFGHJKLMNPRTVWXYZ"
 SANCTIONED_DOB = "1961-03-14"  # Viktor Drazhenko, SMP-0001 in the shipped sample list
@@ -93,22 +92,6 @@ async def kyc_status(client: Any, who: SignedIn) -> tuple[str, int]:
 
 async def submit(client: Any, who: SignedIn, **overrides: Any) -> Any:
     return await client.post("/v1/me/kyc", json=kyc_body(**overrides), headers=who.headers)
-
-
-@pytest.fixture
-async def admin(app, client) -> SignedIn:
-    body = registration(name="Root Admin")
-    async with unit_of_work(state_of(app).resources.engine) as uow:
-        user = await service.register_user(
-            uow, state_of(app).users, RegisterUser(**body), role="admin"
-        )
-    t = await client.post(
-        "/v1/auth/token",
-        data={"grant_type": "password", "username": body["email"], "password": body["password"]},
-    )
-    assert t.status_code == 200, t.text
-    assert "admin" in t.json()["scope"].split()
-    return SignedIn(user.model_dump(mode="json"), t.json(), body["email"], body["password"])
 
 
 async def in_review(client: Any) -> SignedIn:

@@ -17,7 +17,6 @@ import pytest
 from tests.conftest import SignedIn, fund, idem, set_kyc_tier, sign_up
 from tests.integration.transfer_support import (
     Always,
-    make_admin,
     patch_me,
     risk,
     send,
@@ -29,11 +28,6 @@ from tests.integration.transfer_support import (
 
 PER_TRANSFER, DAILY, MONTHLY = 5_000, 10_000, 20_000
 OFFERED = ["AUD", "CAD", "CHF", "EUR", "GBP", "USD"]
-
-
-@pytest.fixture
-async def admin(app: Any, client: httpx.AsyncClient) -> SignedIn:
-    return await make_admin(app, client)
 
 
 async def limits(client: httpx.AsyncClient, who: SignedIn, currency: str = "USD") -> Any:

@@ -65,11 +65,6 @@ async def refused(
     return body
 
 
-@pytest.fixture
-async def admin(app: Any, client: httpx.AsyncClient) -> SignedIn:
-    return await make_admin(app, client)
-
-
 # --- sending ---------------------------------------------------------------------------------------
 
 

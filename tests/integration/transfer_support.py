@@ -17,10 +17,8 @@ from sqlalchemy import text
 
 from billfold import ledger
 from billfold.p2p import RiskCheck, RiskDecision, TransferRisk
-from billfold.platform.db import unit_of_work
-from billfold.users import service
-from billfold.users.models import RegisterUser
-from tests.conftest import SignedIn, idem, registration
+from tests.conftest import SignedIn, idem
+from tests.conftest import make_admin as make_admin  # re-exported for the transfer tests
 
 P2P_EVENT = "billfold.p2p.%"
 
@@ -191,20 +189,6 @@ async def patch_me(client: httpx.AsyncClient, who: SignedIn, **fields: Any) -> d
     r = await client.patch("/v1/me", json=fields, headers=who.headers)
     assert r.status_code == 200, r.text
     return r.json()  # type: ignore[no-any-return]
-
-
-async def make_admin(app: Any, client: httpx.AsyncClient) -> SignedIn:
-    """An administrator (made through the users service: no endpoint hands out the role)."""
-    body = registration(name="Root Admin")
-    async with unit_of_work(app.state.resources.engine) as uow:
-        user = await service.register_user(uow, app.state.users, RegisterUser(**body), role="admin")
-    t = await client.post(
-        "/v1/auth/token",
-        data={"grant_type": "password", "username": body["email"], "password": body["password"]},
-    )
-    assert t.status_code == 200, t.text
-    assert "admin" in t.json()["scope"].split()
-    return SignedIn(user.model_dump(mode="json"), t.json(), body["email"], body["password"])
 
 
 @contextlib.contextmanager
