@@ -43,7 +43,7 @@ class Case:
     path: str  # may name {done}, {claim}, {other_transfer}, {req_in}, {req_out}, {req_other}, {me}, {bob}
     body: Any = None  # JSON-encoded unless bytes
     params: dict[str, Any] = field(default_factory=dict)
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str | bytes] = field(default_factory=dict)
     as_: str = "alice"  # alice | admin | anonymous | junk_token
     idempotency: bool = True  # send a fresh Idempotency-Key
     status: int | None = None  # expected exactly, else any 4xx
@@ -252,6 +252,22 @@ CASES: list[Case] = [
         headers={"X-Step-Up-Token": f"eyJ{SECRET}.eyJ{SECRET}.{SECRET}"},
         code="invalid_step_up_token",
     ),
+    *[
+        Case(
+            f"send-step-up-{label}",
+            "POST",
+            "/v1/transfers",
+            TRANSFER_OK,
+            headers={"X-Step-Up-Token": token},
+            code="invalid_step_up_token",
+        )
+        for label, token in [
+            ("alg-none", "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0."),
+            ("three-dots", "..."),
+            ("latin1", b"t\xe9" + SECRET.encode()),
+            ("empty-parts", "a..b"),
+        ]
+    ],
     Case(
         "send-long-step-up",
         "POST",
@@ -724,7 +740,7 @@ def _fill(value: Any, world: dict[str, Any]) -> Any:
 async def test_hostile_input_is_a_clean_4xx_that_changes_nothing(
     client: httpx.AsyncClient, app: Any, world: dict[str, Any], case: Case
 ) -> None:
-    headers: dict[str, str] = {}
+    headers: dict[str, str | bytes] = {}
     if case.as_ in ("alice", "admin"):
         headers.update(world[case.as_].headers)
     elif case.as_ == "junk_token":
