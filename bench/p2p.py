@@ -209,7 +209,7 @@ def _cpu_of(pids: list[int]) -> dict[int, float | None]:
 # --- the reference: pgbench TPC-B ------------------------------------------------------------
 
 
-def find_pgbench(admin_url: str, explicit: str | None) -> str:
+def find_pgbench(explicit: str | None) -> str:
     """pgbench from --pgbench, else the system's for a configured server, else the embedded
     server's own (pgserver ships it next to postgres)."""
     if explicit:
@@ -609,7 +609,7 @@ def report(windows: list[Window], reference: float, clients: int) -> None:
 
 async def bench(args: argparse.Namespace, admin_url: str, redis_url: str, tmp: Path) -> int:
     prefix = f"bfb:{uuid.uuid4().hex[:8]}:"
-    pgbench = find_pgbench(admin_url, args.pgbench)
+    pgbench = find_pgbench(args.pgbench)
     admin_engine = create_async_engine(async_url(admin_url), isolation_level="AUTOCOMMIT")
     try:
         async with (
