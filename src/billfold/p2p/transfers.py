@@ -131,7 +131,9 @@ async def send(
         ),
     )
     if decision.action == "block":
-        raise TransferBlocked("This transfer was declined", extra={"reasons": decision.reasons})
+        # The reasons stay with the risk decision: telling the sender which signal fired would
+        # teach a fraudster how to get past it.
+        raise TransferBlocked("This transfer was declined")
     if decision.action == "challenge" and not stepped_up:
         raise users.step_up_required(STEP_UP_PURPOSE, reference)
 
