@@ -137,7 +137,9 @@ async def _up(settings: Settings, host: str, port: int, seed: bool) -> None:
     ]
     stop_background = asyncio.Event()
     background = asyncio.create_task(
-        run_background(resources.engine, settings, stop_background, resources.metrics)
+        run_background(
+            resources.engine, settings, stop_background, resources.metrics, api.state.p2p
+        )
     )
 
     async def announce() -> None:

@@ -65,13 +65,30 @@ async def run_background(
     settings: Settings,
     stop: asyncio.Event,
     metrics: Metrics | None = None,
+    p2p_runtime: p2p.P2PRuntime | None = None,
 ) -> None:
-    """Relay, consumers and jobs until `stop` is set."""
-    redis = Redis.from_url(settings.redis_url, decode_responses=False)
-    # The same construction as the API's (same contact-hash key). The key ring is never started
-    # here (the worker signs nothing), so it may share the worker's engine.
-    runtimes = build_runtimes(settings, redis, engine)
-    relay = OutboxRelay(engine, settings.database_url, event_sink(engine, runtimes.p2p), metrics)
+    """Relay, consumers and jobs until `stop` is set. `billfold up` passes its API's P2P
+    runtime; the worker builds its own (and closes it)."""
+    async with contextlib.AsyncExitStack() as owned:
+        if p2p_runtime is None:
+            redis = Redis.from_url(settings.redis_url, decode_responses=False)
+            owned.push_async_callback(redis.aclose)
+            # The same construction as the API's (same contact-hash key). The key ring is never
+            # started here (the worker signs nothing), so it may share the worker's engine.
+            runtimes = build_runtimes(settings, redis, engine)
+            owned.push_async_callback(runtimes.users.blobs.aclose)
+            p2p_runtime = runtimes.p2p
+        await _run(engine, settings, stop, metrics, p2p_runtime)
+
+
+async def _run(
+    engine: AsyncEngine,
+    settings: Settings,
+    stop: asyncio.Event,
+    metrics: Metrics | None,
+    p2p_runtime: p2p.P2PRuntime,
+) -> None:
+    relay = OutboxRelay(engine, settings.database_url, event_sink(engine, p2p_runtime), metrics)
     tasks = [asyncio.create_task(relay.run(), name="outbox-relay")]
     tasks += [
         asyncio.create_task(_every(job, stop), name=job.name)
@@ -86,5 +103,3 @@ async def run_background(
         for t in tasks[1:]:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await runtimes.users.blobs.aclose()
-        await redis.aclose()
