@@ -84,3 +84,26 @@ class Settings(BaseSettings):
     trust_forwarded_for: bool = False
     log_level: str = "INFO"
     log_json: bool = True
+
+    # Token Vault. `vault_url` empty: the API uses the vault in-process (demo, tests); set it to
+    # call the isolated `billfold vault` process over HTTP (production).
+    vault_url: str = ""
+    vault_host: str = "127.0.0.1"
+    vault_port: int = 8700
+    # Signs the service tokens the API presents to the vault (base64 of 32 random bytes).
+    # Empty in development means "generate one into data_dir".
+    vault_service_key: str = ""
+    # Key store that holds the KEK and the fingerprint key: `pkcs11` (an HSM; SoftHSM2 in
+    # development and CI) or `software` (demo without an HSM: keys sealed under secret_key).
+    vault_keystore: Literal["pkcs11", "software"] = "pkcs11"
+    hsm_module: str = "/usr/lib/softhsm/libsofthsm2.so"
+    hsm_token_label: str = "billfold"
+    # Empty in development means "initialise a SoftHSM2 token in data_dir/hsm with a generated PIN".
+    hsm_pin: str = ""
+    # Token BIN range the vault issues DPANs from (a test range; production gets one from the scheme).
+    token_bin: str = "489537"
+    token_ttl_days: int = Field(default=3 * 365, gt=0)
+
+    # Payment methods.
+    micro_deposit_ttl_seconds: int = Field(default=7 * 24 * 3600, gt=0)
+    micro_deposit_max_attempts: int = Field(default=3, gt=0)
