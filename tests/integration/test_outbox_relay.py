@@ -246,3 +246,46 @@ async def test_notify_during_a_pass_is_not_lost(app, database_url):
         release.set()
         relay.stop()
         await asyncio.wait_for(task, 10)
+
+
+async def test_commits_wake_the_relay_once_per_burst_and_only_after_commit(app, database_url):
+    """The wake-up is a NOTIFY of its own after the commit (a NOTIFY inside the business
+    transaction would serialise every commit on PostgreSQL's notify-queue lock); a burst of
+    commits shares one, a transaction still open or rolled back sends none."""
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    from billfold.platform.events import OUTBOX_CHANNEL
+
+    engine = app.state.resources.engine
+    url = make_url(database_url)
+    listener = await asyncpg.connect(
+        user=url.username,
+        password=url.password,
+        database=url.database,
+        host=url.query.get("host") or url.host,
+        port=url.port,
+    )
+    heard: list[float] = []
+    await listener.add_listener(OUTBOX_CHANNEL, lambda *_: heard.append(1.0))
+    try:
+        async with unit_of_work(engine) as uow:
+            conn = await uow.connection()
+            await record_event(
+                conn, Event(type="billfold.test.open", source="/t", subject="s", data={})
+            )
+            await asyncio.sleep(0.3)
+            assert heard == []  # recorded, not committed: nobody is woken
+        await asyncio.sleep(0.3)
+        assert len(heard) == 1
+
+        heard.clear()
+        await write_events(engine, subject(), 2, fail=True)
+        await asyncio.sleep(0.3)
+        assert heard == []
+
+        await asyncio.gather(*(write_events(engine, subject(), 1) for _ in range(20)))
+        await asyncio.sleep(0.3)
+        assert 1 <= len(heard) < 20
+    finally:
+        await listener.close()

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from billfold.platform.events import outbox_written, wake_relay
 from billfold.platform.observability import get_logger
 
 log = get_logger("billfold.platform.db")
@@ -83,9 +84,12 @@ class UnitOfWork:
         self._after_commit.append(callback)
 
     async def commit(self) -> None:
+        events = self._conn is not None and outbox_written(self._conn)
         if self._tx is not None:
             await self._tx.commit()
         await self._close()
+        if events:
+            wake_relay(self._engine)
         callbacks, self._after_commit = self._after_commit, []
         for cb in callbacks:
             try:
@@ -94,6 +98,8 @@ class UnitOfWork:
                 log.exception("after-commit callback failed", callback=getattr(cb, "__name__", ""))
 
     async def rollback(self) -> None:
+        if self._conn is not None:
+            outbox_written(self._conn)  # nothing to announce
         if self._tx is not None and self._tx.is_active:
             await self._tx.rollback()
         self._after_commit = []
