@@ -341,6 +341,27 @@ async def test_changing_time_zone_does_not_restart_the_day(
     await exceeded(client, app, alice, bob, 1, "daily", 0)
 
 
+async def test_money_that_never_arrived_is_given_back_after_a_time_zone_change(
+    client: httpx.AsyncClient, app: Any, bob: SignedIn
+) -> None:
+    """The give-back goes to the day the transfer was counted in, not to the day its send time
+    falls on in the sender's new time zone (UTC+14 and UTC-11 are never on the same date)."""
+    alice = await sign_up(client, name="Alice Travels")
+    await fund(app, alice.user["id"], 100_000)
+    await patch_me(client, alice, timezone="Pacific/Kiritimati")
+    r = await send(client, alice, PER_TRANSFER, email="nobody-yet@example.org")
+    assert r.status_code == 201, r.text
+    assert (await limits(client, alice))["daily"]["used"] == PER_TRANSFER
+    await patch_me(client, alice, timezone="Pacific/Pago_Pago")
+    cancelled = await client.post(f"/v1/transfers/{r.json()['id']}/cancel", headers=alice.headers)
+    assert cancelled.status_code == 200, cancelled.text
+    view = await limits(client, alice)
+    assert (view["daily"]["used"], view["monthly"]["used"]) == (0, 0)
+    # The whole daily limit is there again.
+    await send_ok(client, alice, PER_TRANSFER, bob)
+    await send_ok(client, alice, PER_TRANSFER, bob)
+
+
 # --- tiers and overrides ---------------------------------------------------------------------------
 
 

@@ -60,9 +60,19 @@ def local_calendar(timezone: str, now: datetime | None = None) -> LocalCalendar:
     )
 
 
-async def count_transfer(conn: AsyncConnection, sender: users.Party, money: Money) -> None:
+@dataclass(frozen=True, slots=True)
+class CountedIn:
+    """The local day and month whose usage a transfer was added to."""
+
+    day: date
+    month: date
+
+
+async def count_transfer(conn: AsyncConnection, sender: users.Party, money: Money) -> CountedIn:
     """Add `money` to the sender's usage, or raise if a limit would be exceeded (the caller's
-    transaction then rolls back, usage included)."""
+    transaction then rolls back, usage included). Returns the windows it was counted in, for
+    `give_back`: not always today here (after a move to a time zone behind, usage keeps
+    counting in the day that is still ahead)."""
     cal = local_calendar(sender.timezone)
     row = await store.use(
         conn,
@@ -91,6 +101,7 @@ async def count_transfer(conn: AsyncConnection, sender: users.Party, money: Mone
                 f"{Money(remaining, money.currency).display()} is left",
                 extra={"limit": window, "remaining": remaining},
             )
+    return CountedIn(row.usage_day, row.usage_month)
 
 
 async def view(conn: AsyncConnection, party: users.Party) -> LimitsView:
@@ -156,17 +167,17 @@ async def check_offered(conn: AsyncConnection, currency: str) -> None:
         raise CurrencyNotSupported(f"Transfers in {currency} are not available")
 
 
-async def give_back(conn: AsyncConnection, sender_id: str, money: Money, sent_at: datetime) -> None:
+async def give_back(
+    conn: AsyncConnection, sender_id: str, money: Money, counted_in: CountedIn
+) -> None:
     """A transfer that never reached anyone (cancelled, refused, unclaimed) stops counting:
-    its amount leaves the daily/monthly usage if that window, in the sender's local time when
-    it was sent, is still the current one. A reversed transfer keeps counting: it was paid."""
-    party = await users.get_party(conn, sender_id)
-    cal = local_calendar(party.timezone if party else "UTC", sent_at)
+    its amount leaves the daily/monthly usage it was counted in (`count_transfer`'s answer),
+    if that window is still the current one. A reversed transfer keeps counting: it was paid."""
     await store.give_back(
         conn,
         user_id=sender_id,
         currency=money.currency,
         amount=money.amount,
-        day=cal.day,
-        month=cal.month,
+        day=counted_in.day,
+        month=counted_in.month,
     )

@@ -108,7 +108,7 @@ async def send(
     )
     money = Money(body.amount, body.currency)
 
-    await limits.count_transfer(conn, sender, money)
+    counted_in = await limits.count_transfer(conn, sender, money)
     # A step-up token counts only once verified (and spent): the risk check is told the sender
     # stepped up only then, or a junk header would pass any check that trusts `stepped_up`.
     stepped_up = False
@@ -182,6 +182,8 @@ async def send(
             "request_id": request_id,
             "posting_id": posting_id,
             "hold_id": hold_id,
+            "limit_day": counted_in.day,
+            "limit_month": counted_in.month,
             "claim_expires_at": (
                 utcnow() + timedelta(seconds=rt.settings.p2p_claim_ttl_seconds)
                 if recipient is None
@@ -265,7 +267,12 @@ async def return_to_sender(conn: AsyncConnection, row: Row[Any]) -> str | None:
     """Undo a transfer that has not reached its recipient (cancelled, refused on review or
     unclaimed): void its hold or empty its escrow, and give the amount back to the sender's
     limits if it still counts in the current window. Returns the return posting, if any."""
-    await limits.give_back(conn, row.sender_id, Money(row.amount, row.currency), row.created_at)
+    await limits.give_back(
+        conn,
+        row.sender_id,
+        Money(row.amount, row.currency),
+        limits.CountedIn(row.limit_day, row.limit_month),
+    )
     if row.status == "pending":
         await ledger.void_hold(conn, row.hold_id)
         return None
@@ -352,7 +359,12 @@ async def expire_review(conn: AsyncConnection, hold_id: str, transfer_id: str) -
     row = await store.get_for_update(conn, transfer_id)
     if row is None or row.status != "pending" or row.hold_id != hold_id:
         return None  # released, refused or cancelled before the hold ran out
-    await limits.give_back(conn, row.sender_id, Money(row.amount, row.currency), row.created_at)
+    await limits.give_back(
+        conn,
+        row.sender_id,
+        Money(row.amount, row.currency),
+        limits.CountedIn(row.limit_day, row.limit_month),
+    )
     updated = await store.set_status(conn, row.id, "failed", failure_reason=REVIEW_EXPIRED)
     await publish(conn, updated)
     return updated

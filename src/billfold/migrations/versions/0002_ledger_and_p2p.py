@@ -236,6 +236,10 @@ CREATE TABLE p2p.transfers (
     posting_id         text,
     hold_id            text,
     claim_expires_at   timestamptz,
+    -- The sender's limit windows (local day and month) this transfer was counted in: a transfer
+    -- that never arrives gives its amount back to those, whatever the sender's time zone is now.
+    limit_day          date NOT NULL,
+    limit_month        date NOT NULL,
     created_at         timestamptz NOT NULL DEFAULT now(),
     updated_at         timestamptz NOT NULL DEFAULT now(),
     completed_at       timestamptz,

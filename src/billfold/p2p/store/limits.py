@@ -33,7 +33,7 @@ _USE = text(
                                THEN l.used_this_month ELSE 0 END + EXCLUDED.used_this_month,
         usage_month = greatest(l.usage_month, EXCLUDED.usage_month),
         updated_at = now()
-    RETURNING l.used_today, l.used_this_month,
+    RETURNING l.used_today, l.used_this_month, l.usage_day, l.usage_month,
         (SELECT coalesce(l.per_transfer_limit, per_transfer) FROM tier) AS per_transfer,
         (SELECT coalesce(l.daily_limit, daily) FROM tier) AS daily,
         (SELECT coalesce(l.monthly_limit, monthly) FROM tier) AS monthly

@@ -16,7 +16,7 @@ from billfold.platform.pagination import fetch_page
 COLUMNS = (
     "id, sender_id, sender_name, recipient_id, recipient_name, recipient_kind, recipient_hint, "
     "amount, currency, note, status, failure_reason, request_id, posting_id, hold_id, "
-    "claim_expires_at, created_at, updated_at, completed_at"
+    "claim_expires_at, limit_day, limit_month, created_at, updated_at, completed_at"
 )
 
 _INSERT = text(
@@ -25,12 +25,13 @@ _INSERT = text(
         id, sender_id, sender_name, recipient_id, recipient_name, recipient_kind,
         recipient_contact_hash, recipient_contact_sealed, recipient_hint, amount, currency, note,
         status, request_id,
-        posting_id, hold_id, claim_expires_at, completed_at, created_at, updated_at)
+        posting_id, hold_id, claim_expires_at, limit_day, limit_month,
+        completed_at, created_at, updated_at)
     VALUES (
         :id, :sender_id, :sender_name, :recipient_id, :recipient_name, :recipient_kind,
         :recipient_contact_hash, :recipient_contact_sealed, :recipient_hint, :amount, :currency,
         :note, :status, :request_id,
-        :posting_id, :hold_id, :claim_expires_at,
+        :posting_id, :hold_id, :claim_expires_at, :limit_day, :limit_month,
         CASE WHEN :status = 'completed' THEN now() END, now(), now())
     RETURNING {COLUMNS}
     """
