@@ -30,6 +30,8 @@ PREFIXES = frozenset(
         "evt",
         "key",
         "pst",
+        "top",  # a wallet top-up from a card or bank account
+        "wdl",  # a withdrawal to a bank account
     }
 )
 
