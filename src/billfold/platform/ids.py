@@ -17,6 +17,7 @@ PREFIXES = frozenset(
         "kyc",
         "cred",
         "pm",
+        "card",
         "tok",
         "acct",
         "hold",

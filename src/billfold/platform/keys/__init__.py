@@ -1,5 +1,53 @@
-"""Keys that protect data at rest. `software` for development; `pkcs11` (HSM) arrives with the vault."""
+"""Keys that protect data at rest.
 
-from billfold.platform.keys.software import SealedBox
+`SealedBox` seals small secrets under the process secret key. A `KeyStore` holds the vault's
+key-encryption keys and fingerprint key: `Pkcs11KeyStore` (an HSM over PKCS#11; SoftHSM2 in
+development and CI) or `SoftwareKeyStore` (demo without an HSM, not for production).
+"""
 
-__all__ = ["SealedBox"]
+from __future__ import annotations
+
+from pathlib import Path
+
+from billfold.config import Settings
+from billfold.platform.keys.base import (
+    DATA_KEY_BYTES,
+    KeyStore,
+    KeyStoreError,
+    UnknownKekVersion,
+    UnwrapFailed,
+)
+from billfold.platform.keys.software import SealedBox, SoftwareKeyStore
+
+__all__ = [
+    "DATA_KEY_BYTES",
+    "KeyStore",
+    "KeyStoreError",
+    "SealedBox",
+    "SoftwareKeyStore",
+    "UnknownKekVersion",
+    "UnwrapFailed",
+    "open_keystore",
+]
+
+
+def open_keystore(settings: Settings) -> KeyStore:
+    """The key store `settings` name. For `pkcs11` with no `hsm_pin` outside production, a
+    SoftHSM2 token is initialised in `data_dir/hsm` first (this must precede any other PKCS#11
+    use in the process). `software` needs `settings.secret_key` resolved (base64)."""
+    if settings.vault_keystore == "software":
+        if not settings.secret_key:
+            raise KeyStoreError("the software key store needs the secret key")
+        return SoftwareKeyStore.from_b64(
+            settings.secret_key, Path(settings.data_dir) / "vault" / "software-keystore.json"
+        )
+    from billfold.platform.keys.pkcs11 import Pkcs11KeyStore
+
+    pin = settings.hsm_pin
+    if not pin:
+        if settings.environment == "production":
+            raise KeyStoreError("BILLFOLD_HSM_PIN must be set in production")
+        from billfold.platform.hsm import ensure_softhsm_token
+
+        pin = ensure_softhsm_token(Path(settings.data_dir), settings.hsm_token_label).pin
+    return Pkcs11KeyStore.open(settings.hsm_module, settings.hsm_token_label, pin)
