@@ -1,0 +1,186 @@
+"""Service-to-service authentication between the API processes and the vault process.
+
+Every request to the vault carries a short-lived service token: an HS256 JWT under
+`BILLFOLD_VAULT_SERVICE_KEY`, with `iss`, `aud` (the vault), `sub` (the calling service, which the
+vault records as the requester of a detokenisation), `iat`, `exp` (at most 60 s later) and a
+random `jti`. A client signs a fresh token for every request, so the vault refuses any `jti` it
+has already seen (a captured token cannot be replayed to the same vault process). The algorithm
+is pinned: a user's ES256 access token, or `alg: none`, never passes. In production the channel
+is also mTLS (docs/architecture.md, "Token Vault").
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jwt
+
+from billfold.config import Settings
+from billfold.platform.errors import Unauthorized
+
+ISSUER = "billfold"
+AUDIENCE = "billfold-vault"
+ALGORITHM = "HS256"
+# A client's tokens live this long; the vault refuses any whose lifetime is longer than MAX_TTL.
+TOKEN_TTL_SECONDS = 30
+MAX_TTL_SECONDS = 60
+# Clock skew tolerated between the API's and the vault's hosts.
+LEEWAY_SECONDS = 5
+_SUBJECT = re.compile(r"^[A-Za-z0-9_.:@/-]{1,128}$")
+_KEY_FILE = "vault-service.key"
+
+
+class ServiceTokenRejected(Unauthorized):
+    code, title = "invalid_service_token", "Invalid service token"
+
+
+def generate_service_key() -> str:
+    """Base64 of 32 random bytes, the format of `BILLFOLD_VAULT_SERVICE_KEY`."""
+    return base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def resolve_service_key(settings: Settings) -> bytes:
+    """The key both sides sign and verify with: configured, or (outside production) kept in
+    `data_dir/vault-service.key`, so `billfold up`'s API and vault processes share it."""
+    value = settings.vault_service_key
+    if not value:
+        if settings.environment == "production":
+            raise RuntimeError("BILLFOLD_VAULT_SERVICE_KEY must be set in production")
+        path = Path(settings.data_dir) / _KEY_FILE
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Created 0600 from the start: never readable by others, not even briefly.
+            with contextlib.suppress(FileExistsError):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(generate_service_key())
+        value = path.read_text().strip()
+    try:
+        key = base64.b64decode(value, validate=True)
+    except binascii.Error:
+        raise ValueError("BILLFOLD_VAULT_SERVICE_KEY is not base64") from None
+    if len(key) < 32:
+        raise ValueError("BILLFOLD_VAULT_SERVICE_KEY must be at least 32 bytes (base64)")
+    return key
+
+
+class ServiceTokenSigner:
+    """Signs the tokens a calling service presents to the vault (one per request)."""
+
+    def __init__(
+        self,
+        key: bytes,
+        *,
+        subject: str,
+        issuer: str = ISSUER,
+        audience: str = AUDIENCE,
+        ttl_seconds: int = TOKEN_TTL_SECONDS,
+    ) -> None:
+        if not _SUBJECT.match(subject):
+            raise ValueError(f"invalid service name {subject!r}")
+        if not 0 < ttl_seconds <= MAX_TTL_SECONDS:
+            raise ValueError(f"service tokens live at most {MAX_TTL_SECONDS} s")
+        self._key = key
+        self.subject = subject
+        self._issuer = issuer
+        self._audience = audience
+        self._ttl = ttl_seconds
+
+    def token(self, subject: str | None = None) -> str:
+        """A fresh token for one request; `subject` names the calling service when it is not
+        this signer's default (the requester of a detokenisation)."""
+        sub = subject or self.subject
+        if not _SUBJECT.match(sub):
+            raise ValueError("invalid service name")
+        now = int(time.time())
+        claims = {
+            "iss": self._issuer,
+            "aud": self._audience,
+            "sub": sub,
+            "iat": now,
+            "exp": now + self._ttl,
+            "jti": secrets.token_urlsafe(16),
+        }
+        return jwt.encode(claims, self._key, algorithm=ALGORITHM)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, subject: str) -> ServiceTokenSigner:
+        return cls(resolve_service_key(settings), subject=subject)
+
+
+@dataclass(frozen=True)
+class ServiceCaller:
+    """The verified caller of one vault request."""
+
+    service: str  # the token's `sub`
+    token_id: str  # its `jti`
+
+
+@dataclass
+class ServiceTokenVerifier:
+    """Checks every request's token: signature, algorithm, issuer, audience, lifetime (≤ 60 s),
+    and that its `jti` was not used before (while it could still be valid)."""
+
+    key: bytes
+    issuer: str = ISSUER
+    audience: str = AUDIENCE
+    max_ttl_seconds: int = MAX_TTL_SECONDS
+    leeway_seconds: int = LEEWAY_SECONDS
+    _seen: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+    _next_purge: float = field(default=0.0, init=False, repr=False)
+
+    def verify(self, token: str) -> ServiceCaller:
+        try:
+            claims = jwt.decode(
+                token,
+                self.key,
+                algorithms=[ALGORITHM],
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway_seconds,
+                options={"require": ["iss", "aud", "sub", "iat", "exp", "jti"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise _rejected("The service token has expired") from None
+        except jwt.InvalidTokenError:
+            raise _rejected("The service token is not valid for the vault") from None
+        sub, jti, iat, exp = claims["sub"], claims["jti"], claims["iat"], claims["exp"]
+        if not (isinstance(sub, str) and _SUBJECT.match(sub)):
+            raise _rejected("The service token names no valid service")
+        if not (isinstance(jti, str) and 8 <= len(jti) <= 128):
+            raise _rejected("The service token has no valid id")
+        if not (isinstance(iat, int) and isinstance(exp, int)):
+            raise _rejected("The service token's times are not integers")
+        now = time.time()
+        if exp - iat > self.max_ttl_seconds:
+            raise _rejected(f"A service token may live at most {self.max_ttl_seconds} s")
+        if iat > now + self.leeway_seconds:
+            raise _rejected("The service token was issued in the future")
+        self._remember(jti, exp + self.leeway_seconds, now)
+        return ServiceCaller(sub, jti)
+
+    def _remember(self, jti: str, until: float, now: float) -> None:
+        if now >= self._next_purge:
+            self._seen = {k: v for k, v in self._seen.items() if v > now}
+            self._next_purge = now + 10
+        if jti in self._seen:
+            raise _rejected("The service token was already used")
+        self._seen[jti] = until
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ServiceTokenVerifier:
+        return cls(resolve_service_key(settings))
+
+
+def _rejected(detail: str) -> ServiceTokenRejected:
+    return ServiceTokenRejected(
+        detail, headers={"WWW-Authenticate": 'Bearer realm="billfold-vault"'}
+    )
