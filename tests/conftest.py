@@ -246,3 +246,38 @@ async def make_admin(app: Any, client: httpx.AsyncClient) -> SignedIn:
 @pytest.fixture
 async def admin(app: Any, client: httpx.AsyncClient) -> SignedIn:
     return await make_admin(app, client)
+
+
+# --- HSM and the in-process Token Vault (vault tests, payment methods, the vault process) -----
+
+
+@pytest.fixture(scope="session")
+def hsm(data_dir: Path) -> Iterator[Any]:
+    """A ready `KeyStore` on a SoftHSM2 token in this worker's data dir (the same token the
+    app's in-process vault opens: label `billfold`, PIN in data_dir/hsm/pin). Without SoftHSM2
+    the test is skipped, or fails when CI=true."""
+    from billfold.platform.hsm import ensure_softhsm_token, softhsm_available
+    from billfold.platform.keys.pkcs11 import Pkcs11KeyStore
+
+    defaults = Settings()
+    if not softhsm_available(defaults.hsm_module):
+        if os.environ.get("CI") == "true":
+            pytest.fail("SoftHSM2 (softhsm2-util and its PKCS#11 module) is required in CI")
+        pytest.skip("SoftHSM2 is not installed")
+    token = ensure_softhsm_token(data_dir, defaults.hsm_token_label)
+    keystore = Pkcs11KeyStore.open(defaults.hsm_module, token.label, token.pin)
+    yield keystore
+    keystore.close()
+
+
+@pytest.fixture(scope="session")
+async def local_vault(hsm: Any, settings: Settings) -> AsyncIterator[Any]:
+    """`LocalVault` (the in-process `VaultClient`) on the test database and the `hsm` key store."""
+    from billfold.platform.db import create_engine
+    from billfold.vault import LocalVault
+
+    engine = create_engine(settings.database_url, pool_size=5, max_overflow=5)
+    vault = LocalVault(engine, hsm, settings)
+    yield vault
+    await vault.aclose()
+    await engine.dispose()

@@ -2,6 +2,7 @@
 cryptograms and audited detokenisation. Others use it only through `VaultClient`."""
 
 from billfold.vault.client import VaultClient
+from billfold.vault.keys import RotationReport
 from billfold.vault.models import (
     CardInput,
     CardNotFound,
@@ -19,22 +20,28 @@ from billfold.vault.models import (
     TokenStatus,
     VaultedCard,
 )
+from billfold.vault.service import CardNumberTaken, LocalVault, TokenOnNetwork, rotate_kek
 
 __all__ = [
     "CardInput",
     "CardNotFound",
+    "CardNumberTaken",
     "CardSecret",
     "Channel",
     "Cryptogram",
     "CryptogramRequest",
     "DetokenizePurpose",
     "InvalidTokenTransition",
+    "LocalVault",
     "PaymentToken",
+    "RotationReport",
     "TokenDomain",
     "TokenDomainViolation",
     "TokenNotActive",
     "TokenNotFound",
+    "TokenOnNetwork",
     "TokenStatus",
     "VaultClient",
     "VaultedCard",
+    "rotate_kek",
 ]
