@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billfold import p2p, users
+from billfold import p2p, users, vault
 from billfold.config import Settings
 from billfold.gateway.errors import install_error_handlers
 from billfold.gateway.middleware import Edge, EdgeConfig
@@ -32,6 +32,7 @@ from billfold.platform.keys import SealedBox
 from billfold.platform.observability import Metrics
 from billfold.platform.ratelimit import RateLimiter
 from billfold.users.api import router as users_router
+from billfold.vault.connect import vault_client
 
 API_DESCRIPTION = """
 billfold: a digital wallet API.
@@ -78,6 +79,9 @@ class Runtimes:
     keyring: users.KeyRing
     users: users.UsersRuntime
     p2p: p2p.P2PRuntime
+    # The Token Vault: `HttpVault` on BILLFOLD_VAULT_URL (the vault process), otherwise the
+    # in-process vault, opened on first use. Whoever builds the runtimes closes it.
+    vault: vault.VaultClient
 
 
 def build_runtimes(settings: Settings, redis: Redis, keys_engine: AsyncEngine) -> Runtimes:
@@ -94,7 +98,14 @@ def build_runtimes(settings: Settings, redis: Redis, keys_engine: AsyncEngine) -
         sealed=sealed,
         blobs=build_blob_store(settings),
     )
-    return Runtimes(settings, sealed, keyring, users_rt, p2p.P2PRuntime(settings, users_rt))
+    return Runtimes(
+        settings,
+        sealed,
+        keyring,
+        users_rt,
+        p2p.P2PRuntime(settings, users_rt),
+        vault_client(settings),
+    )
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -124,6 +135,7 @@ def create_app(settings: Settings) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
             await blobs.aclose()
+            await runtimes.vault.aclose()
             await redis.aclose()
             await engine.dispose()
             await keys_engine.dispose()
@@ -151,6 +163,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.resources = Resources(settings, engine, redis, metrics, keys_engine)
     app.state.users = users_rt
     app.state.p2p = runtimes.p2p
+    app.state.vault = runtimes.vault
     install_error_handlers(app)
     app.include_router(users_router)
     app.include_router(wallet_router)

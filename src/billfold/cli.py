@@ -20,6 +20,11 @@ keys_app = typer.Typer(help="Signing keys")
 app.add_typer(keys_app, name="keys")
 ledger_app = typer.Typer(help="The double-entry ledger")
 app.add_typer(ledger_app, name="ledger")
+vault_app = typer.Typer(
+    help="The Token Vault process (the only HSM session) and its keys",
+    invoke_without_command=True,
+)
+app.add_typer(vault_app, name="vault")
 
 DataDir = Annotated[Path, typer.Option("--data-dir", help="Where embedded servers keep their data")]
 
@@ -275,10 +280,6 @@ def rotate_jwt() -> None:
     asyncio.run(run())
 
 
-if __name__ == "__main__":
-    app()
-
-
 @ledger_app.command("verify")
 def ledger_verify() -> None:
     """Re-sum every posting and check every balance and invariant; exit 1 on any discrepancy."""
@@ -299,3 +300,92 @@ def ledger_verify() -> None:
 
     if not asyncio.run(run()):
         raise typer.Exit(1)
+
+
+@vault_app.callback()
+def vault(
+    ctx: typer.Context,
+    host: Annotated[
+        str | None, typer.Option(help="Interface (default BILLFOLD_VAULT_HOST)")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default BILLFOLD_VAULT_PORT)")] = None,
+    ssl_certfile: Annotated[
+        Path | None, typer.Option(help="TLS certificate of the vault (PEM)")
+    ] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="Its private key (PEM)")] = None,
+    ssl_ca_certs: Annotated[
+        Path | None,
+        typer.Option(help="CA bundle of the callers' client certificates: requires mTLS"),
+    ] = None,
+) -> None:
+    """Run the vault process: the internal vault API on its own port, with the process's one
+    HSM session. The API calls it when BILLFOLD_VAULT_URL is set (`billfold up` does that)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import ssl
+
+    import uvicorn
+
+    from billfold.platform.observability import configure_logging
+    from billfold.vault.server import create_vault_app
+
+    settings = _vault_settings()
+    if (ssl_certfile is None) != (ssl_keyfile is None) or (ssl_ca_certs and not ssl_certfile):
+        typer.echo("--ssl-certfile and --ssl-keyfile go together (and --ssl-ca-certs needs them)")
+        raise typer.Exit(2)
+    configure_logging(settings.log_level, settings.log_json)
+    uvicorn.run(
+        create_vault_app(settings),
+        host=host or settings.vault_host,
+        port=port or settings.vault_port,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+        ssl_ca_certs=str(ssl_ca_certs) if ssl_ca_certs else None,
+        ssl_cert_reqs=ssl.CERT_REQUIRED if ssl_ca_certs else ssl.CERT_NONE,
+    )
+
+
+def _vault_settings() -> Settings:
+    """Settings of a vault command: a database, and the secret key resolved (the software key
+    store seals under it; `billfold up`'s processes share the one in the data dir)."""
+    from billfold.app import resolve_secret_key
+
+    settings = _settings()
+    _require_urls(settings, redis=False)
+    return settings.model_copy(update={"secret_key": resolve_secret_key(settings)})
+
+
+@vault_app.command("rotate-kek")
+def vault_rotate_kek(
+    batch_size: Annotated[int, typer.Option(min=1, help="Data keys read per batch")] = 100,
+) -> None:
+    """Make a new key-encryption key in the HSM and re-wrap every data key under it, online:
+    the vault keeps serving (each data key is re-wrapped in its own short transaction)."""
+    from billfold.platform.db import create_engine
+    from billfold.platform.keys import open_keystore
+    from billfold.vault.service import rotate_kek
+
+    settings = _vault_settings()
+
+    async def run() -> None:
+        engine = create_engine(settings.database_url, pool_size=1, max_overflow=1)
+        keystore = await asyncio.to_thread(open_keystore, settings)
+        try:
+            report = await rotate_kek(engine, keystore, batch_size=batch_size)
+        finally:
+            keystore.close()
+            await engine.dispose()
+        typer.echo(f"new KEK version {report.kek_version}")
+        typer.echo(f"re-wrapped {report.rewrapped} data key(s)")
+        for version, count in sorted(report.data_keys_by_kek_version.items()):
+            typer.echo(f"  KEK v{version}: {count} data key(s)")
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    app()

@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     # Signs the service tokens the API presents to the vault (base64 of 32 random bytes).
     # Empty in development means "generate one into data_dir".
     vault_service_key: str = ""
+    # mTLS to an `https://` vault_url (production): the CA that signed the vault's certificate,
+    # and this process's client certificate and key (PEM files). Empty: system CAs, no client cert.
+    vault_ca_file: str = ""
+    vault_client_cert_file: str = ""
+    vault_client_key_file: str = ""
     # Key store that holds the KEK and the fingerprint key: `pkcs11` (an HSM; SoftHSM2 in
     # development and CI) or `software` (demo without an HSM: keys sealed under secret_key).
     vault_keystore: Literal["pkcs11", "software"] = "pkcs11"

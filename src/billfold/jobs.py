@@ -77,6 +77,7 @@ async def run_background(
             # started here (the worker signs nothing), so it may share the worker's engine.
             runtimes = build_runtimes(settings, redis, engine)
             owned.push_async_callback(runtimes.users.blobs.aclose)
+            owned.push_async_callback(runtimes.vault.aclose)
             p2p_runtime = runtimes.p2p
         await _run(engine, settings, stop, metrics, p2p_runtime)
 

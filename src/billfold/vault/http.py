@@ -83,7 +83,8 @@ def _segment(value: str) -> str:
 
 class HttpVault:
     """`VaultClient` over HTTP. `signer` names this process (the token's `sub`); a
-    detokenisation is signed for its `requester`, which the vault audits."""
+    detokenisation is signed for its `requester`, which the vault audits. For mTLS pass an
+    `ssl.SSLContext` with the vault's CA and this process's client certificate as `verify`."""
 
     def __init__(
         self,
@@ -92,16 +93,13 @@ class HttpVault:
         *,
         timeout: httpx.Timeout = DEFAULT_TIMEOUT,
         limits: httpx.Limits = DEFAULT_LIMITS,
-        verify: ssl.SSLContext | str | bool = True,
-        cert: tuple[str, str] | None = None,
+        verify: ssl.SSLContext | bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._signer = signer
         # Retries only when no connection could be made (the request was never sent), so a
         # cryptogram (which spends an ATC) is never asked for twice.
-        transport = transport or httpx.AsyncHTTPTransport(
-            verify=verify, cert=cert, limits=limits, retries=1
-        )
+        transport = transport or httpx.AsyncHTTPTransport(verify=verify, limits=limits, retries=1)
         self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/") + "/internal/v1",
             timeout=timeout,
