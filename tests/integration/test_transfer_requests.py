@@ -19,7 +19,7 @@ from tests.integration.p2p_contact_support import (
     unregistered_email,
     verify_contact,
 )
-from tests.integration.transfer_support import available, outbox_events, sql
+from tests.integration.transfer_support import Always, available, outbox_events, risk, sql
 
 
 async def ask(
@@ -279,11 +279,64 @@ async def test_one_transfer_per_request_even_behind_the_services_back(
             await conn.execute(
                 text(
                     "INSERT INTO p2p.transfers (id, sender_id, sender_name, recipient_id, "
-                    "recipient_kind, recipient_hint, amount, currency, status, request_id) "
-                    "VALUES ('p2p_dup', :s, 'x', :r, 'user_id', 'x', 100, 'USD', 'completed', :q)"
+                    "recipient_kind, recipient_hint, amount, currency, status, request_id, "
+                    "limit_day, limit_month) "
+                    "VALUES ('p2p_dup', :s, 'x', :r, 'user_id', 'x', 100, 'USD', 'completed', :q, "
+                    "current_date, date_trunc('month', current_date))"
                 ),
                 {"s": paid.sender_id, "r": paid.recipient_id, "q": req["id"]},
             )
+
+
+@pytest.mark.parametrize("ending", ["cancelled", "refused", "review_expired"])
+async def test_a_request_whose_payment_never_arrives_is_open_again(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn, bob: SignedIn, ending: str
+) -> None:
+    """Accepted with a payment held for review, which then never arrives: the request is
+    pending again (an event says so), and the payer can pay it once more."""
+    from billfold import jobs, ledger
+    from billfold.platform.db import unit_of_work
+
+    await fund(app, bob.user["id"], 5_000)
+    req = await ask_ok(client, alice, bob, 1_500)
+    with risk(app, Always("review")):
+        r = await act(client, bob, req["id"], "accept")
+    assert r.status_code == 200 and r.json()["status"] == "accepted", r.text
+    held_id = r.json()["transfer_id"]
+    assert await available(app, bob.user["id"]) == 3_500
+
+    engine = app.state.resources.engine
+    if ending == "cancelled":
+        done = await client.post(f"/v1/transfers/{held_id}/cancel", headers=bob.headers)
+        assert done.status_code == 200 and done.json()["status"] == "cancelled", done.text
+    elif ending == "refused":
+        async with unit_of_work(engine) as uow:
+            await p2p.fail_pending(await uow.connection(), held_id, "fraud review")
+    else:  # the ledger's sweeper releases the hold; the p2p consumer of its event fails it
+        (held,) = await transfers_for(app, req["id"])
+        await sql(
+            app,
+            "UPDATE ledger.holds SET expires_at = now() - interval '1 second' WHERE id = :h",
+            h=held.hold_id,
+        )
+        await ledger.expire_holds(engine)
+        (expired,) = await outbox_events(app, "billfold.ledger.hold.expired", held.hold_id)
+        await jobs.event_sink(engine, app.state.p2p)(expired)
+    assert await available(app, bob.user["id"]) == 5_000
+
+    again = await client.get(f"/v1/transfer-requests/{req['id']}", headers=bob.headers)
+    assert again.status_code == 200, again.text
+    assert (again.json()["status"], again.json()["transfer_id"]) == ("pending", None)
+    (reopened,) = await outbox_events(app, "billfold.p2p.request.reopened", req["id"])
+    assert reopened["data"]["status"] == "pending"
+
+    paid = await act(client, bob, req["id"], "accept")
+    assert paid.status_code == 200 and paid.json()["status"] == "accepted", paid.text
+    assert paid.json()["transfer_id"] != held_id
+    assert await available(app, alice.user["id"]) == 1_500
+    assert sorted(t.status for t in await transfers_for(app, req["id"])) == sorted(
+        ["completed", "cancelled" if ending == "cancelled" else "failed"]
+    )
 
 
 async def test_asking_an_email_looks_the_same_whether_or_not_anyone_has_it(

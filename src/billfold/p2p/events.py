@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billfold.platform.events import Event, record_event
@@ -23,6 +24,9 @@ REQUEST_ACCEPTED = "billfold.p2p.request.accepted"
 REQUEST_DECLINED = "billfold.p2p.request.declined"
 REQUEST_CANCELLED = "billfold.p2p.request.cancelled"
 REQUEST_EXPIRED = "billfold.p2p.request.expired"
+# The transfer that paid an accepted request never arrived (cancelled, refused on review, review
+# expired): the request is pending again, for the payer to pay once more or decline.
+REQUEST_REOPENED = "billfold.p2p.request.reopened"
 
 
 async def publish(
@@ -35,3 +39,17 @@ async def publish(
             type=type_, source=SOURCE, subject=aggregate_id, aggregate_id=aggregate_id, data=data
         ),
     )
+
+
+def request_data(row: Row[Any], **extra: Any) -> dict[str, Any]:
+    """The data of a `billfold.p2p.request.*` event."""
+    return {
+        "request_id": row.id,
+        "status": row.status,
+        "requester_id": row.requester_id,
+        "payer_id": row.payer_id,
+        "amount": row.amount,
+        "currency": row.currency,
+        "transfer_id": row.transfer_id,
+        **extra,
+    }

@@ -51,19 +51,7 @@ _EVENT_FOR_STATUS = {
 
 async def publish(conn: AsyncConnection, row: Row[Any], **extra: Any) -> None:
     await events.publish(
-        conn,
-        _EVENT_FOR_STATUS[row.status],
-        row.id,
-        {
-            "request_id": row.id,
-            "status": row.status,
-            "requester_id": row.requester_id,
-            "payer_id": row.payer_id,
-            "amount": row.amount,
-            "currency": row.currency,
-            "transfer_id": row.transfer_id,
-            **extra,
-        },
+        conn, _EVENT_FOR_STATUS[row.status], row.id, events.request_data(row, **extra)
     )
 
 

@@ -24,6 +24,7 @@ from billfold.p2p.models import (
 )
 from billfold.p2p.risk import TransferRisk
 from billfold.p2p.runtime import P2PRuntime
+from billfold.p2p.store import requests as requests_store
 from billfold.p2p.store import transfers as store
 from billfold.platform.bus.consumers import Consumer
 from billfold.platform.clock import utcnow
@@ -263,16 +264,29 @@ async def cancel(conn: AsyncConnection, transfer_id: str, user_id: str) -> Row[A
     return updated
 
 
-async def return_to_sender(conn: AsyncConnection, row: Row[Any]) -> str | None:
-    """Undo a transfer that has not reached its recipient (cancelled, refused on review or
-    unclaimed): void its hold or empty its escrow, and give the amount back to the sender's
-    limits if it still counts in the current window. Returns the return posting, if any."""
+async def _never_arrived(conn: AsyncConnection, row: Row[Any]) -> None:
+    """What every ending without a recipient shares: a request it paid is open again, and its
+    amount leaves the limit usage it was counted in."""
+    if row.request_id is not None:
+        # Locked right after the transfer row, before limits and accounts (the lock order).
+        reopened = await requests_store.reopen(conn, row.request_id, row.id)
+        if reopened is not None:
+            await events.publish(
+                conn, events.REQUEST_REOPENED, reopened.id, events.request_data(reopened)
+            )
     await limits.give_back(
         conn,
         row.sender_id,
         Money(row.amount, row.currency),
         limits.CountedIn(row.limit_day, row.limit_month),
     )
+
+
+async def return_to_sender(conn: AsyncConnection, row: Row[Any]) -> str | None:
+    """Undo a transfer that has not reached its recipient (cancelled, refused on review or
+    unclaimed): void its hold or empty its escrow, and give the amount back to the sender's
+    limits if it still counts in the current window. Returns the return posting, if any."""
+    await _never_arrived(conn, row)
     if row.status == "pending":
         await ledger.void_hold(conn, row.hold_id)
         return None
@@ -355,16 +369,12 @@ async def reverse(conn: AsyncConnection, transfer_id: str, reason: str) -> Row[A
 
 async def expire_review(conn: AsyncConnection, hold_id: str, transfer_id: str) -> Row[Any] | None:
     """The review outlived its hold (the ledger's sweeper released it): the transfer fails
-    with `review_expired` and stops counting against the sender's limits."""
+    with `review_expired`, stops counting against the sender's limits, and a request it paid
+    is open again."""
     row = await store.get_for_update(conn, transfer_id)
     if row is None or row.status != "pending" or row.hold_id != hold_id:
         return None  # released, refused or cancelled before the hold ran out
-    await limits.give_back(
-        conn,
-        row.sender_id,
-        Money(row.amount, row.currency),
-        limits.CountedIn(row.limit_day, row.limit_month),
-    )
+    await _never_arrived(conn, row)
     updated = await store.set_status(conn, row.id, "failed", failure_reason=REVIEW_EXPIRED)
     await publish(conn, updated)
     return updated

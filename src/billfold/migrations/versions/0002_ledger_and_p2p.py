@@ -252,8 +252,10 @@ CREATE INDEX transfers_unclaimed ON p2p.transfers (recipient_contact_hash)
     WHERE status = 'pending_claim';
 CREATE INDEX transfers_claim_expiry ON p2p.transfers (claim_expires_at)
     WHERE status = 'pending_claim';
--- A money request is paid by one transfer at most, whatever the application does.
-CREATE UNIQUE INDEX transfers_request ON p2p.transfers (request_id) WHERE request_id IS NOT NULL;
+-- A money request is paid by one live transfer at most, whatever the application does; one that
+-- never arrived (cancelled, refused or expired on review) leaves the request open to pay again.
+CREATE UNIQUE INDEX transfers_request ON p2p.transfers (request_id)
+    WHERE request_id IS NOT NULL AND status NOT IN ('failed', 'cancelled', 'expired');
 
 CREATE TABLE p2p.transfer_requests (
     id                 text PRIMARY KEY,

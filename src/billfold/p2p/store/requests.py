@@ -44,6 +44,15 @@ _DECIDE = text(
     RETURNING {COLUMNS}
     """
 )
+# Back to pending when the transfer that paid it never arrived; the payer stays bound.
+_REOPEN = text(
+    f"""
+    UPDATE p2p.transfer_requests SET
+        status = 'pending', transfer_id = NULL, decided_at = NULL, updated_at = now()
+    WHERE id = :id AND status = 'accepted' AND transfer_id = :transfer_id
+    RETURNING {COLUMNS}
+    """
+)
 # Pending requests addressed to a contact nobody had yet: they are the verified owner's now.
 # `updated_at` stays: the requester sees it, and a request to a registered (verified) contact
 # that changed a moment after it was made, unlike one to a contact nobody has, told them so.
@@ -109,6 +118,12 @@ async def decide(
         "transfer_id": transfer_id,
     }
     return (await conn.execute(_DECIDE, params)).one()
+
+
+async def reopen(conn: AsyncConnection, request_id: str, transfer_id: str) -> Row[Any] | None:
+    """Reopen the request `transfer_id` paid (None if it is not that request's payment)."""
+    params = {"id": request_id, "transfer_id": transfer_id}
+    return (await conn.execute(_REOPEN, params)).first()
 
 
 async def bind_payer(
