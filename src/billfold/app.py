@@ -120,7 +120,12 @@ def create_app(settings: Settings) -> FastAPI:
     settings, sealed, keyring = runtimes.settings, runtimes.sealed, runtimes.keyring
     users_rt = runtimes.users
     tokens, blobs = users_rt.tokens, users_rt.blobs
-    engine = create_engine(settings.database_url)
+    engine = create_engine(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        lock_timeout_ms=settings.db_lock_timeout_ms,
+    )
     metrics = Metrics()
 
     @asynccontextmanager

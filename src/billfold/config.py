@@ -22,6 +22,11 @@ class Settings(BaseSettings):
     # Prefix for every Redis key, so runs sharing one Redis never collide.
     redis_prefix: str = "bf:"
     public_url: str = "http://127.0.0.1:8000"
+    # The API process's PostgreSQL pool: at least the requests one process has in flight.
+    db_pool_size: int = Field(default=20, gt=0)
+    db_max_overflow: int = Field(default=10, ge=0)
+    # A request waiting longer than this for a row lock gives up with a 503 `database_busy`.
+    db_lock_timeout_ms: int = Field(default=10_000, gt=0)
 
     # Base64 of 32 random bytes; encrypts secrets at rest (JWT keys, TOTP seeds).
     # Empty in development means "generate one into data_dir".

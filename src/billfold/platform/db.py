@@ -27,7 +27,11 @@ def async_url(url: str) -> str:
     return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
 
 
-def create_engine(url: str, *, pool_size: int = 10, max_overflow: int = 10) -> AsyncEngine:
+def create_engine(
+    url: str, *, pool_size: int = 10, max_overflow: int = 10, lock_timeout_ms: int = 10_000
+) -> AsyncEngine:
+    """An asyncpg engine. Size the pool to the requests one process has in flight: a checkout
+    beyond `pool_size` opens a connection that is closed again on check-in."""
     return create_async_engine(
         async_url(url),
         pool_size=pool_size,
@@ -41,7 +45,7 @@ def create_engine(url: str, *, pool_size: int = 10, max_overflow: int = 10) -> A
             "server_settings": {
                 "application_name": "billfold",
                 # A lock wait or a forgotten transaction fails loudly instead of hanging.
-                "lock_timeout": "10s",
+                "lock_timeout": f"{lock_timeout_ms}ms",
                 "idle_in_transaction_session_timeout": "60s",
             }
         },
