@@ -7,6 +7,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -66,6 +68,39 @@ def validation_problem(exc: RequestValidationError) -> ProblemError:
         code="validation_failed",
         title="Unprocessable request",
         errors=errors,
+    )
+
+
+# SQLSTATEs that mean "try again": the work was rolled back because of other work running at the
+# same time, not because of anything wrong with the request.
+_TRANSIENT_SQLSTATES = {
+    "40001": "serialization_failure",
+    "40P01": "deadlock_detected",
+    "55P03": "lock_not_available",  # lock_timeout
+    "57014": "query_canceled",  # statement_timeout
+}
+
+
+def transient_problem(exc: BaseException) -> ProblemError | None:
+    """A 503 `database_busy` (with Retry-After) for an error that a retry may not meet: a
+    deadlock, a serialisation failure, a lock or statement timeout, a pool checkout timeout.
+    None for anything else (a bug, which stays a logged 500)."""
+    if isinstance(exc, SATimeoutError):  # no pooled connection became free in time
+        reason = "pool_timeout"
+    elif isinstance(exc, DBAPIError):
+        reason = _TRANSIENT_SQLSTATES.get(str(getattr(exc.orig, "sqlstate", "") or ""), "")
+        if not reason:
+            return None
+    else:
+        return None
+    return ProblemError(
+        "billfold is busy with other changes to the same data; nothing was changed. "
+        "Retry the request (with the same Idempotency-Key).",
+        status=503,
+        code="database_busy",
+        title="Busy, retry shortly",
+        headers={"Retry-After": "1"},
+        extra={"reason": reason},
     )
 
 

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from billfold.config import Settings
 from billfold.gateway.auth import TokenVerifier
+from billfold.gateway.errors import transient_problem
 from billfold.platform import idempotency
 from billfold.platform.db import UnitOfWork
 from billfold.platform.errors import PROBLEM_CONTENT_TYPE, ProblemError, ServiceUnavailable
@@ -40,6 +41,13 @@ _MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _NOT_IDEMPOTENT = frozenset(
     {"/v1/auth/token", "/v1/me/password", "/v1/auth/password-reset/confirm"}
 )
+
+# Body members left out of the idempotency fingerprint, by path. A card's CVV may not be kept in
+# any form once the request is done (PCI DSS 3.3.1), not even inside a keyed hash of the body: a
+# retry with the same key and another CVV replays the first answer.
+_NOT_FINGERPRINTED: dict[str, tuple[tuple[str, ...], ...]] = {
+    "/v1/payment-methods": (("card", "cvv"),),
+}
 
 SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
     (b"strict-transport-security", b"max-age=63072000; includeSubDomains"),
@@ -303,7 +311,7 @@ class Edge:
             if idem_key is not None:
                 idempotency.check_key(idem_key)
                 fingerprint = idempotency.request_fingerprint(
-                    method, path, b"".join(body_chunks), self._fingerprint_key
+                    method, path, _fingerprinted(path, b"".join(body_chunks)), self._fingerprint_key
                 )
                 conn = await uow.connection()
                 stored = await idempotency.claim(
@@ -366,8 +374,14 @@ class Edge:
             await uow.rollback()
             if not sent_start:
                 await fail(_too_large(limit))
-        except Exception:
+        except Exception as exc:
             await uow.rollback()
+            busy = transient_problem(exc)
+            if busy is not None:
+                log.warning("database busy", method=method, path=path, reason=busy.extra["reason"])
+                if not sent_start:
+                    await fail(busy)
+                return
             log.exception("unhandled error", method=method, path=path)
             if not sent_start:
                 await fail(
@@ -435,6 +449,25 @@ class Edge:
                 return
         await send(start)
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _fingerprinted(path: str, body: bytes) -> bytes:
+    """The body as its idempotency fingerprint sees it: without the members that must never be
+    stored (a JSON body that does not parse is left as it is; the route refuses it anyway)."""
+    omit = _NOT_FINGERPRINTED.get(path)
+    if not omit:
+        return body
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return body
+    for members in omit:
+        parent = data
+        for name in members[:-1]:
+            parent = parent.get(name) if isinstance(parent, dict) else None
+        if isinstance(parent, dict):
+            parent.pop(members[-1], None)
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _too_large(limit: int) -> ProblemError:
