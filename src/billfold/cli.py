@@ -7,7 +7,10 @@ import contextlib
 import logging
 import os
 import signal
+import socket
+import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -96,15 +99,95 @@ def up(
 
 
 async def _up(settings: Settings, host: str, port: int, seed: bool) -> None:
+    from billfold.migrations import upgrade_async
+
+    await upgrade_async(settings.database_url)
+    # The vault runs as its own process (the only one with an HSM session) unless
+    # BILLFOLD_VAULT_URL names one already; the API then calls it over HTTP.
+    vault = None if settings.vault_url else await _start_vault_process(settings)
+    if vault is not None:
+        settings = settings.model_copy(update={"vault_url": vault.url})
+    try:
+        await _serve_up(settings, host, port, seed, vault)
+    finally:
+        if vault is not None:
+            await vault.stop()
+
+
+# How long `billfold up` waits for the vault process (the first start initialises the HSM token).
+_VAULT_START_SECONDS = 60.0
+
+
+@dataclass
+class _VaultProcess:
+    process: asyncio.subprocess.Process
+    url: str
+
+    async def stop(self) -> None:
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), 15)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+
+
+async def _start_vault_process(settings: Settings) -> _VaultProcess:
+    """`billfold vault` as a child process on loopback (BILLFOLD_VAULT_PORT if set, otherwise a
+    free port), once its /readyz answers. It shares the data dir: the SoftHSM2 token, the
+    secret key and the service key (created here first, so both processes read one file)."""
+    import httpx
+
+    from billfold.app import resolve_secret_key
+    from billfold.vault.service_auth import resolve_service_key
+
+    resolve_secret_key(settings)
+    resolve_service_key(settings)
+    port = settings.vault_port if "BILLFOLD_VAULT_PORT" in os.environ else _free_port()
+    env = {
+        **os.environ,
+        "BILLFOLD_DATABASE_URL": settings.database_url,
+        "BILLFOLD_DATA_DIR": str(settings.data_dir),
+        "BILLFOLD_LOG_JSON": os.environ.get("BILLFOLD_LOG_JSON", "false"),
+    }
+    process = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "billfold.cli", "vault", "--host", "127.0.0.1"],
+        *["--port", str(port)],
+        env=env,
+    )
+    vault = _VaultProcess(process, f"http://127.0.0.1:{port}")
+    try:
+        async with asyncio.timeout(_VAULT_START_SECONDS):
+            async with httpx.AsyncClient(base_url=vault.url, timeout=2) as client:
+                while process.returncode is None:
+                    with contextlib.suppress(httpx.HTTPError):
+                        if (await client.get("/readyz")).status_code == 200:
+                            return vault
+                    await asyncio.sleep(0.1)
+        raise RuntimeError(f"the vault process exited with code {process.returncode}")
+    except BaseException:
+        await vault.stop()
+        raise
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _serve_up(
+    settings: Settings, host: str, port: int, seed: bool, vault: _VaultProcess | None
+) -> None:
     import uvicorn
 
     from billfold.app import create_app
     from billfold.demo import seed_demo
     from billfold.jobs import run_background
-    from billfold.migrations import upgrade_async
     from billfold.users.seed import DEMO_PASSWORD
 
-    await upgrade_async(settings.database_url)
     api = create_app(settings)
     resources = api.state.resources
     if seed:
@@ -131,6 +214,8 @@ async def _up(settings: Settings, host: str, port: int, seed: bool) -> None:
         f"  JWKS           {base}/.well-known/jwks.json",
         "  database       "
         + ("embedded PostgreSQL" if "host=" in settings.database_url else "configured PostgreSQL"),
+        f"  token vault    {settings.vault_url} "
+        + (f"(own process, pid {vault.process.pid})" if vault else "(configured)"),
         "",
         f"  demo users (password: {DEMO_PASSWORD})",
         "    alice@demo.billfold.dev   bob@demo.billfold.dev   admin@demo.billfold.dev (admin)",

@@ -1,8 +1,10 @@
 """`billfold up` as a user runs it: embedded PostgreSQL + Valkey, demo data, a real socket,
-Ctrl-C stops everything, and a second start on the same data dir keeps the data."""
+the token vault in a process of its own, Ctrl-C stops everything, and a second start on the same
+data dir keeps the data."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -23,8 +25,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+def _start(data_dir: Path, port: int, vault_port: int | None = None) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BILLFOLD_")}
+    if vault_port is not None:
+        env["BILLFOLD_VAULT_PORT"] = str(vault_port)
     return subprocess.Popen(
         [
             sys.executable,
@@ -69,6 +73,27 @@ def _servers_using(data_dir: Path) -> list[psutil.Process]:
         if str(data_dir) in cmd and ("postgres" in cmd or "valkey" in cmd):
             found.append(p)
     return found
+
+
+def _vault_processes(parent: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    found = []
+    for p in psutil.Process(parent.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if p.cmdline()[1:4] == ["-m", "billfold.cli", "vault"]:
+                found.append(p)
+    return found
+
+
+def _vault_is_its_own_process(proc: subprocess.Popen[bytes], vault: str) -> None:
+    """The vault answers on its own port, from a child process of `billfold up`, and refuses a
+    call without a service token."""
+    ready = httpx.get(f"{vault}/readyz", timeout=5)
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"database": "ok", "keystore": "ok"}
+    assert len(_vault_processes(proc)) == 1
+    refused = httpx.post(f"{vault}/internal/v1/cards", json={}, timeout=5)
+    assert refused.status_code == 401
+    assert refused.json()["code"] == "invalid_service_token"
 
 
 def _auth(base: str, email: str = "alice@demo.billfold.dev") -> dict[str, str]:
@@ -117,11 +142,13 @@ def _send_money_the_demo_way(base: str) -> None:
 
 def test_up_serves_demo_data_stops_cleanly_and_reuses_data(tmp_path: Path) -> None:
     data_dir = tmp_path / "wallet"
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = _start(data_dir, port)
+    port, vault_port = _free_port(), _free_port()
+    base, vault = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{vault_port}"
+    proc = _start(data_dir, port, vault_port)
     try:
         _wait_ready(proc, base)
+        _vault_is_its_own_process(proc, vault)
+        vault_pid = _vault_processes(proc)[0].pid
         me = _sign_in(base)
         assert me["email"] == "alice@demo.billfold.dev" and me["kyc_status"] == "verified"
         assert httpx.get(f"{base}/openapi.json").status_code == 200
@@ -130,8 +157,10 @@ def test_up_serves_demo_data_stops_cleanly_and_reuses_data(tmp_path: Path) -> No
     finally:
         out = _stop(proc)
     assert f"{base}/docs" in out and "alice@demo.billfold.dev" in out and DEMO_PASSWORD in out
+    assert f"token vault    {vault} (own process, pid {vault_pid})" in out
     time.sleep(0.5)
     assert _servers_using(data_dir) == []
+    assert not psutil.pid_exists(vault_pid), "Ctrl-C stops the vault process too"
 
     proc = _start(data_dir, port)
     try:

@@ -16,7 +16,16 @@ from urllib.parse import quote
 import httpx
 from pydantic import TypeAdapter
 
-from billfold.platform.errors import FieldError, ProblemError, ServiceUnavailable
+from billfold.platform.errors import (
+    Conflict,
+    FieldError,
+    Forbidden,
+    NotFound,
+    ProblemError,
+    ServiceUnavailable,
+    TooManyRequests,
+    Unprocessable,
+)
 from billfold.platform.observability import get_logger, request_id_var
 from billfold.vault import models
 from billfold.vault.models import (
@@ -47,6 +56,14 @@ _SECRET = TypeAdapter(CardSecret)
 _PROBLEM_FIELDS = frozenset(
     {"type", "title", "status", "code", "detail", "instance", "errors", "request_id"}
 )
+
+_BY_STATUS: dict[int, type[ProblemError]] = {
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    422: Unprocessable,
+    429: TooManyRequests,
+}
 
 DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=2.0, pool=5.0)
 DEFAULT_LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=32, keepalive_expiry=30)
@@ -271,7 +288,9 @@ class HttpVault:
             return cls()
         if cls is not None:
             return cls(detail, status=r.status_code, errors=errors, extra=extra)
-        return ProblemError(
+        # Another code: the platform class of its status, so `except Conflict` still works.
+        base = _BY_STATUS.get(r.status_code, ProblemError)
+        return base(
             detail,
             status=r.status_code,
             code=code,
