@@ -87,6 +87,17 @@ class DataKeys:
             key = self._cache[key_id] = self._unwrap(wrapped)
         return key
 
+    async def rotate(self) -> str:
+        """Retire the current data key and make a new one current. Old ciphertexts stay under
+        the data key they were sealed with (still readable); new ones use the new key. Another
+        process keeps sealing under the key it cached until it restarts, which is harmless."""
+        async with self._creating:
+            async with self._engine.begin() as conn:
+                await store.retire_current_data_key(conn)
+            self._current = None
+            self._current = await self._load_or_create_current()
+            return self._current
+
     def forget(self) -> None:
         """Drop the cached data keys (they are unwrapped again on next use)."""
         self._cache.clear()

@@ -118,6 +118,11 @@ class LocalVault:
         """Readiness: the key store answers."""
         self._keystore.current_kek_version()
 
+    async def rotate_data_key(self) -> str:
+        """Start sealing new secrets under a fresh data key (existing ones stay readable under
+        theirs); returns its id. Limits how much one data key protects."""
+        return await self._keys.rotate()
+
     async def aclose(self) -> None:
         self._keys.forget()
         self._imks.clear()

@@ -22,6 +22,9 @@ class WrappedKey:
 _CURRENT_DATA_KEY = text(
     "SELECT id, kek_version, wrapped FROM vault.data_keys WHERE retired_at IS NULL"
 )
+_RETIRE_CURRENT_DATA_KEY = text(
+    "UPDATE vault.data_keys SET retired_at = now() WHERE retired_at IS NULL"
+)
 # The partial unique index on "not retired" makes a second concurrent creator insert nothing.
 _INSERT_DATA_KEY = text(
     """
@@ -60,6 +63,10 @@ async def insert_data_key(conn: AsyncConnection, key: WrappedKey) -> bool:
         _INSERT_DATA_KEY, {"id": key.id, "kek_version": key.kek_version, "wrapped": key.wrapped}
     )
     return result.first() is not None
+
+
+async def retire_current_data_key(conn: AsyncConnection) -> None:
+    await conn.execute(_RETIRE_CURRENT_DATA_KEY)
 
 
 async def data_key(conn: AsyncConnection, key_id: str, *, lock: bool = False) -> WrappedKey | None:
