@@ -19,11 +19,12 @@ from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billfold import p2p, users, vault
+from billfold import p2p, payment_methods, users, vault
 from billfold.config import Settings
 from billfold.gateway.errors import install_error_handlers
 from billfold.gateway.middleware import Edge, EdgeConfig
 from billfold.ledger.api import router as wallet_router
+from billfold.network import SimulatedNetwork
 from billfold.p2p.api import router as p2p_router
 from billfold.platform.blobs import build_blob_store
 from billfold.platform.db import create_engine
@@ -82,6 +83,7 @@ class Runtimes:
     # The Token Vault: `HttpVault` on BILLFOLD_VAULT_URL (the vault process), otherwise the
     # in-process vault, opened on first use. Whoever builds the runtimes closes it.
     vault: vault.VaultClient
+    payment_methods: payment_methods.PaymentMethodsRuntime
 
 
 def build_runtimes(settings: Settings, redis: Redis, keys_engine: AsyncEngine) -> Runtimes:
@@ -98,13 +100,16 @@ def build_runtimes(settings: Settings, redis: Redis, keys_engine: AsyncEngine) -
         sealed=sealed,
         blobs=build_blob_store(settings),
     )
+    vault_rt = vault_client(settings)
     return Runtimes(
         settings,
         sealed,
         keyring,
         users_rt,
         p2p.P2PRuntime(settings, users_rt),
-        vault_client(settings),
+        vault_rt,
+        # The network is this in-process stand-in until the ISO 8583 simulator lands.
+        payment_methods.PaymentMethodsRuntime(settings, vault_rt, SimulatedNetwork(), sealed),
     )
 
 
@@ -160,6 +165,7 @@ def create_app(settings: Settings) -> FastAPI:
             {"name": "passkeys", "description": "WebAuthn passkeys for the web portal"},
             {"name": "kyc", "description": "Identity verification and the review queue"},
             {"name": "wallet", "description": "Balances, statement, top-ups and withdrawals"},
+            {"name": "payment-methods", "description": "Cards and bank accounts"},
             {"name": "transfers", "description": "Money between people, claims and limits"},
             {"name": "transfer-requests", "description": "Asking someone for money"},
             {"name": "ops", "description": "Health and metrics"},
@@ -169,9 +175,12 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.users = users_rt
     app.state.p2p = runtimes.p2p
     app.state.vault = runtimes.vault
+    app.state.payment_methods = runtimes.payment_methods
     install_error_handlers(app)
     app.include_router(users_router)
     app.include_router(wallet_router)
+    app.include_router(payment_methods.router)
+    app.include_router(payment_methods.wallet_router)
     app.include_router(p2p_router)
     _ops_routes(app)
     _document_problems(app)

@@ -30,7 +30,7 @@ from billfold.ledger.service import (
     statement,
     void_hold,
 )
-from billfold.ledger.wallet import Movement, top_up, withdraw
+from billfold.ledger.wallet import Movement, check_amount, top_up, withdraw
 
 __all__ = [
     "HOLD_EXPIRED",
@@ -47,6 +47,7 @@ __all__ = [
     "Movement",
     "Posting",
     "balances",
+    "check_amount",
     "commit_hold",
     "expire_holds",
     "get_hold",

@@ -1,14 +1,15 @@
-"""Wallet routes: balances, statement, top-ups and withdrawals."""
+"""Wallet routes: balances and statement. Top-ups and withdrawals need a payment method, so
+their routes live with Payment Methods (which calls `ledger.top_up` / `ledger.withdraw`)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, status
+from fastapi import APIRouter, Depends, Query
 
-from billfold.gateway import IdempotencyRequired, Principal, Uow, require_scopes
-from billfold.ledger import service, wallet
+from billfold.gateway import Principal, Uow, require_scopes
+from billfold.ledger import service
 from billfold.ledger.models import (
     InvalidAsOf,
     PastBalance,
@@ -16,12 +17,10 @@ from billfold.ledger.models import (
     StatementEntry,
     Wallet,
     WalletBalance,
-    WalletFunds,
-    WalletMovement,
 )
 from billfold.platform.clock import utcnow
 from billfold.platform.errors import FieldError, ProblemError, problem_responses
-from billfold.platform.money import Currency, Money
+from billfold.platform.money import Currency
 from billfold.platform.pagination import Page, PageParams, make_page, page_params
 
 router = APIRouter(tags=["wallet"])
@@ -31,15 +30,6 @@ router = APIRouter(tags=["wallet"])
 Me = Annotated[Principal, Depends(require_scopes("wallet"))]
 
 _MAX_SEQ = 2**63 - 1  # entries.seq is a bigint
-
-
-# `async def` without I/O on purpose: a plain `def` dependency costs a thread-pool hop.
-async def max_amount(request: Request) -> int:
-    """The largest single top-up or withdrawal (`BILLFOLD_WALLET_MAX_TOPUP`)."""
-    return request.app.state.resources.settings.wallet_max_topup  # type: ignore[no-any-return]
-
-
-MaxAmount = Annotated[int, Depends(max_amount)]
 
 
 def parse_as_of(value: str) -> datetime:
@@ -155,51 +145,3 @@ async def list_entries(
         ],
         next_cursor=found.next_cursor,
     )
-
-
-def _view(movement: wallet.Movement) -> WalletMovement:
-    return WalletMovement(
-        id=movement.id,
-        type=movement.type,
-        amount=movement.money.amount,
-        currency=movement.money.currency,
-        balance=WalletBalance.of(movement.balance),
-        created_at=movement.created_at,
-    )
-
-
-@router.post(
-    "/v1/wallet/topups",
-    status_code=status.HTTP_201_CREATED,
-    response_model=WalletMovement,
-    summary="Add money to your wallet",
-    dependencies=[IdempotencyRequired],
-    responses=problem_responses(401, 403, 409, 422, 428),
-)
-async def create_topup(body: WalletFunds, me: Me, uow: Uow, limit: MaxAmount) -> WalletMovement:
-    """Credit `amount` (minor units) of `currency` to your wallet. The posting and its event
-    commit together. Requires `Idempotency-Key`: a retry with the same key returns this answer
-    again and adds nothing."""
-    movement = await wallet.top_up(
-        await uow.connection(), me.user_id, Money(body.amount, body.currency), max_amount=limit
-    )
-    return _view(movement)
-
-
-@router.post(
-    "/v1/wallet/withdrawals",
-    status_code=status.HTTP_201_CREATED,
-    response_model=WalletMovement,
-    summary="Take money out of your wallet",
-    dependencies=[IdempotencyRequired],
-    responses=problem_responses(401, 403, 409, 422, 428),
-)
-async def create_withdrawal(
-    body: WalletFunds, me: Me, uow: Uow, limit: MaxAmount
-) -> WalletMovement:
-    """Debit `amount` (minor units) of `currency` from your wallet's available balance (422
-    `insufficient_funds` if it is too low; nothing changes then). Requires `Idempotency-Key`."""
-    movement = await wallet.withdraw(
-        await uow.connection(), me.user_id, Money(body.amount, body.currency), max_amount=limit
-    )
-    return _view(movement)

@@ -9,8 +9,6 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from billfold.platform.errors import Conflict, ProblemError, Unprocessable
-from billfold.platform.money import Currency, MinorUnits
-from billfold.platform.validation import Strict
 
 # The owner of the system accounts (funding, escrow, fees, network settlement).
 SYSTEM = "system"
@@ -179,23 +177,4 @@ class StatementEntry(BaseModel):
     created_at: datetime
 
 
-class WalletFunds(Strict):
-    """A top-up or withdrawal: `amount` in minor units (cents) of `currency`."""
-
-    amount: MinorUnits = Field(description="Minor units (cents); must be positive")
-    currency: Currency
-
-
 WalletMovementType = Literal["topup", "withdrawal"]
-
-
-class WalletMovement(BaseModel):
-    """A completed top-up or withdrawal; `id` is its ledger posting."""
-
-    id: str
-    type: WalletMovementType
-    amount: int
-    currency: str
-    status: Literal["completed"] = "completed"
-    balance: WalletBalance = Field(description="The wallet's balance in this currency right after")
-    created_at: datetime

@@ -1,7 +1,7 @@
 """Wallet top-ups and withdrawals: money entering and leaving billfold.
 
-Independent of HTTP: the wallet routes call these today with the request's connection, and
-Payment Methods will call them when a card or bank transfer funds (or receives) the money. The
+Independent of HTTP: Payment Methods calls these (its wallet funding routes) with the request's
+connection when a card or bank transfer funds (or receives) the money. The
 posting and its event are written on the caller's connection, so they commit together with the
 caller's own rows, or not at all.
 """
@@ -52,7 +52,9 @@ class Movement:
     created_at: datetime
 
 
-def _check(money: Money, max_amount: int | None) -> None:
+def check_amount(money: Money, max_amount: int | None) -> None:
+    """What `top_up` and `withdraw` refuse (`invalid_amount`, `currency_not_supported`,
+    `amount_too_large`), for callers that must know before they charge a card."""
     if money.amount <= 0:
         raise InvalidAmount("The amount must be a positive number of minor units")
     if money.currency == POINTS:
@@ -107,7 +109,7 @@ async def _move(
     memo: str | None,
 ) -> Movement:
     """Post a top-up (funding to wallet) or a withdrawal (wallet to funding) and its event."""
-    _check(money, max_amount)
+    check_amount(money, max_amount)
     wallet = (user_id, "wallet")
     debit, credit = (FUNDING, wallet) if type_ == "topup" else (wallet, FUNDING)
     kind, event_type = _POSTING_AND_EVENT[type_]
