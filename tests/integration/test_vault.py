@@ -498,3 +498,25 @@ def test_software_keystore_is_the_same_contract(tmp_path: Any) -> None:
     assert SoftwareKeyStore.from_b64(SealedBox.generate_b64()).fingerprint(b"pan:1") != (
         store.fingerprint(b"pan:1")
     )
+
+
+def test_open_keystore_joins_the_process_hsm_session_and_leaves_it_open(
+    hsm: KeyStore, settings: Settings
+) -> None:
+    from billfold.platform.keys import SoftwareKeyStore, open_keystore
+
+    # The app's settings name the same data dir: the same token, PIN read from data_dir/hsm/pin.
+    joined = open_keystore(settings)
+    try:
+        assert joined.kind == "pkcs11"
+        assert joined.fingerprint(b"pan:1") == hsm.fingerprint(b"pan:1")
+        assert joined.current_kek_version() == hsm.current_kek_version()
+    finally:
+        joined.close()
+    # Closing one user of the shared session did not log the other out.
+    version, wrapped = hsm.wrap(b"k" * 32, b"aad")
+    assert hsm.unwrap(version, wrapped, b"aad") == b"k" * 32
+
+    software = open_keystore(settings.model_copy(update={"vault_keystore": "software"}))
+    assert isinstance(software, SoftwareKeyStore)
+    assert software.fingerprint(b"pan:1") != hsm.fingerprint(b"pan:1")

@@ -34,12 +34,18 @@ __all__ = [
 def open_keystore(settings: Settings) -> KeyStore:
     """The key store `settings` name. For `pkcs11` with no `hsm_pin` outside production, a
     SoftHSM2 token is initialised in `data_dir/hsm` first (this must precede any other PKCS#11
-    use in the process). `software` needs `settings.secret_key` resolved (base64)."""
+    use in the process). `software` needs the secret key (`settings.secret_key`, or in
+    development the one kept in `data_dir/secret.key`)."""
     if settings.vault_keystore == "software":
-        if not settings.secret_key:
-            raise KeyStoreError("the software key store needs the secret key")
+        secret = settings.secret_key
+        # Development: the secret key the API generated into data_dir (see app.resolve_secret_key).
+        dev_key = Path(settings.data_dir) / "secret.key"
+        if not secret and settings.environment != "production" and dev_key.exists():
+            secret = dev_key.read_text().strip()
+        if not secret:
+            raise KeyStoreError("the software key store needs BILLFOLD_SECRET_KEY")
         return SoftwareKeyStore.from_b64(
-            settings.secret_key, Path(settings.data_dir) / "vault" / "software-keystore.json"
+            secret, Path(settings.data_dir) / "vault" / "software-keystore.json"
         )
     from billfold.platform.keys.pkcs11 import Pkcs11KeyStore
 
