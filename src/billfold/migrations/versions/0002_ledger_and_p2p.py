@@ -86,15 +86,23 @@ CREATE FUNCTION ledger.lock_accounts(
     p_currency text, p_owners text[], p_kinds text[], p_new_ids text[]
 ) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO ledger.accounts (id, owner_id, kind, currency, allow_overdraft)
-    SELECT l.new_id, l.owner_id, l.kind, p_currency, k.allow_overdraft
-    FROM unnest(p_owners, p_kinds, p_new_ids) AS l (owner_id, kind, new_id)
-    JOIN ledger.account_kinds k ON k.kind = l.kind
-    ORDER BY l.owner_id, l.kind
-    ON CONFLICT (owner_id, kind, currency) DO NOTHING;
-    IF (SELECT count(*) FROM ledger.account_kinds k WHERE k.kind = ANY (p_kinds))
-        < (SELECT count(DISTINCT kind) FROM unnest(p_kinds) AS kind) THEN
-        RAISE EXCEPTION USING ERRCODE = 'BF006', MESSAGE = 'unknown account kind';
+    -- Accounts are never deleted, so a plain look tells whether all exist; only then is the
+    -- (much dearer) insert skipped. Missing ones are inserted before any lock is taken here, so
+    -- waiting on another transaction's insert of the same account never holds a lock it needs.
+    IF (SELECT count(*) FROM ledger.accounts a
+        JOIN unnest(p_owners, p_kinds) AS l (owner_id, kind)
+          ON a.owner_id = l.owner_id AND a.kind = l.kind AND a.currency = p_currency)
+       < cardinality(p_owners) THEN
+        INSERT INTO ledger.accounts (id, owner_id, kind, currency, allow_overdraft)
+        SELECT l.new_id, l.owner_id, l.kind, p_currency, k.allow_overdraft
+        FROM unnest(p_owners, p_kinds, p_new_ids) AS l (owner_id, kind, new_id)
+        JOIN ledger.account_kinds k ON k.kind = l.kind
+        ORDER BY l.owner_id, l.kind
+        ON CONFLICT (owner_id, kind, currency) DO NOTHING;
+        IF (SELECT count(*) FROM ledger.account_kinds k WHERE k.kind = ANY (p_kinds))
+            < (SELECT count(DISTINCT kind) FROM unnest(p_kinds) AS kind) THEN
+            RAISE EXCEPTION USING ERRCODE = 'BF006', MESSAGE = 'unknown account kind';
+        END IF;
     END IF;
     PERFORM 1 FROM ledger.accounts a
     JOIN unnest(p_owners, p_kinds) AS l (owner_id, kind)
