@@ -1,4 +1,6 @@
-"""The wallet over HTTP on real PostgreSQL: balances, statement, top-ups and withdrawals."""
+"""The wallet over HTTP on real PostgreSQL: balances, statement, top-ups and withdrawals (from a
+verified card or bank account, and to a verified bank account: the Payment Methods issue made
+naming one part of every top-up and withdrawal)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,28 @@ from sqlalchemy import text
 from billfold import ledger
 from billfold.platform.pagination import encode_cursor
 from tests.conftest import SignedIn, fund, idem, sign_up
+from tests.integration import payment_methods_support as methods
 from tests.integration.transfer_support import balance
+
+pytestmark = pytest.mark.usefixtures("hsm")
+
+_funding: list[methods.Funding] = []
+
+
+@pytest.fixture(autouse=True)
+def _funding_methods(client: httpx.AsyncClient, app: Any) -> None:
+    """Top-ups come from a verified card, withdrawals go to a verified bank account (made once
+    per user on first use)."""
+    if not _funding:
+        _funding.append(methods.Funding(client, app))
+
+
+async def card_of(who: SignedIn) -> str:
+    return await _funding[0].card(who)
+
+
+async def bank_of(who: SignedIn, currency: str = "USD") -> str:
+    return await _funding[0].bank(who, currency)
 
 
 async def wallet(client: httpx.AsyncClient, who: SignedIn, **params: str) -> dict[str, Any]:
@@ -38,21 +61,17 @@ async def entries(client: httpx.AsyncClient, who: SignedIn, **params: Any) -> di
 async def topup(
     client: httpx.AsyncClient, who: SignedIn, amount: Any, currency: str = "USD"
 ) -> httpx.Response:
-    return await client.post(
-        "/v1/wallet/topups",
-        json={"amount": amount, "currency": currency},
-        headers=idem(**who.headers),
-    )
+    return await methods.topup(client, who, await card_of(who), amount, currency)
 
 
 async def withdraw(
     client: httpx.AsyncClient, who: SignedIn, amount: Any, currency: str = "USD"
 ) -> httpx.Response:
-    return await client.post(
-        "/v1/wallet/withdrawals",
-        json={"amount": amount, "currency": currency},
-        headers=idem(**who.headers),
-    )
+    return await methods.withdraw(client, who, await bank_of(who, currency), amount, currency)
+
+
+async def method_for(path: str, who: SignedIn) -> str:
+    return await (card_of(who) if path.endswith("topups") else bank_of(who))
 
 
 async def outbox(app: Any, subject: str) -> list[Any]:
@@ -208,23 +227,29 @@ async def test_a_topup_credits_the_wallet_with_its_event_in_the_same_transaction
     r = await topup(client, alice, 12_345)
     assert r.status_code == 201, r.text
     body = r.json()
-    assert body["id"].startswith("pst_")
-    assert body["type"] == "topup"
+    assert body["id"].startswith("top_") and body["posting_id"].startswith("pst_")
+    assert body["type"] == "topup" and body["rail"] == "card"
+    assert body["payment_method_id"] == await card_of(alice)
     assert (body["amount"], body["currency"], body["status"]) == (12_345, "USD", "completed")
     assert body["balance"] == {"currency": "USD", "available": 12_345, "posted": 12_345, "held": 0}
     assert datetime.fromisoformat(body["created_at"]).tzinfo is not None
     assert await usd(client, alice) == body["balance"]
     assert await funding_posted(app) == funding_before - 12_345
 
-    (event,) = await outbox(app, body["id"])
+    (event,) = await outbox(app, body["posting_id"])
     assert event.type == "billfold.ledger.wallet.topped_up"
+    assert event.data["reference"] == body["id"]
     assert event.aggregate_id == alice.user["id"]
     assert event.data["user_id"] == alice.user["id"]
     assert (event.data["amount"], event.data["currency"]) == (12_345, "USD")
     assert event.data["balance"]["available"] == 12_345
 
+    (funded,) = await outbox(app, body["id"])
+    assert funded.type == "billfold.payment_methods.topup.completed"
+    assert funded.data["posting_id"] == body["posting_id"]
+
     (line,) = (await entries(client, alice))["data"]
-    assert line["posting_id"] == body["id"]
+    assert (line["posting_id"], line["reference"]) == (body["posting_id"], body["id"])
     assert (line["kind"], line["direction"], line["amount"], line["balance_after"]) == (
         "wallet_topup",
         "credit",
@@ -243,10 +268,13 @@ async def test_a_withdrawal_debits_the_available_balance(
     assert r.status_code == 201, r.text
     body = r.json()
     assert body["type"] == "withdrawal" and body["status"] == "completed"
+    assert body["rail"] == "ach" and body["payment_method_id"] == await bank_of(alice)
     assert body["balance"] == {"currency": "USD", "available": 3_800, "posted": 3_800, "held": 0}
     assert await funding_posted(app) == funding_before + 1_200
-    (event,) = await outbox(app, body["id"])
+    (event,) = await outbox(app, body["posting_id"])
     assert event.type == "billfold.ledger.wallet.withdrawn"
+    (funded,) = await outbox(app, body["id"])
+    assert funded.type == "billfold.payment_methods.withdrawal.completed"
     newest = (await entries(client, alice))["data"][0]
     assert (newest["kind"], newest["direction"], newest["amount"], newest["balance_after"]) == (
         "wallet_withdrawal",
@@ -314,7 +342,9 @@ async def test_invalid_amounts_are_refused_and_change_nothing(
     client: httpx.AsyncClient, app: Any, alice: SignedIn, path: str
 ) -> None:
     await fund(app, alice.user["id"], 5_000_000)
+    method_id = await method_for(path, alice)
     for body, code in INVALID_BODIES:
+        body = {"payment_method_id": method_id, **body}
         r = await client.post(path, json=body, headers=idem(**alice.headers))
         assert r.status_code == 422, (body, r.text)
         assert r.json()["code"] == code, (body, r.text)
@@ -342,7 +372,8 @@ async def test_moving_money_needs_an_idempotency_key(
     client: httpx.AsyncClient, app: Any, alice: SignedIn, path: str
 ) -> None:
     await fund(app, alice.user["id"], 1_000)
-    r = await client.post(path, json={"amount": 100, "currency": "USD"}, headers=alice.headers)
+    body = {"payment_method_id": await method_for(path, alice), "amount": 100, "currency": "USD"}
+    r = await client.post(path, json=body, headers=alice.headers)
     assert r.status_code == 428, r.text
     assert r.json()["code"] == "idempotency_key_required"
     assert (await usd(client, alice))["posted"] == 1_000  # type: ignore[index]
@@ -354,17 +385,20 @@ async def test_a_retry_with_the_same_key_replays_and_moves_money_once(
 ) -> None:
     await fund(app, alice.user["id"], 1_000)
     headers = idem(**alice.headers)
-    first = await client.post(path, json={"amount": 300, "currency": "USD"}, headers=headers)
+    method_id = await method_for(path, alice)
+    body = {"payment_method_id": method_id, "amount": 300, "currency": "USD"}
+    first = await client.post(path, json=body, headers=headers)
     assert first.status_code == 201, first.text
-    again = await client.post(path, json={"amount": 300, "currency": "USD"}, headers=headers)
+    again = await client.post(path, json=body, headers=headers)
     assert again.status_code == 201
     assert again.headers.get("idempotent-replayed") == "true"
     assert again.json() == first.json()
     expected = 1_300 if path.endswith("topups") else 700
     assert (await usd(client, alice))["posted"] == expected  # type: ignore[index]
     assert len(await outbox(app, first.json()["id"])) == 1
+    assert len(await outbox(app, first.json()["posting_id"])) == 1
     # The same key for another amount is a mistake, not a new request.
-    other = await client.post(path, json={"amount": 301, "currency": "USD"}, headers=headers)
+    other = await client.post(path, json={**body, "amount": 301}, headers=headers)
     assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reuse"
     assert (await usd(client, alice))["posted"] == expected  # type: ignore[index]
     assert await postings_of(app, alice) == 2
@@ -376,11 +410,9 @@ async def test_concurrent_duplicates_move_money_exactly_once(
 ) -> None:
     await fund(app, alice.user["id"], 1_000)
     headers = idem(**alice.headers)
+    body = {"payment_method_id": await method_for(path, alice), "amount": 400, "currency": "USD"}
     answers = await asyncio.gather(
-        *(
-            client.post(path, json={"amount": 400, "currency": "USD"}, headers=headers)
-            for _ in range(8)
-        )
+        *(client.post(path, json=body, headers=headers) for _ in range(8))
     )
     created = [r for r in answers if r.status_code == 201]
     assert created, [r.text for r in answers]
