@@ -520,3 +520,22 @@ def test_open_keystore_joins_the_process_hsm_session_and_leaves_it_open(
     software = open_keystore(settings.model_copy(update={"vault_keystore": "software"}))
     assert isinstance(software, SoftwareKeyStore)
     assert software.fingerprint(b"pan:1") != hsm.fingerprint(b"pan:1")
+
+
+def test_the_development_token_lives_in_the_data_dir(
+    hsm: KeyStore, data_dir: Any, tmp_path: Any
+) -> None:
+    from billfold.platform.hsm import HsmUnavailable, ensure_softhsm_token
+
+    token = ensure_softhsm_token(data_dir, "billfold")
+    hsm_dir = data_dir.resolve() / "hsm"
+    assert os.environ["SOFTHSM2_CONF"] == str(token.conf) == str(hsm_dir / "softhsm2.conf")
+    assert f"directories.tokendir = {hsm_dir / 'tokens'}" in token.conf.read_text()
+    for secret in ("pin", "so-pin"):
+        assert (hsm_dir / secret).stat().st_mode & 0o777 == 0o600
+    assert (hsm_dir / "pin").read_text().strip() == token.pin and len(token.pin) >= 16
+    assert ensure_softhsm_token(data_dir, "billfold") == token  # idempotent
+    # The module read SOFTHSM2_CONF when it was loaded: another data dir cannot take over.
+    with pytest.raises(HsmUnavailable):
+        ensure_softhsm_token(tmp_path, "billfold")
+    assert os.environ["SOFTHSM2_CONF"] == str(token.conf)

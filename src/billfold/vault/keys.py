@@ -127,6 +127,11 @@ class DataKeys:
         return AESGCM(plain)
 
 
+# Each pass re-wraps what the previous one found; later passes only catch data keys created under
+# the old KEK while the first pass ran, so a handful suffice.
+_MAX_PASSES = 20
+
+
 @dataclass(frozen=True)
 class RotationReport:
     """What `rotate_kek` did: the new KEK version and how many data keys it re-wrapped."""
@@ -150,7 +155,7 @@ async def rotate_kek(
     version = keystore.create_kek_version()
     log.info("vault KEK version created", kek_version=version)
     rewrapped = 0
-    while True:
+    for _ in range(_MAX_PASSES):
         after, found = "", 0
         while True:
             async with engine.connect() as conn:
@@ -163,6 +168,8 @@ async def rotate_kek(
             after = ids[-1]
         if found == 0:
             break
+    else:  # data keys keep appearing under an old KEK: a process wrapping with a stale version
+        raise RuntimeError(f"data keys remain under KEKs older than v{version}")
     async with engine.connect() as conn:
         counts = await store.data_keys_per_kek_version(conn)
     log.info("vault KEK rotation finished", kek_version=version, rewrapped=rewrapped)
