@@ -163,6 +163,16 @@ async def test_a_cryptogram_verifies_once_and_a_replay_or_older_atc_is_refused(
     assert await local_vault.verify_cryptogram(replace(c3, arqc="zz"), r3) is False
     assert await local_vault.verify_cryptogram(replace(c3, dpan=new_pan()), r3) is False
     assert await local_vault.verify_cryptogram(replace(c3, atc=c3.atc + 1), r3) is False
+    wrong_cvv = f"{(int(c3.dynamic_cvv) + 1) % 1000:03d}"
+    assert await local_vault.verify_cryptogram(replace(c3, dynamic_cvv=wrong_cvv), r3) is False
+    assert await local_vault.verify_cryptogram(replace(c3, dynamic_cvv="12a"), r3) is False
+    assert (
+        await local_vault.verify_cryptogram(
+            replace(c3, issuer_application_data="06011203A00001"), r3
+        )
+        is False
+    )
+    assert await local_vault.verify_cryptogram(replace(c3, cryptogram_version="x"), r3) is False
     assert await local_vault.verify_cryptogram(c3, r3) is True
     [row] = await sql(
         local_vault,

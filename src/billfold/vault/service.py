@@ -402,10 +402,18 @@ class LocalVault:
                 return False
             imk = await self._imk(conn, token.issuer_key_id)
             try:
-                valid = emv.verify_cryptogram(
-                    imk, dpan, token.psn, cryptogram.atc, data, cryptogram.arqc
+                # The ARQC covers the issuer application data the vault sends (9F10), the
+                # dynamic CVV stands beside it for channels without chip data: both must match.
+                valid = (
+                    cryptogram.issuer_application_data.upper() == emv.issuer_application_data()
+                    and emv.verify_cryptogram(
+                        imk, dpan, token.psn, cryptogram.atc, data, cryptogram.arqc
+                    )
+                    and emv.verify_dynamic_cvv(
+                        imk, dpan, token.psn, cryptogram.atc, data, cryptogram.dynamic_cvv
+                    )
                 )
-            except ValueError:  # malformed ARQC or data element from the caller
+            except ValueError:  # a malformed ARQC, CVV or data element from the caller
                 return False
             if not valid:
                 return False
