@@ -1,6 +1,8 @@
-"""Hostile input on every money route (wallet, transfers, claims, money requests, admin): each is
+"""Hostile input on every money route (wallet, payment methods, transfers, claims, money requests,
+admin): each is
 a problem+json 4xx with a stable `code`, never a 500, never echoes a secret, and changes nothing
-(balances, holds, postings, transfers, requests, limit usage, outbox, idempotency records).
+(balances, holds, postings, transfers, requests, limit usage, payment methods, micro-deposit
+attempts, fundings, outbox, idempotency records).
 
 One world (users, a completed transfer, one waiting for a claim, requests both ways, someone
 else's transfer and request) is built once for the module; every case snapshots the database
@@ -21,7 +23,18 @@ import pytest
 from sqlalchemy import text
 
 from tests.conftest import SignedIn, fund, sign_up
+from tests.integration.payment_methods_support import (
+    add_bank,
+    add_card,
+    card_body,
+    iban_body,
+    new_pan,
+    us_bank_body,
+)
 from tests.integration.transfer_support import make_admin
+
+# Cards need the SoftHSM2-backed vault.
+pytestmark = pytest.mark.usefixtures("hsm")
 
 PROBLEM = "application/problem+json"
 # Put into every hostile string that could be a secret (tokens, keys, notes, reasons): no answer
@@ -30,6 +43,7 @@ SECRET = "S3CR3T-d0n0tech0"
 UNKNOWN_TRANSFER = "p2p_01" + "0" * 24  # well formed, nobody's
 UNKNOWN_REQUEST = "req_01" + "0" * 24
 UNKNOWN_USER = "usr_01" + "0" * 24
+UNKNOWN_METHOD = "pm_01" + "0" * 24
 
 
 def b64(value: str) -> str:
@@ -40,7 +54,7 @@ def b64(value: str) -> str:
 class Case:
     id: str
     method: str
-    path: str  # may name {done}, {claim}, {other_transfer}, {req_in}, {req_out}, {req_other}, {me}, {bob}
+    path: str  # may name any key of the world ({done}, {claim}, {card}, {bank}, {me}, …)
     body: Any = None  # JSON-encoded unless bytes
     params: dict[str, Any] = field(default_factory=dict)
     headers: dict[str, str | bytes] = field(default_factory=dict)
@@ -184,9 +198,282 @@ def body_cases(prefix: str, path: str, valid: dict[str, Any], who: str) -> list[
     return cases
 
 
+def card(**overrides: Any) -> dict[str, Any]:
+    """A card body with a fresh, valid number; `overrides` replace its fields (None too)."""
+    body = card_body()
+    body["card"].update(overrides)
+    return body
+
+
+def without(body: dict[str, Any], kind: str, key: str) -> dict[str, Any]:
+    return {kind: {k: v for k, v in body[kind].items() if k != key}}
+
+
+ADD = "/v1/payment-methods"
+ONE = "/v1/payment-methods/{id}"
+PAYMENT_METHOD_CASES: list[Case] = [
+    # --- POST /v1/payment-methods ---------------------------------------------------------------
+    *[
+        Case(f"add-body-{label}", "POST", ADD, raw, headers={"content-type": ctype})
+        for label, raw, ctype in BAD_BODIES
+    ],
+    Case("add-neither", "POST", ADD, {}, code="validation_failed"),
+    Case("add-both", "POST", ADD, {**card(), **us_bank_body()}, code="validation_failed"),
+    Case("add-unknown-kind", "POST", ADD, {"wallet": {"id": SECRET}}, code="validation_failed"),
+    *[
+        Case(f"add-card-pan-{label}", "POST", ADD, card(pan=v), code=code)
+        for label, v, code in [
+            ("secret", SECRET, "invalid_card_number"),
+            ("luhn", "4242424242424241", "invalid_card_number"),
+            ("short", "4242", "invalid_card_number"),
+            ("arabic-digits", "٤٢٤٢٤٢٤٢٤٢٤٢٤٢٤٢", "invalid_card_number"),
+            ("unknown-brand", new_pan("9"), "unsupported_card_brand"),
+            ("long", SECRET * 3, "validation_failed"),
+            ("number", 4242424242424242, "validation_failed"),
+            ("null", None, "validation_failed"),
+            ("array", ["4242424242424242"], "validation_failed"),
+            ("nul", "4242\u00004242" + SECRET, "validation_failed"),
+        ]
+    ],
+    *[
+        Case(f"add-card-expiry-{label}", "POST", ADD, card(**fields), code=code)
+        for label, fields, code in [
+            ("past", {"expiry_month": 1, "expiry_year": 2001}, "card_expired"),
+            ("month-13", {"expiry_month": 13}, "invalid_expiry"),
+            ("month-negative", {"expiry_month": -1}, "invalid_expiry"),
+            ("year-huge", {"expiry_year": 2**70}, "invalid_expiry"),
+            ("year-negative", {"expiry_year": -2031}, "card_expired"),
+            ("month-string", {"expiry_month": "12"}, "validation_failed"),
+            ("year-float", {"expiry_year": 2031.0}, "validation_failed"),
+        ]
+    ],
+    *[
+        Case(f"add-card-cvv-{label}", "POST", ADD, card(cvv=v), code=code)
+        for label, v, code in [
+            ("secret", SECRET, "validation_failed"),
+            ("short", "12", "invalid_cvv"),
+            ("letters", "1a3", "invalid_cvv"),
+            ("number", 123, "validation_failed"),
+            ("null", None, "validation_failed"),
+        ]
+    ],
+    *[
+        Case(f"add-card-missing-{key}", "POST", ADD, without(card(), "card", key), status=422)
+        for key in (
+            "pan",
+            "expiry_month",
+            "expiry_year",
+            "cvv",
+            "cardholder_name",
+            "billing_address",
+        )
+    ],
+    Case("add-card-extra", "POST", ADD, card(track2=SECRET), code="validation_failed"),
+    Case(
+        "add-card-billing-country",
+        "POST",
+        ADD,
+        card(billing_address={"line1": "x", "city": "y", "postal_code": "1", "country": "XX"}),
+        code="validation_failed",
+    ),
+    Case("add-card-name-long", "POST", ADD, card(cardholder_name=SECRET * 10), status=422),
+    Case("add-card-twice", "POST", ADD, card(pan="{card_pan}"), code="payment_method_exists"),
+    *[
+        Case(f"add-bank-{label}", "POST", ADD, body, code=code)
+        for label, body, code in [
+            ("routing", us_bank_body(routing_number="021000022"), "invalid_routing_number"),
+            ("routing-secret", us_bank_body(routing_number=SECRET), "invalid_routing_number"),
+            ("account", us_bank_body(account_number="12"), "invalid_account_number"),
+            ("account-secret", us_bank_body(account_number=SECRET), "invalid_account_number"),
+            ("account-number", us_bank_body(account_number=12345678), "validation_failed"),
+            ("type", us_bank_body(account_type="brokerage"), "validation_failed"),
+            ("iban", {"bank_account": {"iban": SECRET}}, "invalid_iban"),
+            ("iban-long", {"bank_account": {"iban": SECRET * 5}}, "validation_failed"),
+            ("bic", iban_body(bic="XXXXXXXX"), "invalid_bic"),
+            ("mixed", iban_body(account_number="12345678"), "validation_failed"),
+            (
+                "only-routing",
+                {"bank_account": {"routing_number": "021000021"}},
+                "validation_failed",
+            ),
+            ("currency", us_bank_body(currency="usd"), "validation_failed"),
+            ("points", us_bank_body(currency="PTS"), "currency_not_supported"),
+            (
+                "twice",
+                us_bank_body(account_number="{bank_pending_number}"),
+                "payment_method_exists",
+            ),
+        ]
+    ],
+    Case("add-nickname-long", "POST", ADD, {**card(), "nickname": SECRET * 4}, status=422),
+    Case("add-nickname-nul", "POST", ADD, {**card(), "nickname": SECRET + "\u0000"}, status=422),
+    Case("add-no-idempotency-key", "POST", ADD, card(), idempotency=False, status=428),
+    Case(
+        "add-long-idempotency-key",
+        "POST",
+        ADD,
+        card(),
+        idempotency=False,
+        headers={"Idempotency-Key": SECRET + "k" * 256},
+        code="invalid_idempotency_key",
+    ),
+    Case("add-anonymous", "POST", ADD, card(), as_="anonymous", status=401),
+    Case("add-junk-token", "POST", ADD, card(), as_="junk_token", status=401),
+    # --- GET /v1/payment-methods ----------------------------------------------------------------
+    *[
+        Case(f"methods-list-{label}", "GET", ADD, params=params, status=422)
+        for label, params in [
+            ("type", {"type": "crypto"}),
+            ("status", {"status": "stolen"}),
+            ("cursor", {"cursor": SECRET + "!!"}),
+            ("cursor-nul", {"cursor": b64("\u0000")}),
+            ("limit", {"limit": 0}),
+            ("limit-huge", {"limit": 2**70}),
+        ]
+    ],
+    Case("methods-list-anonymous", "GET", ADD, as_="anonymous", status=401),
+    # --- one method: get, patch, delete, default, verify; someone else's is a 404 ---------------
+    *[
+        case
+        for label, mid, status, code in [
+            ("nul", "pm_%00", 404, "payment_method_not_found"),
+            ("junk", "pm_junk", 404, "payment_method_not_found"),
+            ("unknown", UNKNOWN_METHOD, 404, "payment_method_not_found"),
+            ("wrong-prefix", UNKNOWN_TRANSFER, 404, "payment_method_not_found"),
+            ("sql", "pm_' OR '1'='1", 404, "payment_method_not_found"),
+            ("too-long", "pm_" + "0" * 70, 422, "validation_failed"),
+            ("someone-elses", "{other_card}", 404, "payment_method_not_found"),
+            ("removed", "{removed}", 404, "payment_method_not_found"),
+        ]
+        for case in (
+            Case(f"method-get-{label}", "GET", ONE.format(id=mid), status=status, code=code),
+            Case(
+                f"method-patch-{label}",
+                "PATCH",
+                ONE.format(id=mid),
+                {"nickname": "mine"},
+                status=status,
+                code=code,
+            ),
+            Case(f"method-delete-{label}", "DELETE", ONE.format(id=mid), status=status, code=code),
+            Case(
+                f"method-default-{label}",
+                "POST",
+                ONE.format(id=mid) + "/default",
+                status=status,
+                code=code,
+            ),
+            Case(
+                f"method-verify-{label}",
+                "POST",
+                ONE.format(id=mid) + "/verify",
+                {"amounts": [1, 2]},
+                status=status,
+                code=code,
+            ),
+        )
+    ],
+    *[
+        Case(f"method-patch-{label}", "PATCH", ONE.format(id="{card}"), body, status=422)
+        for label, body in [
+            ("nickname-long", {"nickname": SECRET * 4}),
+            ("nickname-number", {"nickname": 5}),
+            ("billing-null", {"billing_address": None}),
+            (
+                "billing-country",
+                {
+                    "billing_address": {
+                        "line1": "x",
+                        "city": "y",
+                        "postal_code": "1",
+                        "country": "ZZ",
+                    }
+                },
+            ),
+            ("unknown-field", {"last4": SECRET}),
+            ("array", [{"nickname": "x"}]),
+        ]
+    ],
+    Case(
+        "method-patch-bank-billing",
+        "PATCH",
+        ONE.format(id="{bank}"),
+        {"billing_address": {"line1": "x", "city": "y", "postal_code": "1", "country": "US"}},
+        status=422,
+    ),
+    Case(
+        "method-default-pending",
+        "POST",
+        ONE.format(id="{bank_pending}") + "/default",
+        status=409,
+        code="payment_method_not_verified",
+    ),
+    Case(
+        "method-default-failed",
+        "POST",
+        ONE.format(id="{card_failed}") + "/default",
+        status=409,
+        code="payment_method_not_verified",
+    ),
+    Case(
+        "method-verify-a-card",
+        "POST",
+        ONE.format(id="{card}") + "/verify",
+        {"amounts": [1, 2]},
+        status=409,
+        code="payment_method_not_pending",
+    ),
+    Case(
+        "method-verify-verified-bank",
+        "POST",
+        ONE.format(id="{bank}") + "/verify",
+        {"amounts": [1, 2]},
+        status=409,
+        code="payment_method_not_pending",
+    ),
+    *[
+        Case(
+            f"method-verify-amounts-{label}",
+            "POST",
+            ONE.format(id="{bank_pending}") + "/verify",
+            body,
+            status=422,
+            code="validation_failed",
+        )
+        for label, body in [
+            ("one", {"amounts": [1]}),
+            ("three", {"amounts": [1, 2, 3]}),
+            ("zero", {"amounts": [0, 5]}),
+            ("a-dollar", {"amounts": [100, 5]}),
+            ("floats", {"amounts": [1.5, 2]}),
+            ("strings", {"amounts": ["1", "2"]}),
+            ("null", {"amounts": None}),
+            ("missing", {}),
+            ("extra", {"amounts": [1, 2], "x": SECRET}),
+        ]
+    ],
+    Case("method-delete-anonymous", "DELETE", ONE.format(id="{card}"), as_="anonymous", status=401),
+]
+
+
 TRANSFER_OK = transfer()
 REQUEST_OK = ask()
-TOPUP_OK = {"amount": 100, "currency": "USD"}
+TOPUP_OK = {"payment_method_id": "{card}", "amount": 100, "currency": "USD"}
+WITHDRAW_OK = {"payment_method_id": "{bank}", "amount": 100, "currency": "USD"}
+BAD_METHOD_IDS: list[tuple[str, Any, int | None, str | None]] = [
+    ("null", None, 422, "validation_failed"),
+    ("number", 5, 422, "validation_failed"),
+    ("array", ["{card}"], 422, "validation_failed"),
+    ("too-long", "pm_" + "0" * 70, 422, "validation_failed"),
+    ("nul", "pm_\u0000", 422, "validation_failed"),
+    ("junk", "pm_" + SECRET, 404, "payment_method_not_found"),
+    ("unknown", UNKNOWN_METHOD, 404, "payment_method_not_found"),
+    ("wrong-prefix", UNKNOWN_TRANSFER, 404, "payment_method_not_found"),
+    ("someone-elses", "{other_card}", 404, "payment_method_not_found"),
+    ("removed", "{removed}", 404, "payment_method_not_found"),
+    ("pending", "{bank_pending}", 409, "payment_method_not_verified"),
+    ("failed", "{card_failed}", 409, "payment_method_not_verified"),
+]
 
 CASES: list[Case] = [
     # --- POST /v1/transfers -------------------------------------------------------------------
@@ -302,16 +589,37 @@ CASES: list[Case] = [
     # --- POST /v1/wallet/topups and /withdrawals ----------------------------------------------
     *[
         case
-        for path, name in (("/v1/wallet/topups", "topup"), ("/v1/wallet/withdrawals", "withdraw"))
+        for path, name, ok in (
+            ("/v1/wallet/topups", "topup", TOPUP_OK),
+            ("/v1/wallet/withdrawals", "withdraw", WITHDRAW_OK),
+        )
         for case in [
             *[
-                Case(f"{name}-amount-{label}", "POST", path, {**TOPUP_OK, "amount": v})
+                Case(f"{name}-amount-{label}", "POST", path, {**ok, "amount": v})
                 for label, v, _ in BAD_AMOUNTS
             ],
             *[
-                Case(f"{name}-currency-{label}", "POST", path, {**TOPUP_OK, "currency": v})
+                Case(f"{name}-currency-{label}", "POST", path, {**ok, "currency": v})
                 for label, v in BAD_CURRENCIES
             ],
+            *[
+                Case(
+                    f"{name}-method-{label}",
+                    "POST",
+                    path,
+                    {**ok, "payment_method_id": v},
+                    status=status,
+                    code=code,
+                )
+                for label, v, status, code in BAD_METHOD_IDS
+            ],
+            Case(
+                f"{name}-method-missing",
+                "POST",
+                path,
+                {k: v for k, v in ok.items() if k != "payment_method_id"},
+                code="validation_failed",
+            ),
             *[
                 Case(f"{name}-body-{label}", "POST", path, raw, headers={"content-type": ctype})
                 for label, raw, ctype in BAD_BODIES
@@ -320,37 +628,58 @@ CASES: list[Case] = [
                 f"{name}-over-maximum",
                 "POST",
                 path,
-                {**TOPUP_OK, "amount": 1_000_001},
+                {**ok, "amount": 1_000_001},
                 code="amount_too_large",
             ),
             Case(
                 f"{name}-points",
                 "POST",
                 path,
-                {**TOPUP_OK, "currency": "PTS"},
+                {**ok, "currency": "PTS"},
                 code="currency_not_supported",
             ),
-            Case(f"{name}-unknown-field", "POST", path, {**TOPUP_OK, "source": SECRET}, status=422),
+            Case(f"{name}-unknown-field", "POST", path, {**ok, "source": SECRET}, status=422),
+            Case(f"{name}-no-idempotency-key", "POST", path, ok, idempotency=False, status=428),
+            Case(f"{name}-anonymous", "POST", path, ok, as_="anonymous", status=401),
             Case(
-                f"{name}-no-idempotency-key", "POST", path, TOPUP_OK, idempotency=False, status=428
+                f"{name}-bank-in-another-currency",
+                "POST",
+                path,
+                {**ok, "payment_method_id": "{bank}", "currency": "EUR"},
+                code="currency_mismatch",
             ),
-            Case(f"{name}-anonymous", "POST", path, TOPUP_OK, as_="anonymous", status=401),
         ]
     ],
+    Case(
+        "topup-declined-by-the-card-issuer",
+        "POST",
+        "/v1/wallet/topups",
+        {**TOPUP_OK, "payment_method_id": "{card_declined}"},
+        status=402,
+        code="payment_declined",
+    ),
+    Case(
+        "withdraw-to-a-card",
+        "POST",
+        "/v1/wallet/withdrawals",
+        {**WITHDRAW_OK, "payment_method_id": "{card}"},
+        code="bank_account_required",
+    ),
     Case(
         "withdraw-more-than-balance",
         "POST",
         "/v1/wallet/withdrawals",
-        {"amount": 999_999, "currency": "USD"},
+        {**WITHDRAW_OK, "amount": 999_999},
         code="insufficient_funds",
     ),
     Case(
         "withdraw-currency-never-held",
         "POST",
         "/v1/wallet/withdrawals",
-        {"amount": 1, "currency": "SEK"},
+        {"payment_method_id": "{bank_sek}", "amount": 1, "currency": "SEK"},
         code="insufficient_funds",
     ),
+    *PAYMENT_METHOD_CASES,
     # --- GET /v1/wallet, /v1/wallet/entries ----------------------------------------------------
     *[
         Case(f"wallet-as-of-{label}", "GET", "/v1/wallet", params={"as_of": v}, status=422)
@@ -662,6 +991,29 @@ async def world(client: httpx.AsyncClient, app: Any) -> dict[str, Any]:
     await fund(app, alice.user["id"], 100_000, "USD")
     await fund(app, alice.user["id"], 1_000, "GBP")
     await fund(app, carol.user["id"], 10_000, "USD")
+    card_pan = new_pan()
+    card = await add_card(client, alice, pan=card_pan)
+    bank = await add_bank(client, app, alice, "USD")
+    r = await client.post(
+        "/v1/payment-methods",
+        json=iban_body(currency="SEK"),
+        headers={**alice.headers, "Idempotency-Key": uuid.uuid4().hex},
+    )
+    from tests.integration.payment_methods_support import deposits
+
+    a, b = await deposits(app, alice, r.json()["id"])
+    bank_sek = r.json()["id"]
+    r = await client.post(
+        f"/v1/payment-methods/{bank_sek}/verify",
+        json={"amounts": [a, b]},
+        headers=alice.headers,
+    )
+    assert r.status_code == 200, r.text
+    pending_body = us_bank_body()
+    removed = await add_card(client, alice)
+    assert (
+        await client.delete(f"/v1/payment-methods/{removed['id']}", headers=alice.headers)
+    ).status_code == 204
 
     async def post(who: SignedIn, path: str, body: dict[str, Any]) -> str:
         r = await client.post(
@@ -689,6 +1041,16 @@ async def world(client: httpx.AsyncClient, app: Any) -> dict[str, Any]:
         "req_other": await post(
             carol, "/v1/transfer-requests", ask(payer={"user_id": bob.user["id"]})
         ),
+        "card": card["id"],
+        "card_pan": card_pan,
+        "bank": bank["id"],
+        "bank_sek": bank_sek,
+        "bank_pending": await post(alice, "/v1/payment-methods", pending_body),
+        "bank_pending_number": pending_body["bank_account"]["account_number"],
+        "card_failed": await post(alice, "/v1/payment-methods", card_body(cvv="000")),
+        "card_declined": (await add_card(client, alice, pan=new_pan(suffix="9995")))["id"],
+        "other_card": (await add_card(client, carol))["id"],
+        "removed": removed["id"],
     }
 
 
@@ -702,6 +1064,15 @@ SNAPSHOT = {
         "SELECT id, status, payer_id, transfer_id, updated_at FROM p2p.transfer_requests ORDER BY id"
     ),
     "limits": "SELECT * FROM p2p.transfer_limits ORDER BY user_id, currency",
+    "methods": (
+        "SELECT id, status, is_default, nickname, billing_address::text, updated_at "
+        "FROM payment_methods.methods ORDER BY id"
+    ),
+    "micro_deposits": (
+        "SELECT payment_method_id, status, attempts, updated_at "
+        "FROM payment_methods.micro_deposits ORDER BY payment_method_id"
+    ),
+    "fundings": "SELECT count(*), max(id) FROM payment_methods.fundings",
     "outbox": "SELECT count(*), max(seq) FROM platform.outbox",
     "idempotency": "SELECT count(*) FROM platform.idempotency_keys",
 }
@@ -717,17 +1088,9 @@ async def snapshot(app: Any) -> dict[str, list[Any]]:
 
 def _fill(value: Any, world: dict[str, Any]) -> Any:
     if isinstance(value, str):
-        for key in (
-            "done",
-            "claim",
-            "other_transfer",
-            "req_in",
-            "req_out",
-            "req_other",
-            "me",
-            "bob",
-        ):
-            value = value.replace("{" + key + "}", world[key])
+        for key, filler in world.items():
+            if isinstance(filler, str):
+                value = value.replace("{" + key + "}", filler)
         return value
     if isinstance(value, dict):
         return {k: _fill(v, world) for k, v in value.items()}
@@ -786,6 +1149,7 @@ def test_every_money_route_is_fuzzed(app: Any) -> None:
         if route.path.startswith(
             (
                 "/v1/wallet",
+                "/v1/payment-methods",
                 "/v1/transfer",
                 "/v1/admin/transfers",
                 "/v1/admin/users/{user_id}/transfer-limits",

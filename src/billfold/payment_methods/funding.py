@@ -46,7 +46,7 @@ async def _verified_method(conn: AsyncConnection, user_id: str, method_id: str) 
     if row.status != "verified":
         raise PaymentMethodNotVerified(
             "Verify this payment method before moving money with it",
-            extra={"status": row.status},
+            extra={"payment_method_status": row.status},
         )
     return row
 

@@ -461,7 +461,7 @@ async def verify_micro_deposits(
             raise PaymentMethodNotPending(
                 f"This payment method is {row.status.replace('_', ' ')}; only a bank account "
                 "awaiting verification takes micro-deposit amounts",
-                extra={"status": row.status},
+                extra={"payment_method_status": row.status},
             )
         deposits = await store.deposits_for_update(side, method_id)
         assert deposits is not None
@@ -491,7 +491,7 @@ async def verify_micro_deposits(
     if outcome == "expired":
         raise MicroDepositsExpired(
             "The time to confirm these deposits is over; add the bank account again",
-            extra={"status": "failed"},
+            extra={"payment_method_status": "failed"},
         )
     if outcome == "wrong":
         raise InvalidMicroDeposits(
@@ -499,7 +499,7 @@ async def verify_micro_deposits(
             + ("" if attempts_left else "; no attempts are left, add the bank account again"),
             extra={
                 "attempts_left": attempts_left,
-                "status": "pending_verification" if attempts_left else "failed",
+                "payment_method_status": "pending_verification" if attempts_left else "failed",
             },
         )
     conn = await uow.connection()
@@ -509,7 +509,8 @@ async def verify_micro_deposits(
         raise PaymentMethodNotFound("No such payment method")
     if row.status != "pending_verification":  # a parallel request confirmed it first
         raise PaymentMethodNotPending(
-            f"This payment method is {row.status.replace('_', ' ')}", extra={"status": row.status}
+            f"This payment method is {row.status.replace('_', ' ')}",
+            extra={"payment_method_status": row.status},
         )
     await store.update_deposits(conn, method_id, status="confirmed", attempts=row.deposit_attempts)
     await store.update(conn, method_id, {"status": "verified", "verified_at": utcnow()})
@@ -604,7 +605,8 @@ async def make_default(conn: AsyncConnection, method_id: str, user_id: str) -> R
         raise PaymentMethodNotFound("No such payment method")
     if row.status != "verified":
         raise PaymentMethodNotVerified(
-            "Only a verified payment method can be the default", extra={"status": row.status}
+            "Only a verified payment method can be the default",
+            extra={"payment_method_status": row.status},
         )
     previous = await store.default_of(conn, user_id)
     if previous != method_id:
