@@ -357,13 +357,26 @@ class LocalVault:
 
     async def cryptogram(self, request: CryptogramRequest) -> Cryptogram:
         data = _emv_data(request)
+        today = utcnow().date()
         async with self._transaction() as conn:
-            token = await self._token(conn, request.token_id)
-            _check_usable(token)
-            _check_domain(token, request.channel, request.device_id, request.merchant_id)
-            atc = await store.next_atc(conn, token.id)
-            if atc is None:  # suspended or deleted meanwhile, or the counter is exhausted
+            token = (
+                await store.next_atc(
+                    conn,
+                    request.token_id,
+                    month_index=today.year * 12 + today.month,
+                    channel=request.channel,
+                    device_id=request.device_id,
+                    merchant_id=request.merchant_id,
+                )
+                if is_valid_id(request.token_id, "tok")
+                else None
+            )
+            if token is None:  # refused, nothing changed: say why
+                current = await self._token(conn, request.token_id)
+                _check_usable(current)
+                _check_domain(current, request.channel, request.device_id, request.merchant_id)
                 raise TokenNotActive("The payment token cannot produce another cryptogram")
+            atc = token.atc
             dpan = await self._dpan(conn, token)
             imk = await self._imk(conn, token.issuer_key_id)
             result = emv.generate_cryptogram(imk, dpan, token.psn, atc, data)

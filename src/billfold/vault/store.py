@@ -258,11 +258,17 @@ _DELETE_CARD_TOKENS = text(
     """
 )
 # Atomic: concurrent cryptograms on one token each get their own ATC (the row lock orders them).
+# One round trip on the happy path: the token is active, unexpired and used within its domain,
+# or nothing changes (a refusal uses no ATC) and the caller reads the row to say why.
 _NEXT_ATC = text(
-    """
+    f"""
     UPDATE vault.tokens SET atc = atc + 1
     WHERE id = :id AND status = 'active' AND atc < 65535
-    RETURNING atc
+      AND expiry_year * 12 + expiry_month >= :month_index
+      AND :channel = ANY (channels)
+      AND (device_id IS NULL OR device_id = :device_id)
+      AND (merchant_id IS NULL OR merchant_id = :merchant_id)
+    RETURNING {_TOKEN_COLUMNS}
     """
 )
 # Accepts an ATC only above every one accepted before (and one that was really issued).
@@ -319,10 +325,31 @@ async def delete_card_tokens(conn: AsyncConnection, card_id: str, reason: str) -
     return [_token(r) for r in result]
 
 
-async def next_atc(conn: AsyncConnection, token_id: str) -> int | None:
-    """The token's next ATC, or None if it is not active (or its counter is exhausted)."""
-    row = (await conn.execute(_NEXT_ATC, {"id": token_id})).first()
-    return int(row.atc) if row else None
+async def next_atc(
+    conn: AsyncConnection,
+    token_id: str,
+    *,
+    month_index: int,
+    channel: str,
+    device_id: str | None,
+    merchant_id: str | None,
+) -> TokenRow | None:
+    """The token with its next ATC taken, or None (nothing changed) if it is not active, has
+    expired (`month_index` = year * 12 + month of today), is used outside its domain or has
+    exhausted its counter."""
+    row = (
+        await conn.execute(
+            _NEXT_ATC,
+            {
+                "id": token_id,
+                "month_index": month_index,
+                "channel": channel,
+                "device_id": device_id,
+                "merchant_id": merchant_id,
+            },
+        )
+    ).first()
+    return _token(row) if row else None
 
 
 async def accept_atc(conn: AsyncConnection, token_id: str, atc: int) -> bool:
