@@ -25,6 +25,7 @@ from billfold.platform.db import unit_of_work
 from billfold.platform.errors import ProblemError
 from tests.conftest import SignedIn, fund, set_kyc_tier, sign_up
 from tests.integration.p2p_contact_support import assert_escrow_conserved, verify_contact
+from tests.integration.payment_methods_support import add_bank, add_card
 from tests.integration.transfer_support import make_admin, risk, sql
 
 CURRENCIES = ("USD", "EUR")
@@ -40,7 +41,7 @@ class ReviewSome:
 
 
 async def test_every_money_path_at_once_never_deadlocks_nor_answers_5xx(
-    client: httpx.AsyncClient, app: Any
+    client: httpx.AsyncClient, app: Any, hsm: Any
 ) -> None:
     seed = random.randrange(2**32)
     rng = random.Random(seed)
@@ -52,6 +53,13 @@ async def test_every_money_path_at_once_never_deadlocks_nor_answers_5xx(
         await set_kyc_tier(app, who.user["id"], 1)
         for currency in CURRENCIES:
             await fund(app, who.user["id"], 200_000, currency)
+    # Top-ups come from a verified card or bank account, withdrawals go to a bank account.
+    cards = {p.user["id"]: (await add_card(client, p))["id"] for p in people}
+    banks = {
+        (p.user["id"], currency): (await add_bank(client, app, p, currency))["id"]
+        for p in people
+        for currency in CURRENCIES
+    }
     ids = [p.user["id"] for p in people]
     answers: list[tuple[str, int, str]] = []
     asked: dict[str, SignedIn] = {}  # request id → who was asked to pay it
@@ -145,8 +153,11 @@ async def test_every_money_path_at_once_never_deadlocks_nor_answers_5xx(
 
     async def top_up_or_withdraw() -> None:
         path = rng.choice(["/v1/wallet/topups", "/v1/wallet/withdrawals"])
-        body = {"amount": rng.randint(1, 5_000), "currency": rng.choice(CURRENCIES)}
-        await call(path.rsplit("/", 1)[1], "POST", path, rng.choice(people), json=body)
+        who, currency = rng.choice(people), rng.choice(CURRENCIES)
+        bank = banks[(who.user["id"], currency)]
+        method = rng.choice([cards[who.user["id"]], bank]) if path.endswith("topups") else bank
+        body = {"payment_method_id": method, "amount": rng.randint(1, 5_000), "currency": currency}
+        await call(path.rsplit("/", 1)[1], "POST", path, who, json=body)
 
     async def review_outcome() -> None:
         rows = await mine("pending")()
@@ -212,6 +223,9 @@ async def test_every_money_path_at_once_never_deadlocks_nor_answers_5xx(
     server_errors = [a for a in answers if a[1] >= 500]
     assert not server_errors, (context, server_errors)
     assert {a[1] for a in answers} & {200, 201}, (context, "nothing succeeded")
+    # A verified card or bank account in the right currency always funds the wallet.
+    refused_topups = [a for a in answers if a[0] == "topups" and a[1] != 201]
+    assert not refused_topups, (context, refused_topups)
     dead = await _scalar(app, "SELECT count(*) FROM platform.dead_letters")
     assert dead == 0, (context, await sql(app, "SELECT consumer, error FROM platform.dead_letters"))
     report = await verify_ledger(engine)
