@@ -450,23 +450,26 @@ class LocalVault:
         requester = requester.strip()
         if not requester or len(requester) > 200:
             raise Unprocessable("requester is required (at most 200 characters)")
+        # A suspended token may still be refunded or updated on the network, never authorised.
+        statuses = ("active",) if purpose == "authorization" else ("active", "suspended")
         async with self._transaction() as conn:
-            if token_id is not None:
-                token = await self._token(conn, token_id)
-                if token.status == "deleted" or (
-                    token.status != "active" and purpose == "authorization"
-                ):
-                    raise TokenNotActive(f"The payment token is {token.status}")
-                card = await store.live_card(conn, token.card_id)
-                if card is None:
-                    raise TokenNotActive("The card of this token was deleted")
-            else:
-                assert card_id is not None
-                card = await self._live_card(conn, card_id)
-            # The audit row comes first, in the same transaction: no PAN leaves without it.
-            await store.audit_detokenization(
-                conn, requester=requester, purpose=purpose, card_id=card.id, token_id=token_id
+            # The audit row is written by the statement that reads the card, in this
+            # transaction, before the PAN is opened: no PAN leaves without it.
+            card = await store.audited_card(
+                conn,
+                card_id=card_id if is_valid_id(card_id or "", "card") else None,
+                token_id=token_id if is_valid_id(token_id or "", "tok") else None,
+                statuses=statuses,
+                requester=requester,
+                purpose=purpose,
             )
+            if card is None:  # refused, nothing written: say why
+                if token_id is None:
+                    raise CardNotFound()
+                token = await self._token(conn, token_id)
+                if token.status not in statuses:
+                    raise TokenNotActive(f"The payment token is {token.status}")
+                raise TokenNotActive("The card of this token was deleted")
             key = await self._keys.get(conn, card.data_key_id)
             pan = open_sealed(key, _present(card.pan_sealed), column_aad("cards", card.id, "pan"))
             name = (

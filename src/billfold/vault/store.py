@@ -429,6 +429,59 @@ _AUDIT = text(
 )
 
 
+# The audit row and the card it reveals in one statement: no row is read for revealing without
+# its audit row written by the same statement (and transaction). By token, the token must be in
+# one of `statuses`; nothing is written when the card or token does not qualify.
+_AUDITED_CARD = text(
+    f"""
+    WITH card AS (
+        SELECT c.*, t.id AS via_token FROM vault.cards c
+        LEFT JOIN vault.tokens t ON t.id = :token_id AND t.card_id = c.id
+        WHERE c.deleted_at IS NULL
+          AND CASE WHEN CAST(:token_id AS text) IS NULL THEN c.id = :card_id
+                   ELSE c.id = (SELECT card_id FROM vault.tokens WHERE id = :token_id)
+                        AND t.status = ANY (CAST(:statuses AS text[])) END
+    ), audit AS (
+        INSERT INTO vault.detokenizations (requester, purpose, card_id, token_id)
+        SELECT :requester, :purpose, card.id, card.via_token FROM card
+        RETURNING seq
+    )
+    SELECT {", ".join("card." + c.strip() for c in _CARD_COLUMNS.split(","))}, audit.seq
+    FROM card, audit
+    """
+)
+
+
+async def audited_card(
+    conn: AsyncConnection,
+    *,
+    card_id: str | None,
+    token_id: str | None,
+    statuses: tuple[str, ...],
+    requester: str,
+    purpose: str,
+) -> CardRow | None:
+    """The live card to reveal, with its audit row written; None (nothing written) if the card
+    is not live or, by token, the token is missing or not in `statuses`."""
+    row = (
+        await conn.execute(
+            _AUDITED_CARD,
+            {
+                "card_id": card_id,
+                "token_id": token_id,
+                "statuses": list(statuses),
+                "requester": requester,
+                "purpose": purpose,
+            },
+        )
+    ).first()
+    if row is None:
+        return None
+    values = dict(row._mapping)
+    values.pop("seq")
+    return CardRow(**values)
+
+
 async def audit_detokenization(
     conn: AsyncConnection, *, requester: str, purpose: str, card_id: str, token_id: str | None
 ) -> int:
