@@ -140,6 +140,26 @@ def _send_money_the_demo_way(base: str) -> None:
     ]
 
 
+def _top_up_from_the_demo_card(base: str) -> None:
+    """Alice's demo card and bank account are verified; a top-up from the card goes through the
+    vault process (the PAN comes back from it over HTTP for the charge)."""
+    alice = _auth(base)
+    methods = httpx.get(f"{base}/v1/payment-methods", headers=alice).json()["data"]
+    assert sorted((m["type"], m["status"]) for m in methods) == [
+        ("bank_account", "verified"),
+        ("card", "verified"),
+    ]
+    (card,) = [m for m in methods if m["type"] == "card"]
+    topped = httpx.post(
+        f"{base}/v1/wallet/topups",
+        json={"payment_method_id": card["id"], "amount": 500, "currency": "USD"},
+        headers={**alice, "Idempotency-Key": "e2e-topup"},
+        timeout=10,
+    )
+    assert topped.status_code == 201, topped.text
+    assert topped.json()["rail"] == "card"
+
+
 def test_up_serves_demo_data_stops_cleanly_and_reuses_data(tmp_path: Path) -> None:
     data_dir = tmp_path / "wallet"
     port, vault_port = _free_port(), _free_port()
@@ -154,6 +174,7 @@ def test_up_serves_demo_data_stops_cleanly_and_reuses_data(tmp_path: Path) -> No
         assert httpx.get(f"{base}/openapi.json").status_code == 200
         assert httpx.get(f"{base}/metrics").status_code == 200
         _send_money_the_demo_way(base)
+        _top_up_from_the_demo_card(base)
     finally:
         out = _stop(proc)
     assert f"{base}/docs" in out and "alice@demo.billfold.dev" in out and DEMO_PASSWORD in out
