@@ -539,3 +539,20 @@ def test_the_development_token_lives_in_the_data_dir(
     with pytest.raises(HsmUnavailable):
         ensure_softhsm_token(tmp_path, "billfold")
     assert os.environ["SOFTHSM2_CONF"] == str(token.conf)
+
+
+# python-pkcs11's search iterator complains, in its finaliser, that its session is gone.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_session_the_hsm_dropped_is_reopened_on_the_next_call(hsm: KeyStore) -> None:
+    from billfold.platform.keys.pkcs11 import Pkcs11KeyStore
+
+    assert isinstance(hsm, Pkcs11KeyStore)
+    version, wrapped = hsm.wrap(b"d" * 32, b"aad")
+    before = hsm.fingerprint(b"pan:42")
+    # What an HSM restart looks like from here: the session handle is gone and logged out.
+    hsm._shared.session.close()
+    assert hsm.unwrap(version, wrapped, b"aad") == b"d" * 32
+    hsm._shared.session.close()
+    assert hsm.fingerprint(b"pan:42") == before
+    hsm._shared.session.close()
+    assert hsm.wrap(b"d" * 32, b"aad")[0] == hsm.current_kek_version()

@@ -17,7 +17,8 @@ SoftHSM2 in development and CI; CloudHSM, Luna… in production through `hsm_mod
 PKCS#11 logs in per application, not per session, and python-pkcs11 keeps one library object
 per module path per process; so this module keeps one logged-in session per (module, token) per
 process, shared by every `Pkcs11KeyStore` on it (reference counted) and serialised by a lock:
-a second C_Login would fail and closing one session would log the others out.
+a second C_Login would fail and closing one session would log the others out. A session the
+HSM dropped (restart, network HSM failover) is reopened once, transparently, on the next call.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
@@ -39,6 +41,23 @@ KEK_LABEL = "billfold-kek-v{version}"
 FINGERPRINT_LABEL = "billfold-fingerprint-v1"
 _KEK_RE = re.compile(r"^billfold-kek-v([1-9][0-9]*)$")
 _IV_BYTES = 12
+# What HSMs answer when an AES-GCM tag does not verify.
+_TAG_MISMATCH = (
+    pkcs11.exceptions.GeneralError,
+    pkcs11.exceptions.EncryptedDataInvalid,
+    pkcs11.exceptions.EncryptedDataLenRange,
+    pkcs11.exceptions.FunctionFailed,
+)
+
+# The session is gone (the HSM or its connection restarted): log in again and retry once.
+_SESSION_LOST = (
+    pkcs11.exceptions.SessionHandleInvalid,
+    pkcs11.exceptions.SessionClosed,
+    pkcs11.exceptions.UserNotLoggedIn,
+    pkcs11.exceptions.DeviceRemoved,
+    pkcs11.exceptions.TokenNotPresent,
+)
+T = TypeVar("T")
 
 # Secret, never leaves the HSM in clear, stored on the token (survives restarts).
 _KEY_TEMPLATE: dict[Any, Any] = {
@@ -56,11 +75,30 @@ class _Shared:
 
     module: str
     token_label: str
-    session: Any
+    pin: str = field(repr=False)
+    session: Any = None
     lock: threading.RLock = field(default_factory=threading.RLock)
     users: int = 0
     keks: dict[int, Any] = field(default_factory=dict)
     fingerprint_key: Any = None
+
+    def login(self) -> None:
+        """Open a session and log in (or join the login this process already has)."""
+        self.keks.clear()
+        self.fingerprint_key = None
+        token = pkcs11.lib(self.module).get_token(token_label=self.token_label)
+        try:
+            self.session = token.open(rw=True, user_pin=self.pin)
+        except pkcs11.exceptions.UserAlreadyLoggedIn:
+            # Login is per application: a session opened without the PIN shares it.
+            self.session = token.open(rw=True)
+
+    def relogin(self) -> None:
+        try:
+            self.session.close()
+        except PKCS11Error:
+            pass  # already gone: that is why we are here
+        self.login()
 
 
 _sessions: dict[tuple[str, str], _Shared] = {}
@@ -86,15 +124,15 @@ class Pkcs11KeyStore:
         with _sessions_lock:
             shared = _sessions.get(key)
             if shared is None:
+                shared = _Shared(module, token_label, pin)
                 try:
-                    token = pkcs11.lib(module).get_token(token_label=token_label)
-                    session = token.open(rw=True, user_pin=pin)
+                    shared.login()
                 except PKCS11Error as exc:
                     raise KeyStoreError(
                         f"cannot open PKCS#11 token {token_label!r} with {module}: "
                         f"{type(exc).__name__}"
                     ) from exc
-                shared = _sessions[key] = _Shared(module, token_label, session)
+                _sessions[key] = shared
             shared.users += 1
         store = cls(shared)
         if create_keys:
@@ -125,69 +163,87 @@ class Pkcs11KeyStore:
     # --- KEKs -------------------------------------------------------------------------------
 
     def current_kek_version(self) -> int:
-        versions = self._kek_versions()
+        versions = self._call("search", self._kek_versions)
         if not versions:
             raise UnknownKekVersion("the token holds no KEK yet")
         return max(versions)
 
     def create_kek_version(self) -> int:
-        with self._shared.lock:
+        def create() -> int:
             version = max(self._kek_versions(), default=0) + 1
             self._shared.keks[version] = self._generate_aes(KEK_LABEL.format(version=version))
             return version
 
+        return self._call("key generation", create)
+
     def wrap(self, data_key: bytes, aad: bytes) -> tuple[int, bytes]:
-        with self._shared.lock:
-            version = self.current_kek_version()
-            kek = self._kek(version)
+        def wrap() -> tuple[int, bytes]:
+            versions = self._kek_versions()
+            if not versions:
+                raise UnknownKekVersion("the token holds no KEK yet")
+            version = max(versions)
             iv = os.urandom(_IV_BYTES)
-            try:
-                sealed = kek.encrypt(
-                    data_key, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(iv, aad)
-                )
-            except PKCS11Error as exc:
-                raise KeyStoreError(f"HSM wrap failed: {type(exc).__name__}") from exc
-        return version, iv + bytes(sealed)
+            sealed = self._kek(version).encrypt(
+                data_key, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(iv, aad)
+            )
+            return version, iv + bytes(sealed)
+
+        return self._call("wrap", wrap)
 
     def unwrap(self, kek_version: int, wrapped: bytes, aad: bytes) -> bytes:
         if len(wrapped) <= _IV_BYTES + 16:
             raise UnwrapFailed("wrapped key is too short")
         iv, body = wrapped[:_IV_BYTES], wrapped[_IV_BYTES:]
-        with self._shared.lock:
-            kek = self._kek(kek_version)
+
+        def unwrap() -> bytes:
             try:
                 return bytes(
-                    kek.decrypt(
+                    self._kek(kek_version).decrypt(
                         body, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(iv, aad)
                     )
                 )
-            except PKCS11Error as exc:
+            except _TAG_MISMATCH as exc:
                 # SoftHSM2 answers a failed tag check with CKR_GENERAL_ERROR, others with
                 # CKR_ENCRYPTED_DATA_INVALID: either way the key does not come out.
                 raise UnwrapFailed(
                     f"wrapped key did not authenticate ({type(exc).__name__})"
                 ) from exc
 
+        return self._call("unwrap", unwrap)
+
     # --- fingerprints -----------------------------------------------------------------------
 
     def fingerprint(self, data: bytes) -> bytes:
-        with self._shared.lock:
+        def sign() -> bytes:
             key = self._shared.fingerprint_key
             if key is None:
                 key = self._shared.fingerprint_key = self._find(FINGERPRINT_LABEL)
                 if key is None:
                     raise KeyStoreError(f"the token has no {FINGERPRINT_LABEL} key")
-            try:
-                return bytes(key.sign(data, mechanism=Mechanism.SHA256_HMAC))
-            except PKCS11Error as exc:
-                raise KeyStoreError(f"HSM HMAC failed: {type(exc).__name__}") from exc
+            return bytes(key.sign(data, mechanism=Mechanism.SHA256_HMAC))
+
+        return self._call("HMAC", sign)
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _ensure_keys(self) -> None:
+    def _call(self, what: str, operation: Callable[[], T]) -> T:
+        """Run `operation` on the session under the lock; a lost session is reopened and the
+        operation retried once; other HSM errors become `KeyStoreError` (never key material)."""
         with self._shared.lock:
+            try:
+                try:
+                    return operation()
+                except _SESSION_LOST:
+                    self._shared.relogin()
+                    return operation()
+            except PKCS11Error as exc:
+                raise KeyStoreError(f"HSM {what} failed: {type(exc).__name__}") from exc
+
+    def _ensure_keys(self) -> None:
+        def ensure() -> None:
             if not self._kek_versions():
-                self.create_kek_version()
+                version = 1
+                self._shared.keks[version] = self._generate_aes(KEK_LABEL.format(version=version))
             if self._find(FINGERPRINT_LABEL) is None:
                 self._shared.session.generate_key(
                     KeyType.GENERIC_SECRET,
@@ -197,17 +253,13 @@ class Pkcs11KeyStore:
                     template={**_KEY_TEMPLATE, Attribute.SIGN: True, Attribute.VERIFY: True},
                 )
 
+        self._call("key generation", ensure)
+
     def _kek_versions(self) -> list[int]:
         """Versions on the token now (another process may have rotated since we last looked)."""
-        with self._shared.lock:
-            try:
-                objects = list(
-                    self._shared.session.get_objects(
-                        {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES}
-                    )
-                )
-            except PKCS11Error as exc:
-                raise KeyStoreError(f"HSM search failed: {type(exc).__name__}") from exc
+        objects = self._shared.session.get_objects(
+            {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES}
+        )
         versions = []
         for obj in objects:
             match = _KEK_RE.match(obj.label or "")
@@ -233,13 +285,10 @@ class Pkcs11KeyStore:
             raise KeyStoreError(f"the token has several keys labelled {label!r}") from exc
 
     def _generate_aes(self, label: str) -> Any:
-        try:
-            return self._shared.session.generate_key(
-                KeyType.AES,
-                256,
-                label=label,
-                store=True,
-                template={**_KEY_TEMPLATE, Attribute.ENCRYPT: True, Attribute.DECRYPT: True},
-            )
-        except PKCS11Error as exc:
-            raise KeyStoreError(f"HSM key generation failed: {type(exc).__name__}") from exc
+        return self._shared.session.generate_key(
+            KeyType.AES,
+            256,
+            label=label,
+            store=True,
+            template={**_KEY_TEMPLATE, Attribute.ENCRYPT: True, Attribute.DECRYPT: True},
+        )
