@@ -29,16 +29,18 @@ REQUEST_EXPIRED = "billfold.p2p.request.expired"
 REQUEST_REOPENED = "billfold.p2p.request.reopened"
 
 
+def event(type_: str, aggregate_id: str, data: dict[str, Any]) -> Event:
+    """A p2p event; the aggregate (transfer or request id) keys its order."""
+    return Event(
+        type=type_, source=SOURCE, subject=aggregate_id, aggregate_id=aggregate_id, data=data
+    )
+
+
 async def publish(
     conn: AsyncConnection, type_: str, aggregate_id: str, data: dict[str, Any]
 ) -> Event:
-    """Record a p2p event; the aggregate (transfer or request id) keys its order."""
-    return await record_event(
-        conn,
-        Event(
-            type=type_, source=SOURCE, subject=aggregate_id, aggregate_id=aggregate_id, data=data
-        ),
-    )
+    """Record a p2p event in the caller's transaction."""
+    return await record_event(conn, event(type_, aggregate_id, data))
 
 
 def request_data(row: Row[Any], **extra: Any) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -28,6 +29,7 @@ from billfold.p2p.store import requests as requests_store
 from billfold.p2p.store import transfers as store
 from billfold.platform.bus.consumers import Consumer
 from billfold.platform.clock import utcnow
+from billfold.platform.events import Event, record_event
 from billfold.platform.ids import new_id
 from billfold.platform.money import Money
 
@@ -57,21 +59,24 @@ def wallet(user_id: str) -> tuple[str, str]:
     return (user_id, "wallet")
 
 
-def event_data(row: Row[Any], **extra: Any) -> dict[str, Any]:
-    return {
-        "transfer_id": row.id,
-        "status": row.status,
-        "sender_id": row.sender_id,
-        "recipient_id": row.recipient_id,
-        "amount": row.amount,
-        "currency": row.currency,
-        "request_id": row.request_id,
+def transfer_event(transfer: Mapping[Any, Any], **extra: Any) -> Event:
+    """The `billfold.p2p.transfer.*` event of `transfer` (a row's mapping, or the values of one
+    about to be inserted) in its current status."""
+    data = {
+        "transfer_id": transfer["id"],
+        "status": transfer["status"],
+        "sender_id": transfer["sender_id"],
+        "recipient_id": transfer["recipient_id"],
+        "amount": transfer["amount"],
+        "currency": transfer["currency"],
+        "request_id": transfer["request_id"],
         **extra,
     }
+    return events.event(_EVENT_FOR_STATUS[transfer["status"]], transfer["id"], data)
 
 
 async def publish(conn: AsyncConnection, row: Row[Any], **extra: Any) -> None:
-    await events.publish(conn, _EVENT_FOR_STATUS[row.status], row.id, event_data(row, **extra))
+    await record_event(conn, transfer_event(row._mapping, **extra))
 
 
 def step_up_reference(body: NewTransfer) -> str:
@@ -162,36 +167,33 @@ async def send(
         posting_id = posting.id
 
     contact_hash = rt.contact_hash(who.kind, who.value) if who.is_contact else None
-    row = await store.insert(
-        conn,
-        {
-            "id": transfer_id,
-            "sender_id": sender.user_id,
-            "sender_name": sender.name,
-            "recipient_id": recipient.user_id if recipient else None,
-            "recipient_name": recipient.name if recipient else None,
-            "recipient_kind": who.kind,
-            "recipient_contact_hash": contact_hash,
-            "recipient_contact_sealed": (
-                rt.seal_contact(transfer_id, who.kind, who.value) if who.is_contact else None
-            ),
-            "recipient_hint": parties.hint(who.kind, who.value, recipient),
-            "amount": money.amount,
-            "currency": money.currency,
-            "note": body.note,
-            "status": status,
-            "request_id": request_id,
-            "posting_id": posting_id,
-            "hold_id": hold_id,
-            "limit_day": counted_in.day,
-            "limit_month": counted_in.month,
-            "claim_expires_at": (
-                utcnow() + timedelta(seconds=rt.settings.p2p_claim_ttl_seconds)
-                if recipient is None
-                else None
-            ),
-        },
-    )
+    values: dict[str, Any] = {
+        "id": transfer_id,
+        "sender_id": sender.user_id,
+        "sender_name": sender.name,
+        "recipient_id": recipient.user_id if recipient else None,
+        "recipient_name": recipient.name if recipient else None,
+        "recipient_kind": who.kind,
+        "recipient_contact_hash": contact_hash,
+        "recipient_contact_sealed": (
+            rt.seal_contact(transfer_id, who.kind, who.value) if who.is_contact else None
+        ),
+        "recipient_hint": parties.hint(who.kind, who.value, recipient),
+        "amount": money.amount,
+        "currency": money.currency,
+        "note": body.note,
+        "status": status,
+        "request_id": request_id,
+        "posting_id": posting_id,
+        "hold_id": hold_id,
+        "limit_day": counted_in.day,
+        "limit_month": counted_in.month,
+        "claim_expires_at": (
+            utcnow() + timedelta(seconds=rt.settings.p2p_claim_ttl_seconds)
+            if recipient is None
+            else None
+        ),
+    }
     extra: dict[str, Any] = {}
     if status == "pending_claim":
         # Whoever delivers the invitation needs the address; only this event carries it (a
@@ -199,8 +201,7 @@ async def send(
         extra["invitee"] = {who.kind: who.value}
     if decision.action != "allow":
         extra["risk"] = {"action": decision.action, "score": decision.score}
-    await publish(conn, row, **extra)
-    return row
+    return await store.insert(conn, values, transfer_event(values, **extra))
 
 
 # What the parties are told about a failed or reversed transfer: a stable code, never the

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import Result, TextClause, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from billfold.platform.clock import rfc3339, utcnow
@@ -22,12 +22,13 @@ OUTBOX_CHANNEL = "billfold_outbox"
 # Set on a connection that wrote to the outbox in its current transaction (see `outbox_written`).
 _WRITTEN = "billfold.outbox_written"
 
-_INSERT = text(
-    """
+_OUTBOX_INSERT = """
     INSERT INTO platform.outbox (id, type, source, subject, aggregate_id, time, data)
-    VALUES (:id, :type, :source, :subject, :aggregate_id, :time, CAST(:data AS jsonb))
-    """
-)
+    VALUES (:{p}id, :{p}type, :{p}source, :{p}subject, :{p}aggregate_id, :{p}time,
+            CAST(:{p}data AS jsonb))
+"""
+_INSERT = text(_OUTBOX_INSERT.format(p=""))
+_WITH_PREFIX = "outbox_"
 # Its own tiny transaction, after the business commit: a NOTIFY inside the business
 # transaction would take PostgreSQL's global notify-queue lock at pre-commit and hold it through
 # the WAL flush, so every transfer would commit one at a time (see docs/performance.md).
@@ -61,22 +62,44 @@ class Event:
         }
 
 
+def _params(event: Event, prefix: str = "") -> dict[str, Any]:
+    return {
+        f"{prefix}id": event.id,
+        f"{prefix}type": event.type,
+        f"{prefix}source": event.source,
+        f"{prefix}subject": event.subject,
+        f"{prefix}aggregate_id": event.aggregate_id or event.subject,
+        f"{prefix}time": event.time,
+        f"{prefix}data": json.dumps(event.data, separators=(",", ":"), default=str),
+    }
+
+
 async def record_event(conn: AsyncConnection, event: Event) -> Event:
     """Add `event` to the outbox inside the current transaction; it is published only if it commits."""
-    await conn.execute(
-        _INSERT,
-        {
-            "id": event.id,
-            "type": event.type,
-            "source": event.source,
-            "subject": event.subject,
-            "aggregate_id": event.aggregate_id or event.subject,
-            "time": event.time,
-            "data": json.dumps(event.data, separators=(",", ":"), default=str),
-        },
-    )
+    await conn.execute(_INSERT, _params(event))
     conn.info[_WRITTEN] = True
     return event
+
+
+def with_event(statement: str) -> TextClause:
+    """One data-modifying `statement` (with RETURNING) and an outbox insert as one SQL statement:
+    a business row and its event in one round trip, both or neither. Run it with
+    `execute_with_event`; the result is the statement's own RETURNING rows."""
+    # Composed from the module's own SQL constants at import time, never from input.
+    return text(
+        f"WITH main AS ({statement}), "  # noqa: S608
+        f"event AS ({_OUTBOX_INSERT.format(p=_WITH_PREFIX)}) "
+        "SELECT * FROM main"
+    )
+
+
+async def execute_with_event(
+    conn: AsyncConnection, statement: TextClause, params: dict[str, Any], event: Event
+) -> Result[Any]:
+    """Execute a `with_event` statement: `params` are the statement's, `event` goes to the outbox."""
+    result = await conn.execute(statement, {**params, **_params(event, _WITH_PREFIX)})
+    conn.info[_WRITTEN] = True
+    return result
 
 
 def outbox_written(conn: AsyncConnection) -> bool:

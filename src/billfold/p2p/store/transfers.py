@@ -10,6 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from billfold.platform.events import Event, execute_with_event, with_event
 from billfold.platform.ids import is_valid_id
 from billfold.platform.pagination import fetch_page
 
@@ -19,7 +20,8 @@ COLUMNS = (
     "claim_expires_at, limit_day, limit_month, created_at, updated_at, completed_at"
 )
 
-_INSERT = text(
+# The new transfer and its first event, in one round trip.
+_INSERT = with_event(
     f"""
     INSERT INTO p2p.transfers (
         id, sender_id, sender_name, recipient_id, recipient_name, recipient_kind,
@@ -72,8 +74,9 @@ class TransferFilters:
     currency: str | None = None
 
 
-async def insert(conn: AsyncConnection, values: dict[str, Any]) -> Row[Any]:
-    return (await conn.execute(_INSERT, values)).one()
+async def insert(conn: AsyncConnection, values: dict[str, Any], event: Event) -> Row[Any]:
+    """Insert a transfer and record `event` (its first) with it."""
+    return (await execute_with_event(conn, _INSERT, values, event)).one()
 
 
 async def get_visible(conn: AsyncConnection, transfer_id: str, user_id: str) -> Row[Any] | None:
