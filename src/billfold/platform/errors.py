@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from billfold.platform.observability import redact_text
+
 PROBLEM_TYPE_BASE = "https://docs.billfold.dev/problems/"
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 
@@ -63,6 +65,8 @@ class ProblemError(Exception):
     def to_problem(
         self, instance: str | None = None, request_id: str | None = None
     ) -> dict[str, Any]:
+        # `instance` is the request path: a card number typed into a URL is not echoed back.
+        instance = redact_text(instance) if instance else instance
         body = Problem(
             type=PROBLEM_TYPE_BASE + self.code,
             title=self.title,

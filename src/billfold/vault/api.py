@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from billfold.platform.errors import Unauthorized, problem_responses
 from billfold.vault.client import VaultClient
@@ -32,35 +32,33 @@ from billfold.vault.service_auth import ServiceCaller
 PREFIX = "/internal/v1"
 router = APIRouter(prefix=PREFIX, tags=["vault"])
 
-# Bounds that only stop absurd bodies; the vault's own rules (Luhn, expiry…) answer the rest
-# with the same codes as the in-process vault.
-_ID = Field(min_length=1, max_length=64)
-_REASON = Field(min_length=1, max_length=200)
-
 
 class _Body(BaseModel):
+    """Types only: the vault's own rules (Luhn, expiry, lengths…) judge the values and answer
+    with the same problems as the in-process vault; the edge caps the body at 64 KiB."""
+
     model_config = ConfigDict(extra="forbid")
 
 
 class VaultCardBody(_Body):
-    owner_id: str = _ID
-    pan: str = Field(min_length=1, max_length=32)
+    owner_id: str
+    pan: str
     expiry_month: int
     expiry_year: int
-    cardholder_name: str | None = Field(default=None, max_length=200)
+    cardholder_name: str | None = None
 
     def card(self) -> CardInput:
         return CardInput(self.pan, self.expiry_month, self.expiry_year, self.cardholder_name)
 
 
 class UpdateCardBody(_Body):
-    pan: str | None = Field(default=None, min_length=1, max_length=32)
+    pan: str | None = None
     expiry_month: int | None = None
     expiry_year: int | None = None
 
 
 class ReasonBody(_Body):
-    reason: str = _REASON
+    reason: str
 
 
 class IssueTokenBody(_Body):
@@ -83,8 +81,8 @@ class Verification(_Body):
 class DetokenizeBody(_Body):
     """By card or by token (exactly one); no `requester`: that is the service token's `sub`."""
 
-    card_id: str | None = Field(default=None, min_length=1, max_length=64)
-    token_id: str | None = Field(default=None, min_length=1, max_length=64)
+    card_id: str | None = None
+    token_id: str | None = None
     purpose: DetokenizePurpose
 
 

@@ -93,8 +93,11 @@ def _vault_errors() -> dict[str, type[ProblemError]]:
     return found
 
 
-def _segment(value: str) -> str:
-    """One path segment, whatever the caller passed (an id is data, never a path)."""
+def _segment(value: str, missing: type[ProblemError]) -> str:
+    """One path segment, whatever the caller passed (an id is data, never a path). An id that
+    cannot travel in a path (empty, or with a `/`) is no id at all: the vault's not-found."""
+    if not value or "/" in value:
+        raise missing()
     return quote(value, safe="").replace(".", "%2E")
 
 
@@ -139,7 +142,9 @@ class HttpVault:
         return self._parse(_CARD, await self._call("POST", "/cards", json=body))
 
     async def get_card(self, card_id: str) -> VaultedCard:
-        r = await self._call("GET", f"/cards/{_segment(card_id)}", missing=CardNotFound)
+        r = await self._call(
+            "GET", f"/cards/{_segment(card_id, CardNotFound)}", missing=CardNotFound
+        )
         return self._parse(_CARD, r)
 
     async def update_card(
@@ -152,14 +157,14 @@ class HttpVault:
     ) -> VaultedCard:
         body = {"pan": pan, "expiry_month": expiry_month, "expiry_year": expiry_year}
         r = await self._call(
-            "PATCH", f"/cards/{_segment(card_id)}", json=body, missing=CardNotFound
+            "PATCH", f"/cards/{_segment(card_id, CardNotFound)}", json=body, missing=CardNotFound
         )
         return self._parse(_CARD, r)
 
     async def delete_card(self, card_id: str, *, reason: str) -> None:
         await self._call(
             "POST",
-            f"/cards/{_segment(card_id)}/delete",
+            f"/cards/{_segment(card_id, CardNotFound)}/delete",
             json={"reason": reason},
             missing=CardNotFound,
         )
@@ -169,18 +174,24 @@ class HttpVault:
     async def issue_token(self, card_id: str, *, domain: TokenDomain) -> PaymentToken:
         r = await self._call(
             "POST",
-            f"/cards/{_segment(card_id)}/tokens",
+            f"/cards/{_segment(card_id, CardNotFound)}/tokens",
             json={"domain": _DOMAIN.dump_python(domain, mode="json")},
             missing=CardNotFound,
         )
         return self._parse(_TOKEN, r)
 
     async def get_token(self, token_id: str) -> PaymentToken:
-        r = await self._call("GET", f"/tokens/{_segment(token_id)}", missing=TokenNotFound)
+        r = await self._call(
+            "GET", f"/tokens/{_segment(token_id, TokenNotFound)}", missing=TokenNotFound
+        )
         return self._parse(_TOKEN, r)
 
     async def list_tokens(self, card_id: str) -> list[PaymentToken]:
-        r = await self._call("GET", f"/cards/{_segment(card_id)}/tokens", missing=CardNotFound)
+        if not card_id or "/" in card_id:
+            return []  # as the vault answers for any id that is not a card's
+        r = await self._call(
+            "GET", f"/cards/{_segment(card_id, CardNotFound)}/tokens", missing=CardNotFound
+        )
         return _TOKENS.validate_python(r.json()["data"])
 
     async def suspend_token(self, token_id: str, *, reason: str) -> PaymentToken:
@@ -195,7 +206,7 @@ class HttpVault:
     async def _lifecycle(self, token_id: str, action: str, reason: str) -> PaymentToken:
         r = await self._call(
             "POST",
-            f"/tokens/{_segment(token_id)}/{action}",
+            f"/tokens/{_segment(token_id, TokenNotFound)}/{action}",
             json={"reason": reason},
             missing=TokenNotFound,
         )
@@ -224,6 +235,8 @@ class HttpVault:
         purpose: DetokenizePurpose,
     ) -> CardSecret:
         # The requester is who the token says is calling: the vault audits the token's `sub`.
+        if not requester.strip() or len(requester.strip()) > 200:
+            raise Unprocessable("requester is required (at most 200 characters)")
         body = {"card_id": card_id, "token_id": token_id, "purpose": purpose}
         r = await self._call(
             "POST",

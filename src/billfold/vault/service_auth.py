@@ -34,7 +34,9 @@ TOKEN_TTL_SECONDS = 30
 MAX_TTL_SECONDS = 60
 # Clock skew tolerated between the API's and the vault's hosts.
 LEEWAY_SECONDS = 5
-_SUBJECT = re.compile(r"^[A-Za-z0-9_.:@/-]{1,128}$")
+# The calling service's name, or the requester a detokenisation is audited under (at most 200
+# characters there): anything printable.
+_SUBJECT = re.compile(r"^[^\x00-\x1f\x7f]{1,200}$")
 _KEY_FILE = "vault-service.key"
 
 
@@ -97,7 +99,7 @@ class ServiceTokenSigner:
     def token(self, subject: str | None = None) -> str:
         """A fresh token for one request; `subject` names the calling service when it is not
         this signer's default (the requester of a detokenisation)."""
-        sub = subject or self.subject
+        sub = self.subject if subject is None else subject
         if not _SUBJECT.match(sub):
             raise ValueError("invalid service name")
         now = int(time.time())
