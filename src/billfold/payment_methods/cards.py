@@ -44,7 +44,7 @@ BIN_RANGES: tuple[BinRange, ...] = (
     _r("diners", "300", "305", tuple(range(14, 20))),
     _r("diners", "3095", "3095", tuple(range(14, 20))),
     _r("diners", "36", "36", tuple(range(14, 20))),
-    _r("diners", "38", "39", _16_19),
+    _r("diners", "38", "39", tuple(range(14, 20))),
     _r("unionpay", "62", "62", _16_19),
     _r("unionpay", "81", "81", _16_19),
     _r("maestro", "5018", "5018", _ANY_12_19),
