@@ -712,3 +712,38 @@ async def test_payment_methods_need_the_wallet_scope(
     )
     assert r.status_code == 403
     assert (await client.get("/v1/payment-methods")).status_code == 401
+
+
+async def test_the_same_card_added_twice_at_once_is_one_method(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn
+) -> None:
+    pan = new_pan()
+    answers = await asyncio.gather(*(add(client, alice, card_body(pan)) for _ in range(6)))
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [201, 409, 409, 409, 409, 409], [r.text for r in answers]
+    rows = await sql(
+        app, "SELECT id FROM payment_methods.methods WHERE user_id = :u", u=alice.user["id"]
+    )
+    assert len(rows) == 1
+
+
+async def test_no_card_number_or_account_number_reaches_the_logs(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pan, number = new_pan(), new_account_number()
+    capsys.readouterr()
+    card = await add_card(client, alice, pan=pan)
+    await add(client, alice, card_body(pan))  # 409
+    await add(client, alice, card_body(pan[:-1] + str((int(pan[-1]) + 1) % 10)))  # Luhn 422
+    await add(client, alice, card_body(pan, cvv="000", expiry_year=2020))  # expired 422
+    bank = (await add(client, alice, us_bank_body(account_number=number))).json()
+    await verify(client, alice, bank["id"], [1, 1])
+    await client.post(
+        "/v1/wallet/topups",
+        json={"payment_method_id": card["id"], "amount": 100, "currency": "USD"},
+        headers={**alice.headers, "Idempotency-Key": uuid.uuid4().hex},
+    )
+    logged = capsys.readouterr()
+    text_out = logged.out + logged.err
+    assert "/v1/payment-methods" in text_out  # the requests were logged…
+    assert pan not in text_out and number not in text_out  # …without the numbers
