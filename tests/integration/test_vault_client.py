@@ -10,25 +10,31 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ipaddress
 import json
 import os
 import re
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import jwt
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -50,6 +56,7 @@ from billfold.vault import (
     TokenNotFound,
     VaultClient,
 )
+from billfold.vault.connect import vault_client
 from billfold.vault.http import HttpVault, VaultUnavailable
 from billfold.vault.service_auth import (
     AUDIENCE,
@@ -92,6 +99,84 @@ class VaultProcess:
     service_key: bytes
 
 
+@dataclass
+class Tls:
+    """A test CA, the vault's server certificate (for 127.0.0.1) and an API client certificate."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.load_cert_chain(str(self.client_cert), str(self.client_key))
+        return context
+
+
+def _issue_tls(directory: Path) -> Tls:
+    now = datetime.now(UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write(path: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
+        path.with_suffix(".key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        path.with_suffix(".pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    def issue(
+        cn: str, key: ec.EllipticCurvePrivateKey, signer: ec.EllipticCurvePrivateKey, **ext: Any
+    ) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(name("billfold test CA"))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+        )
+        for extension, critical in ext.values():
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = issue("billfold test CA", ca_key, ca_key, basic=(x509.BasicConstraints(True, None), True))
+    write(directory / "ca", ca_key, ca)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    server = issue(
+        "billfold-vault",
+        server_key,
+        ca_key,
+        san=(san, False),
+        eku=(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+    )
+    write(directory / "server", server_key, server)
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = issue(
+        "billfold-api",
+        client_key,
+        ca_key,
+        eku=(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False),
+    )
+    write(directory / "client", client_key, client)
+    return Tls(
+        directory / "ca.pem",
+        directory / "server.pem",
+        directory / "server.key",
+        directory / "client.pem",
+        directory / "client.key",
+    )
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -100,9 +185,14 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def run_vault_process(
-    database_url: str, data_dir: Path, secret_key: str, log: Path
+    database_url: str,
+    data_dir: Path,
+    secret_key: str,
+    log: Path,
+    tls: Tls | None = None,
 ) -> Iterator[VaultProcess]:
-    """`billfold vault` in a subprocess on a free loopback port, ready, stopped at exit."""
+    """`billfold vault` in a subprocess on a free loopback port, ready, stopped at exit (with
+    `tls`: HTTPS that requires a client certificate from the test CA)."""
     service_key = generate_service_key()
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BILLFOLD_", "SOFTHSM2_"))}
@@ -119,17 +209,20 @@ def run_vault_process(
         }
     )
     command = [sys.executable, "-m", "billfold.cli", "vault", "--host", "127.0.0.1"]
+    command += ["--port", str(port)]
+    if tls is not None:
+        command += ["--ssl-certfile", str(tls.server_cert), "--ssl-keyfile", str(tls.server_key)]
+        command += ["--ssl-ca-certs", str(tls.ca)]
     with log.open("ab") as out:
-        process = subprocess.Popen(
-            [*command, "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    verify = tls.client_context() if tls is not None else True
     try:
         deadline = time.monotonic() + 60
         while True:
             assert process.poll() is None, f"the vault exited:\n{log.read_text()[-3000:]}"
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                if httpx.get(f"{url}/readyz", timeout=1, verify=verify).status_code == 200:
                     break
             assert time.monotonic() < deadline, f"vault not ready:\n{log.read_text()[-3000:]}"
             time.sleep(0.1)
@@ -632,6 +725,53 @@ async def test_no_card_number_in_the_vault_process_log(
     assert leaked == [], f"card numbers in the vault log: {len(leaked)}"
     runs = [m for m in _DIGIT_RUN.findall(log) if luhn_valid(m)]
     assert runs == [], "Luhn-valid digit runs in the vault log"
+
+
+# --- mTLS (production) ----------------------------------------------------------------------------
+
+
+async def test_mtls_the_api_settings_reach_a_vault_that_requires_client_certificates(
+    settings: Settings, data_dir: Path, hsm: Any, tmp_path: Path
+) -> None:
+    """`billfold vault --ssl-certfile/--ssl-keyfile/--ssl-ca-certs` and the API's
+    BILLFOLD_VAULT_CA_FILE / _CLIENT_CERT_FILE / _CLIENT_KEY_FILE, as documented."""
+    tls = _issue_tls(tmp_path)
+    with run_vault_process(
+        settings.database_url, data_dir, settings.secret_key, tmp_path / "tls.log", tls
+    ) as vp:
+        api_settings = settings.model_copy(
+            update={
+                "vault_url": vp.url,
+                "vault_service_key": base64.b64encode(vp.service_key).decode(),
+                "vault_ca_file": str(tls.ca),
+                "vault_client_cert_file": str(tls.client_cert),
+                "vault_client_key_file": str(tls.client_key),
+            }
+        )
+        client = vault_client(api_settings)
+        try:
+            assert isinstance(client, HttpVault)
+            vaulted = await client.vault_card(card(), owner_id=new_owner())
+            assert (await client.get_card(vaulted.card_id)) == vaulted
+        finally:
+            await client.aclose()
+        # Without a client certificate, or without trusting the vault's CA: no vault.
+        no_cert = vault_client(
+            api_settings.model_copy(
+                update={"vault_client_cert_file": "", "vault_client_key_file": ""}
+            )
+        )
+        no_ca = vault_client(api_settings.model_copy(update={"vault_ca_file": ""}))
+        for refused in (no_cert, no_ca):
+            try:
+                with pytest.raises(VaultUnavailable):
+                    await refused.get_card(vaulted.card_id)
+            finally:
+                await refused.aclose()
+        # Plain HTTP is not served at all.
+        async with httpx.AsyncClient(timeout=2) as plain:
+            with pytest.raises(httpx.HTTPError):
+                await plain.get(vp.url.replace("https", "http") + "/healthz")
 
 
 # --- billfold vault rotate-kek, against a running vault process --------------------------------
