@@ -104,12 +104,107 @@ def test_services_select_the_api_pods(resources: dict[tuple[str, str], dict[str,
     pod = resources[("Deployment", "billfold-api")]["spec"]["template"]
     (api,) = pod["spec"]["containers"]
     port_names = {p["name"] for p in api["ports"]}
-    services = [r for (kind, _), r in resources.items() if kind == "Service"]
-    assert services
+    services = [
+        r
+        for (kind, _), r in resources.items()
+        if kind == "Service" and r["metadata"]["labels"]["app.kubernetes.io/component"] == "api"
+    ]
+    assert len(services) == 2
     for service in services:
         assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in port_names
+
+
+def test_every_service_selects_the_pods_of_exactly_one_deployment(
+    resources: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    deployments = [r for (kind, _), r in resources.items() if kind == "Deployment"]
+    for (kind, name), service in resources.items():
+        if kind != "Service":
+            continue
+        selector = service["spec"]["selector"].items()
+        chosen = [
+            d
+            for d in deployments
+            if selector <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert len(chosen) == 1, name
+        ports = {
+            p["name"]
+            for c in chosen[0]["spec"]["template"]["spec"]["containers"]
+            for p in c["ports"]
+        }
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in ports, name
+
+
+def _vault(resources: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
+    (vault,) = resources[("Deployment", "billfold-vault")]["spec"]["template"]["spec"]["containers"]
+    return vault  # type: ignore[no-any-return]
+
+
+def test_vault_deployment_runs_billfold_vault_with_mtls(
+    resources: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    deployment = resources[("Deployment", "billfold-vault")]
+    spec = deployment["spec"]
+    pod = spec["template"]["spec"]
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    vault = _vault(resources)
+    args = vault["args"]
+    assert args[0] == "vault"
+    assert vault["securityContext"]["allowPrivilegeEscalation"] is False
+    assert vault["securityContext"]["readOnlyRootFilesystem"] is True
+    # mTLS: a server certificate, and client certificates required from the CA given.
+    options = dict(zip(args[1::2], args[2::2], strict=True))
+    mounts = {m["mountPath"]: m["name"] for m in vault["volumeMounts"]}
+    for option in ("--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certs"):
+        path = options[option]
+        assert any(path.startswith(mount + "/") for mount in mounts), option
+    ports = {p["name"]: p["containerPort"] for p in vault["ports"]}
+    assert int(options["--port"]) in ports.values()
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert vault[probe]["tcpSocket"]["port"] in ports
+    env = {e["name"]: e for e in vault["env"]}
+    fields = set(Settings.model_fields)
+    for name in env:
+        assert name.removeprefix("BILLFOLD_").lower() in fields, f"{name} is not a setting"
+    required = {"BILLFOLD_DATABASE_URL", "BILLFOLD_VAULT_SERVICE_KEY", "BILLFOLD_HSM_PIN"}
+    assert required <= env.keys()
+    assert env["BILLFOLD_VAULT_KEYSTORE"]["value"] == "pkcs11"
+    assert env["BILLFOLD_DATA_DIR"]["value"] in mounts
+
+
+def test_the_api_reaches_the_vault_service_over_mtls(
+    resources: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    (api,) = resources[("Deployment", "billfold-api")]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in api["env"]}
+    url = env["BILLFOLD_VAULT_URL"]["value"]
+    m = re.fullmatch(r"https://([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)", url)
+    assert m, url
+    service = resources[("Service", m.group(1))]
+    assert service["metadata"]["namespace"] == m.group(2)
+    assert int(m.group(3)) in {p["port"] for p in service["spec"]["ports"]}
+    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "vault"
+    # Both sides sign/verify with the same secret.
+    vault_env = {e["name"]: e for e in _vault(resources)["env"]}
+    assert (
+        env["BILLFOLD_VAULT_SERVICE_KEY"]["valueFrom"]
+        == vault_env["BILLFOLD_VAULT_SERVICE_KEY"]["valueFrom"]
+    )
+    mounts = [m["mountPath"] for m in api["volumeMounts"]]
+    for name in ("CA", "CLIENT_CERT", "CLIENT_KEY"):
+        path = env[f"BILLFOLD_VAULT_{name}_FILE"]["value"]
+        assert any(path.startswith(mount + "/") for mount in mounts), name
+    # Only API pods may open a connection to the vault pods.
+    policy = resources[("NetworkPolicy", "billfold-vault")]
+    assert policy["spec"]["podSelector"]["matchLabels"] == service["spec"]["selector"]
+    (rule,) = policy["spec"]["ingress"]
+    (source,) = rule["from"]
+    assert source["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "api"
 
 
 def test_hpa_and_pdb(resources: dict[tuple[str, str], dict[str, Any]]) -> None:
@@ -159,3 +254,6 @@ def test_dockerfile_matches_the_deployment(
     expose = {int(p) for p in re.findall(r"^EXPOSE (\d+)$", dockerfile, re.M)}
     (api,) = pod["containers"]
     assert {p["containerPort"] for p in api["ports"]} <= expose
+    vault_pod = resources[("Deployment", "billfold-vault")]["spec"]["template"]["spec"]
+    assert vault_pod["securityContext"]["runAsUser"] == uid
+    assert {p["containerPort"] for p in _vault(resources)["ports"]} <= expose
