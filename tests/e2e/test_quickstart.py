@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -96,6 +97,13 @@ def _vault_is_its_own_process(proc: subprocess.Popen[bytes], vault: str) -> None
     assert refused.json()["code"] == "invalid_service_token"
 
 
+def _vault_detokenizations(vault: str) -> float:
+    """Successful detokenisations the vault process served, from its Prometheus metrics."""
+    metrics = httpx.get(f"{vault}/metrics", timeout=5).text
+    pattern = r'^billfold_http_requests_total\{[^}]*route="/internal/v1/detokenize"[^}]*status="200"[^}]*\} (\S+)$'
+    return sum(float(v) for v in re.findall(pattern, metrics, flags=re.MULTILINE))
+
+
 def _auth(base: str, email: str = "alice@demo.billfold.dev") -> dict[str, str]:
     r = httpx.post(
         f"{base}/v1/auth/token",
@@ -174,7 +182,10 @@ def test_up_serves_demo_data_stops_cleanly_and_reuses_data(tmp_path: Path) -> No
         assert httpx.get(f"{base}/openapi.json").status_code == 200
         assert httpx.get(f"{base}/metrics").status_code == 200
         _send_money_the_demo_way(base)
+        before = _vault_detokenizations(vault)
         _top_up_from_the_demo_card(base)
+        # The API reached the card number through the vault process, not an in-process vault.
+        assert _vault_detokenizations(vault) == before + 1
     finally:
         out = _stop(proc)
     assert f"{base}/docs" in out and "alice@demo.billfold.dev" in out and DEMO_PASSWORD in out
