@@ -414,10 +414,13 @@ def vault(
     from billfold.platform.observability import configure_logging
     from billfold.vault.server import create_vault_app
 
-    settings = _vault_settings()
     if (ssl_certfile is None) != (ssl_keyfile is None) or (ssl_ca_certs and not ssl_certfile):
-        typer.echo("--ssl-certfile and --ssl-keyfile go together (and --ssl-ca-certs needs them)")
+        typer.echo(
+            "--ssl-certfile and --ssl-keyfile go together (and --ssl-ca-certs needs them)",
+            err=True,
+        )
         raise typer.Exit(2)
+    settings = _vault_settings(service_key=True)
     configure_logging(settings.log_level, settings.log_json)
     uvicorn.run(
         create_vault_app(settings),
@@ -434,14 +437,23 @@ def vault(
     )
 
 
-def _vault_settings() -> Settings:
+def _vault_settings(*, service_key: bool = False) -> Settings:
     """Settings of a vault command: a database, and the secret key resolved (the software key
-    store seals under it; `billfold up`'s processes share the one in the data dir)."""
+    store seals under it; `billfold up`'s processes share the one in the data dir), and with
+    `service_key` the key service tokens are checked with; a missing secret is exit code 2."""
     from billfold.app import resolve_secret_key
+    from billfold.vault.service_auth import resolve_service_key
 
     settings = _settings()
     _require_urls(settings, redis=False)
-    return settings.model_copy(update={"secret_key": resolve_secret_key(settings)})
+    try:
+        settings = settings.model_copy(update={"secret_key": resolve_secret_key(settings)})
+        if service_key:
+            resolve_service_key(settings)
+    except (RuntimeError, ValueError) as exc:
+        typer.echo(f"billfold vault: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return settings
 
 
 @vault_app.command("rotate-kek")

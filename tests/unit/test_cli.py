@@ -61,3 +61,32 @@ def test_seed_use_case_refuses_production_too():
         check_seed_allowed("production")
     check_seed_allowed("production", allow_production=True)
     check_seed_allowed("development")
+
+
+def test_vault_refuses_half_a_tls_configuration(runner):
+    result = runner.invoke(cli.app, ["vault", "--ssl-certfile", "vault.crt"], env=PRODUCTION)
+    assert result.exit_code == 2
+    assert "--ssl-certfile and --ssl-keyfile go together" in result.output
+    result = runner.invoke(cli.app, ["vault", "--ssl-ca-certs", "ca.crt"], env=PRODUCTION)
+    assert result.exit_code == 2
+
+
+def test_vault_in_production_needs_its_secrets(runner, tmp_path):
+    env = {
+        **PRODUCTION,
+        "BILLFOLD_DATABASE_URL": "postgresql://x@127.0.0.1:1/x",
+        "BILLFOLD_DATA_DIR": str(tmp_path),
+        "BILLFOLD_SECRET_KEY": None,
+        "BILLFOLD_VAULT_SERVICE_KEY": None,
+    }
+    result = runner.invoke(cli.app, ["vault"], env=env)
+    assert result.exit_code == 2, result.output
+    assert "BILLFOLD_SECRET_KEY must be set in production" in result.output
+    env["BILLFOLD_SECRET_KEY"] = "A" * 43 + "="
+    result = runner.invoke(cli.app, ["vault"], env=env)
+    assert result.exit_code == 2, result.output
+    assert "BILLFOLD_VAULT_SERVICE_KEY must be set in production" in result.output
+    assert list(tmp_path.iterdir()) == []  # nothing generated in production
+    for command in (["vault"], ["vault", "rotate-kek"]):
+        result = runner.invoke(cli.app, command, env={**env, "BILLFOLD_DATABASE_URL": None})
+        assert result.exit_code == 2 and "BILLFOLD_DATABASE_URL" in result.output
