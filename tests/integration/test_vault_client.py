@@ -43,7 +43,7 @@ from billfold.config import Settings
 from billfold.migrations import upgrade
 from billfold.platform.db import async_url
 from billfold.platform.errors import ProblemError, Unprocessable
-from billfold.platform.observability import luhn_valid
+from billfold.platform.observability import luhn_valid, request_id_var
 from billfold.vault import (
     CardInput,
     CardNotFound,
@@ -699,6 +699,12 @@ async def test_no_card_number_in_the_vault_process_log(
         crypto = await http.cryptogram(purchase(token.token_id))
         USED_PANS.add(crypto.dpan)
         await http.detokenize(token_id=token.token_id, requester="network", purpose="authorization")
+        # The caller's request id travels along: one id in both processes' logs.
+        trace = request_id_var.set("req_trace_from_the_api")
+        try:
+            await http.get_card(vaulted.card_id)
+        finally:
+            request_id_var.reset(trace)
         async with httpx.AsyncClient(base_url=f"{vault_process.url}/internal/v1") as raw:
             for body in (
                 {"owner_id": "u", "pan": pan, "expiry_month": "soon", "expiry_year": 2030},
@@ -720,6 +726,11 @@ async def test_no_card_number_in_the_vault_process_log(
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert any(line.get("event") == "vault request" for line in lines)
     assert any(line.get("caller") == "network" for line in lines)
+    assert any(
+        line.get("request_id") == "req_trace_from_the_api"
+        and line.get("route") == "/internal/v1/cards/{card_id}"
+        for line in lines
+    )
     assert len(USED_PANS) > 20
     leaked = [p for p in USED_PANS if p in log]
     assert leaked == [], f"card numbers in the vault log: {len(leaked)}"
