@@ -9,6 +9,7 @@ unreachable is a 503 `vault_unavailable` for the caller (it is our fault, not th
 
 from __future__ import annotations
 
+import logging
 import ssl
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -117,6 +118,9 @@ class HttpVault:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._signer = signer
+        # httpx logs every request at INFO ("HTTP Request: POST …/detokenize"): the vault logs
+        # each call itself, with its request id, and twice is noise.
+        logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
         # Retries only when no connection could be made (the request was never sent), so a
         # cryptogram (which spends an ATC) is never asked for twice.
         transport = transport or httpx.AsyncHTTPTransport(verify=verify, limits=limits, retries=1)
