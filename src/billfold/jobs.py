@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billfold import ledger, p2p
+from billfold import ledger, p2p, payment_methods
 from billfold.app import build_runtimes
 from billfold.config import Settings
 from billfold.platform import idempotency
@@ -39,6 +39,7 @@ def scheduled_jobs(engine: AsyncEngine, settings: Settings) -> list[Job]:
         Job("expire-holds", 30, lambda: ledger.expire_holds(engine)),
         Job("expire-transfer-claims", 60, lambda: p2p.expire_claims(engine)),
         Job("expire-transfer-requests", 60, lambda: p2p.expire_requests(engine)),
+        Job("expire-micro-deposits", 300, lambda: payment_methods.expire_micro_deposits(engine)),
         Job("purge-idempotency-keys", 3600, purge_idempotency_keys),
     ]
 

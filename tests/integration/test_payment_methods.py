@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
+from billfold import payment_methods
 from billfold.vault import CardNotFound
 from tests.conftest import SignedIn, device_key, sign_up
 from tests.integration.payment_methods_support import (
@@ -476,6 +477,29 @@ async def test_micro_deposits_past_their_deadline_fail_the_account(
     assert r.status_code == 409 and r.json()["code"] == "micro_deposits_expired", r.text
     got = (await client.get(f"/v1/payment-methods/{method_id}", headers=alice.headers)).json()
     assert (got["status"], got["failure_code"]) == ("failed", "micro_deposits_expired")
+
+
+async def test_the_worker_fails_bank_accounts_whose_deposits_ran_out_of_time(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn
+) -> None:
+    late = (await add(client, alice, us_bank_body())).json()
+    on_time = (await add(client, alice, us_bank_body())).json()
+    await sql(
+        app,
+        "UPDATE payment_methods.micro_deposits SET expires_at = now() - interval '1 second' "
+        "WHERE payment_method_id = :i",
+        i=late["id"],
+    )
+    engine = app.state.resources.engine
+    assert await payment_methods.expire_micro_deposits(engine) >= 1
+    assert await payment_methods.expire_micro_deposits(engine) == 0  # once only
+    got = (await client.get(f"/v1/payment-methods/{late['id']}", headers=alice.headers)).json()
+    assert (got["status"], got["failure_code"]) == ("failed", "micro_deposits_expired")
+    assert got["micro_deposits"]["status"] == "expired"
+    kinds = [e.type for e in await events_of(app, late["id"])]
+    assert kinds[-1] == "billfold.payment_methods.verification_failed"
+    still = await client.get(f"/v1/payment-methods/{on_time['id']}", headers=alice.headers)
+    assert still.json()["status"] == "pending_verification"
 
 
 async def test_cards_are_not_verified_by_micro_deposits(

@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.engine import Row
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from billfold.gateway import Principal
 from billfold.payment_methods import banks, cards, events, store
@@ -47,10 +47,13 @@ from billfold.payment_methods.models import (
 )
 from billfold.payment_methods.runtime import PaymentMethodsRuntime
 from billfold.platform.clock import rfc3339, utcnow
-from billfold.platform.db import UnitOfWork
+from billfold.platform.db import UnitOfWork, unit_of_work
 from billfold.platform.errors import FieldError, Unprocessable
 from billfold.platform.ids import new_id
+from billfold.platform.observability import get_logger
 from billfold.vault import CardInput, CardNotFound, TokenDomain
+
+log = get_logger("billfold.payment_methods")
 
 # A user may fail to verify the same card this many times a day (a CVV is 3-4 digits: without a
 # cap, adding the card again and again would guess it).
@@ -539,6 +542,36 @@ async def _fail(conn: AsyncConnection, row: Row[Any], code: str, reason: str) ->
             "failure_reason": reason,
         },
     )
+
+
+async def expire_micro_deposits(engine: AsyncEngine, *, batch: int = 200) -> int:
+    """Fail the bank accounts whose micro-deposits were not confirmed in time (worker job; the
+    verify route also fails a late one when it is asked). One transaction per account, each
+    taking the next due one no other worker holds; one that fails is logged and skipped."""
+    expired = 0
+    failed: list[str] = []
+    for _ in range(batch):
+        current: str | None = None
+        try:
+            async with unit_of_work(engine) as uow:
+                conn = await uow.connection()
+                row = await store.lock_next_expired_deposits(conn, failed)
+                if row is None:
+                    break
+                current = row.id
+                await store.update_deposits(
+                    conn, row.id, status="expired", attempts=row.deposit_attempts
+                )
+                await _fail(
+                    conn, row, MICRO_DEPOSITS_EXPIRED, "The time to confirm the deposits ran out"
+                )
+            expired += 1
+        except Exception:
+            if current is None:  # could not even look: the database is the problem
+                raise
+            log.exception("could not expire micro-deposits; will retry", payment_method=current)
+            failed.append(current)
+    return expired
 
 
 async def micro_deposit_amounts(

@@ -239,6 +239,18 @@ async def update_deposits(
     )
 
 
+async def lock_next_expired_deposits(conn: AsyncConnection, skip: list[str]) -> Row[Any] | None:
+    """The next bank account whose micro-deposits ran out of time, locked with its deposits;
+    rows another worker holds are skipped (never waited for)."""
+    sql = text(
+        f"SELECT {COLUMNS} FROM {_FROM} "
+        "WHERE d.status = 'pending' AND d.expires_at <= now() "
+        "AND m.status = 'pending_verification' AND NOT (m.id = ANY(:skip)) "
+        "ORDER BY d.expires_at LIMIT 1 FOR UPDATE OF m, d SKIP LOCKED"
+    )
+    return (await conn.execute(sql, {"skip": skip})).first()
+
+
 async def deposit_amounts(conn: AsyncConnection, method_id: str) -> tuple[int, int] | None:
     sql = text(
         "SELECT amount_1, amount_2 FROM payment_methods.micro_deposits "
