@@ -20,8 +20,13 @@ from tests.integration.transfer_support import available
 @pytest.fixture
 async def impatient(settings: Settings, data_dir: Path) -> AsyncIterator[Any]:
     """The API with a 300 ms lock timeout (the default is 10 s), on the test database."""
+    # The same secret key: the signing keys in the shared test database are sealed under it.
     quick = make_settings(
-        settings.database_url, settings.redis_url, data_dir, db_lock_timeout_ms=300
+        settings.database_url,
+        settings.redis_url,
+        data_dir,
+        secret_key=settings.secret_key,
+        db_lock_timeout_ms=300,
     )
     application = create_app(quick)
     async with LifespanManager(application):
