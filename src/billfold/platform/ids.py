@@ -33,6 +33,8 @@ PREFIXES = frozenset(
         "pst",
         "top",  # a wallet top-up from a card or bank account
         "wdl",  # a withdrawal to a bank account
+        "cap",  # a capture of a card or wallet payment
+        "inc",  # an incremental authorization of a payment
     }
 )
 
