@@ -110,7 +110,7 @@ CREATE TABLE transactions.transactions (
     merchant_name      text NOT NULL,
     mcc                text NOT NULL CHECK (mcc ~ '^[0-9]{4}$'),
     category           text NOT NULL REFERENCES transactions.categories (category),
-    channel            text NOT NULL CHECK (channel IN ('contactless', 'in_app', 'e_commerce')),
+    channel            text NOT NULL CHECK (channel IN ('contactless', 'in_app', 'ecommerce')),
     device_id          text,
     description        text,
     note               text,
