@@ -133,8 +133,8 @@ CREATE TABLE transactions.transactions (
     CONSTRAINT transactions_refund_limit CHECK (refunded_amount <= captured_amount),
     UNIQUE (user_id, idempotency_key)
 );
-CREATE INDEX transactions_user ON transactions.transactions (user_id, id);
-CREATE INDEX transactions_user_created ON transactions.transactions (user_id, created_at, id);
+-- The history's list indexes (user_id, id) and (user_id, created_at) come with its search, in
+-- 0006.
 CREATE INDEX transactions_payment_method ON transactions.transactions (payment_method_id)
     WHERE payment_method_id IS NOT NULL;
 -- The sweepers' work lists: authorizations that lapse, rows a crash left half-done.
