@@ -258,3 +258,27 @@ async def test_the_atc_never_wraps(local_vault: LocalVault) -> None:
     assert last.atc == 65535
     with pytest.raises(TokenNotActive):
         await local_vault.cryptogram(purchase(token.token_id))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"unpredictable_number": "XYZ"},
+        {"tvr": "00"},
+        {"currency_numeric": "84"},
+        {"transaction_type": "purchase"},
+        {"country_numeric": "USA"},
+    ],
+)
+async def test_malformed_transaction_data_is_a_422_and_uses_no_atc(
+    local_vault: LocalVault, bad: dict[str, str]
+) -> None:
+    from billfold.platform.errors import Unprocessable
+
+    token = await _token(local_vault)
+    with pytest.raises(Unprocessable) as refused:
+        await local_vault.cryptogram(purchase(token.token_id, **bad))
+    assert refused.value.code == "invalid_emv_data" and refused.value.status == 422
+    assert (await local_vault.cryptogram(purchase(token.token_id))).atc == 1
+    good = await local_vault.cryptogram(purchase(token.token_id))
+    assert not await local_vault.verify_cryptogram(good, purchase(token.token_id, **bad))

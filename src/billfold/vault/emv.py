@@ -237,10 +237,10 @@ def _cvc3(icc_key: bytes, track_template: bytes, atc: bytes, un: bytes) -> int:
 # -- The cryptogram ---------------------------------------------------------------------------
 
 
-def _arqc(imk: bytes, pan: str, psn: str, atc: int, data: EmvData, iad: bytes) -> bytes:
-    _check_key(imk)
-    atc_bytes = _atc(atc)
-    message = (
+def encode_data(data: EmvData) -> bytes:
+    """The data elements in the order the AC covers them (before the ATC and 9F10); raises
+    `ValueError` naming the first malformed one, so callers can refuse bad input up front."""
+    return (
         _n12(data.amount, "the amount")
         + _n12(data.other_amount, "the other amount")
         + _numeric_code(data.country_numeric, "the country code")
@@ -250,9 +250,12 @@ def _arqc(imk: bytes, pan: str, psn: str, atc: int, data: EmvData, iad: bytes) -
         + _transaction_type(data.transaction_type)
         + _hex(data.unpredictable_number, 4, "the unpredictable number")
         + _hex(data.aip, 2, "the AIP")
-        + atc_bytes
-        + iad
     )
+
+
+def _arqc(imk: bytes, pan: str, psn: str, atc: int, data: EmvData, iad: bytes) -> bytes:
+    _check_key(imk)
+    message = encode_data(data) + _atc(atc) + iad
     session_key = derive_session_key(derive_icc_master_key(imk, pan, psn), atc)
     return _mac_algorithm_3(session_key, message)
 

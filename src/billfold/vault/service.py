@@ -401,7 +401,10 @@ class LocalVault:
             return False
         if not 0 < cryptogram.atc <= 0xFFFF:
             return False
-        data = _emv_data(request, aip=cryptogram.application_interchange_profile)
+        try:
+            data = _emv_data(request, aip=cryptogram.application_interchange_profile)
+        except Unprocessable:  # malformed data elements never verify
+            return False
         async with self._transaction() as conn:
             token = await self._token(conn, request.token_id)
             if token.status != "active" or _expired(token.expiry_month, token.expiry_year):
@@ -676,7 +679,7 @@ def _check_domain(
 def _emv_data(request: CryptogramRequest, *, aip: str = "1980") -> emv.EmvData:
     if request.amount < 0 or request.other_amount < 0:
         raise Unprocessable("amounts must not be negative")
-    return emv.EmvData(
+    data = emv.EmvData(
         amount=request.amount,
         other_amount=request.other_amount,
         country_numeric=request.country_numeric,
@@ -687,6 +690,11 @@ def _emv_data(request: CryptogramRequest, *, aip: str = "1980") -> emv.EmvData:
         unpredictable_number=request.unpredictable_number,
         aip=aip,
     )
+    try:
+        emv.encode_data(data)
+    except ValueError as exc:  # the message names the data element, never a card number
+        raise Unprocessable(f"Invalid transaction data: {exc}", code="invalid_emv_data") from exc
+    return data
 
 
 def _token_reference_id() -> str:
