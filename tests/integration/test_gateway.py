@@ -92,6 +92,15 @@ async def test_validation_error_is_422_with_field_pointers_and_no_password_echo(
     assert SECRET_PASSWORD not in r.text
 
 
+async def test_a_card_number_sent_as_a_member_name_is_not_echoed(client):
+    """A PAN pasted into the wrong place (here: as a JSON key) must not come back in the
+    problem's field pointer."""
+    pan = "4111111111111111"
+    r = await client.post("/v1/users", json={pan: "1", "card": {pan: pan}})
+    assert_problem(r, 422, "validation_failed")
+    assert pan not in r.text and pan[-4:] in r.text  # masked, not dropped
+
+
 @pytest.mark.parametrize(
     "password",
     [SECRET_PASSWORD + "x" * 300, "aaaaaaaaaaaaaaaa", 1234567890123, ["list", SECRET_PASSWORD]],

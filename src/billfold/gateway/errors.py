@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from billfold.platform.errors import PROBLEM_CONTENT_TYPE, FieldError, ProblemError
-from billfold.platform.observability import request_id_var
+from billfold.platform.observability import redact_text, request_id_var
 
 _HTTP_CODES = {
     400: ("bad_request", "Bad request"),
@@ -45,6 +45,7 @@ def problem_response(
 def _location(loc: tuple[Any, ...]) -> dict[str, str]:
     where, *rest = loc or ("body",)
     path = "/".join(str(p).replace("~", "~0").replace("/", "~1") for p in rest)
+    path = redact_text(path)  # a card number sent as a member name is not echoed back
     if where == "body":
         return {"pointer": "#/" + path if path else "#"}
     if where == "header":
@@ -60,7 +61,7 @@ def validation_problem(exc: RequestValidationError) -> ProblemError:
             return ProblemError("The request body is not valid JSON", code="malformed_json")
         msg = str(err.get("msg", "invalid value"))
         # Value errors from our validators carry their message after this prefix.
-        msg = msg.removeprefix("Value error, ")
+        msg = redact_text(msg.removeprefix("Value error, "))
         errors.append(FieldError(detail=msg, code=kind, **_location(tuple(err.get("loc", ())))))
     return ProblemError(
         "The request has invalid fields; see `errors`",
