@@ -117,3 +117,13 @@ class Settings(BaseSettings):
     # Payment methods.
     micro_deposit_ttl_seconds: int = Field(default=7 * 24 * 3600, gt=0)
     micro_deposit_max_attempts: int = Field(default=3, gt=0)
+
+    # Card and wallet payments (transactions).
+    # An authorization not captured in time lapses: the wallet hold is released, a card's
+    # remaining authorization is reversed (card schemes allow about 7 days for most merchants).
+    payment_authorization_ttl_seconds: int = Field(default=7 * 24 * 3600, gt=0)
+    # A payment held for step-up waits this long for the user to confirm it.
+    payment_challenge_ttl_seconds: int = Field(default=15 * 60, gt=0)
+    # A card payment still `authorizing` after this long was left by a crash between writing it
+    # and recording the network's answer: the worker reverses it and marks it failed.
+    payment_authorizing_deadline_seconds: int = Field(default=120, gt=0)
