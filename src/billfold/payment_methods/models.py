@@ -7,6 +7,7 @@ problem, not even in a validation error (the gateway renders only each error's m
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -260,3 +261,20 @@ class CurrencyMismatch(Unprocessable):
 
 class TooManyCardAttempts(ProblemError):
     status, code, title = 429, "too_many_attempts", "Too many attempts"
+
+
+class CardRequired(Unprocessable):
+    code, title = "card_required", "This needs a card"
+
+
+@dataclass(frozen=True, slots=True)
+class CardToken:
+    """A verified card as a payment spends it: the vault's payment token and what a receipt
+    shows. Never the PAN or the DPAN."""
+
+    payment_method_id: str
+    token_id: str
+    brand: str
+    last4: str
+    expiry_month: int
+    expiry_year: int

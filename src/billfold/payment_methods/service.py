@@ -22,6 +22,8 @@ from billfold.payment_methods.models import (
     BankAccountView,
     BillingAddress,
     CardExpired,
+    CardRequired,
+    CardToken,
     CardView,
     InvalidAccountNumber,
     InvalidBic,
@@ -690,3 +692,36 @@ async def remove(
             await rt.vault.delete_card(row.vault_card_id, reason="removed_by_user")
         except CardNotFound:
             pass
+
+
+# --- spending ---------------------------------------------------------------------------------
+
+
+async def card_token_for(conn: AsyncConnection, user_id: str, method_id: str) -> CardToken:
+    """The payment token of the user's verified card `method_id`, for a card payment.
+
+    Someone else's, removed or unknown method: `payment_method_not_found` (404); not verified
+    (pending or failed): `payment_method_not_verified` (409); a bank account: `card_required`
+    (422). The pointer is `#/payment_method_id`."""
+    row = await store.get(conn, method_id, user_id)
+    pointer = _field("#/payment_method_id", "not one of your cards")
+    if row is None:
+        raise PaymentMethodNotFound("No such payment method", errors=pointer)
+    if row.type != "card":
+        raise CardRequired(
+            "Pay with a card or with your wallet balance, not a bank account",
+            errors=_field("#/payment_method_id", "must be a card"),
+        )
+    if row.status != "verified" or row.vault_token_id is None:
+        raise PaymentMethodNotVerified(
+            "Verify this card before paying with it",
+            extra={"payment_method_status": row.status},
+        )
+    return CardToken(
+        payment_method_id=row.id,
+        token_id=row.vault_token_id,
+        brand=row.brand,
+        last4=row.last4,
+        expiry_month=row.expiry_month,
+        expiry_year=row.expiry_year,
+    )
