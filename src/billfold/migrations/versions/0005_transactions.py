@@ -169,11 +169,16 @@ CREATE TABLE transactions.captures (
     final           boolean NOT NULL,
     -- The ledger posting of a wallet payment's capture; card captures move no wallet money.
     posting_id      text UNIQUE,
-    idempotency_key text,
+    idempotency_key text NOT NULL,
+    request_hash    text NOT NULL,
+    -- A card capture's completion advice (0220) goes to the network after the capture commits;
+    -- the worker re-sends those a crash left unsent.
+    advised_at      timestamptz,
     created_at      timestamptz NOT NULL DEFAULT now(),
     UNIQUE (transaction_id, idempotency_key)
 );
 CREATE INDEX captures_transaction ON transactions.captures (transaction_id, id);
+CREATE INDEX captures_unadvised ON transactions.captures (created_at) WHERE advised_at IS NULL;
 
 CREATE TABLE transactions.refunds (
     id              text PRIMARY KEY,
