@@ -99,9 +99,26 @@ def make_settings(database_url: str, redis_url: str, data_dir: Path, **overrides
     return Settings(**values)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @pytest.fixture(scope="session")
-def settings(database_url: str, redis_url: str, data_dir: Path) -> Settings:
-    return make_settings(database_url, redis_url, data_dir)
+def network_port() -> int:
+    """Where this worker's network simulator listens (`network_simulator`): the app's settings
+    point the ISO 8583 client here from the start."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, redis_url: str, data_dir: Path, network_port: int) -> Settings:
+    return make_settings(
+        database_url, redis_url, data_dir, network_address=f"127.0.0.1:{network_port}"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -281,3 +298,20 @@ async def local_vault(hsm: Any, settings: Settings) -> AsyncIterator[Any]:
     yield vault
     await vault.aclose()
     await engine.dispose()
+
+
+# --- the payment network (ISO 8583 over TCP) ----------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+async def network_simulator(local_vault: Any, network_port: int) -> AsyncIterator[Any]:
+    """The network/issuer simulator (`billfold network`) in this process, on the loopback port
+    the app's settings name, answering at once; its TokenService is the test's `local_vault`.
+    Tests may change `simulator.config` (latency, rules…) and must put it back."""
+    from billfold.app import VaultTokenService
+    from billfold.network import NetworkSimulator, SimulatorConfig
+
+    simulator = NetworkSimulator(VaultTokenService(local_vault), SimulatorConfig())
+    await simulator.start("127.0.0.1", network_port)
+    yield simulator
+    await simulator.stop()

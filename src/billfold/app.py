@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,19 +20,24 @@ from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billfold import p2p, payment_methods, users, vault
+from billfold import network, p2p, payment_methods, users, vault
 from billfold.config import Settings
 from billfold.gateway.errors import install_error_handlers
 from billfold.gateway.middleware import Edge, EdgeConfig
 from billfold.ledger.api import router as wallet_router
-from billfold.network import SimulatedNetwork
 from billfold.p2p.api import router as p2p_router
 from billfold.platform.blobs import build_blob_store
 from billfold.platform.db import create_engine
-from billfold.platform.errors import PROBLEM_CONTENT_TYPE, Problem, problem_responses
+from billfold.platform.errors import (
+    PROBLEM_CONTENT_TYPE,
+    Problem,
+    ProblemError,
+    problem_responses,
+)
 from billfold.platform.keys import SealedBox
 from billfold.platform.observability import Metrics
 from billfold.platform.ratelimit import RateLimiter
+from billfold.transactions.api_history import history_router
 from billfold.users.api import router as users_router
 from billfold.vault.connect import vault_client
 
@@ -84,6 +90,97 @@ class Runtimes:
     # in-process vault, opened on first use. Whoever builds the runtimes closes it.
     vault: vault.VaultClient
     payment_methods: payment_methods.PaymentMethodsRuntime
+    # The payment network's ISO 8583 client (connects on first use); closed with the vault.
+    network: network.Iso8583Network
+
+
+def network_client(settings: Settings) -> network.Iso8583Network:
+    """The ISO 8583 client on `settings.network_address` (connects on first use)."""
+    host, port = network.NetworkClientConfig.parse_address(settings.network_address)
+    return network.Iso8583Network(
+        network.NetworkClientConfig(
+            host=host,
+            port=port,
+            pool_size=settings.network_pool_size,
+            timeout=settings.network_timeout_ms / 1000,
+            breaker_failures=settings.network_breaker_failures,
+            breaker_reset=settings.network_breaker_reset_seconds,
+            stand_in_floor_limit=settings.network_stand_in_floor_limit,
+        )
+    )
+
+
+class VaultTokenService:
+    """The network simulator's `TokenService` on a `VaultClient`: a DPAN is found by the vault's
+    index, the funding card is an audited detokenisation (requester `billfold-network`, the
+    issuer side), and the cryptogram is verified by the vault itself (`verify_cryptogram`, which
+    also refuses a replayed ATC), so the network package never holds an issuer key nor imports
+    the vault's EMV code."""
+
+    REQUESTER = "billfold-network"
+
+    def __init__(self, client: vault.VaultClient) -> None:
+        self.client = client
+
+    async def card_for_dpan(self, dpan: str) -> network.IssuerCard | None:
+        found = await self.client.token_by_dpan(dpan)
+        if found is None:
+            return None
+        token = found.token
+        card = network.IssuerCard(
+            token_id=token.token_id,
+            token_reference_id=token.token_reference_id,
+            card_id=token.card_id,
+            token_status=token.status,
+            token_expiry_month=token.expiry_month,
+            token_expiry_year=token.expiry_year,
+        )
+        if token.status != "active":
+            return card
+        try:
+            secret = await self.client.detokenize(
+                token_id=token.token_id, requester=self.REQUESTER, purpose="authorization"
+            )
+        except (vault.TokenNotActive, vault.TokenNotFound, vault.CardNotFound):
+            return dataclasses.replace(card, token_status="deleted")
+        return dataclasses.replace(
+            card, pan=secret.pan, expiry_month=secret.expiry_month, expiry_year=secret.expiry_year
+        )
+
+    async def verify_cryptogram(
+        self, card: network.IssuerCard, check: network.CryptogramCheck
+    ) -> bool:
+        cryptogram = vault.Cryptogram(
+            token_id=card.token_id,
+            token_reference_id=card.token_reference_id,
+            dpan=check.dpan,
+            expiry_month=card.token_expiry_month,
+            expiry_year=card.token_expiry_year,
+            atc=check.atc,
+            arqc=check.arqc,
+            cryptogram_version=check.cryptogram_version,
+            issuer_application_data=check.issuer_application_data,
+            dynamic_cvv=check.dynamic_cvv,
+            application_interchange_profile=check.aip,
+        )
+        request = vault.CryptogramRequest(
+            token_id=card.token_id,
+            amount=check.amount,
+            currency_numeric=check.currency_numeric,
+            country_numeric=check.country_numeric,
+            transaction_date=check.transaction_date,
+            unpredictable_number=check.unpredictable_number,
+            channel=check.channel,
+            device_id=check.device_id,
+            merchant_id=check.merchant_id,
+            other_amount=check.other_amount,
+            transaction_type=check.transaction_type,
+            tvr=check.tvr,
+        )
+        try:
+            return await self.client.verify_cryptogram(cryptogram, request)
+        except (vault.TokenNotFound, ProblemError):
+            return False
 
 
 def build_runtimes(settings: Settings, redis: Redis, keys_engine: AsyncEngine) -> Runtimes:
@@ -101,6 +198,7 @@ def build_runtimes(settings: Settings, redis: Redis, keys_engine: AsyncEngine) -
         blobs=build_blob_store(settings),
     )
     vault_rt = vault_client(settings)
+    network_rt = network_client(settings)
     return Runtimes(
         settings,
         sealed,
@@ -108,8 +206,8 @@ def build_runtimes(settings: Settings, redis: Redis, keys_engine: AsyncEngine) -
         users_rt,
         p2p.P2PRuntime(settings, users_rt),
         vault_rt,
-        # The network is this issue's in-process stand-in until the ISO 8583 simulator lands.
-        payment_methods.PaymentMethodsRuntime(settings, vault_rt, SimulatedNetwork(), sealed),
+        payment_methods.PaymentMethodsRuntime(settings, vault_rt, network_rt, sealed),
+        network_rt,
     )
 
 
@@ -145,6 +243,7 @@ def create_app(settings: Settings) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
             await blobs.aclose()
+            await runtimes.network.aclose()
             await runtimes.vault.aclose()
             await redis.aclose()
             await engine.dispose()
@@ -168,6 +267,7 @@ def create_app(settings: Settings) -> FastAPI:
             {"name": "payment-methods", "description": "Cards and bank accounts"},
             {"name": "transfers", "description": "Money between people, claims and limits"},
             {"name": "transfer-requests", "description": "Asking someone for money"},
+            {"name": "transactions", "description": "History, search, export, summary, receipts"},
             {"name": "ops", "description": "Health and metrics"},
         ],
     )
@@ -176,12 +276,15 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.p2p = runtimes.p2p
     app.state.vault = runtimes.vault
     app.state.payment_methods = runtimes.payment_methods
+    app.state.blobs = blobs  # the process's one BlobStore (avatars, receipts)
+    app.state.network = runtimes.network
     install_error_handlers(app)
     app.include_router(users_router)
     app.include_router(wallet_router)
     app.include_router(payment_methods.router)
     app.include_router(payment_methods.wallet_router)
     app.include_router(p2p_router)
+    app.include_router(history_router)
     _ops_routes(app)
     _document_problems(app)
     limiter = RateLimiter(redis, settings.redis_prefix) if settings.rate_limits_enabled else None

@@ -114,6 +114,22 @@ class Settings(BaseSettings):
     token_bin: str = "489537"
     token_ttl_days: int = Field(default=3 * 365, gt=0)
 
+    # Payment network (ISO 8583 over TCP). The API's client connects to `network_address`
+    # (host:port); `billfold network` (the simulator) listens on network_host:network_port, and
+    # `billfold up` starts it on a free port and points the API at it.
+    network_address: str = "127.0.0.1:8583"
+    network_host: str = "127.0.0.1"
+    network_port: int = 8583
+    network_pool_size: int = Field(default=2, gt=0)
+    network_timeout_ms: int = Field(default=5_000, gt=0)
+    # Consecutive failures (timeouts, lost connections) that open the circuit breaker, and how
+    # long it stays open before one echo probes the network again.
+    network_breaker_failures: int = Field(default=5, gt=0)
+    network_breaker_reset_seconds: float = Field(default=10.0, gt=0)
+    # Stand-in: while the network is down, approve authorizations up to this many minor units
+    # (per token, per outage) and report them later in a 0120 advice. 0: decline them (91).
+    network_stand_in_floor_limit: int = Field(default=0, ge=0)
+
     # Payment methods.
     micro_deposit_ttl_seconds: int = Field(default=7 * 24 * 3600, gt=0)
     micro_deposit_max_attempts: int = Field(default=3, gt=0)

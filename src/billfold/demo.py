@@ -6,8 +6,8 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billfold import ledger
+from billfold.app import network_client
 from billfold.gateway import Principal
-from billfold.network import SimulatedNetwork
 from billfold.payment_methods import PaymentMethodsRuntime, micro_deposit_amounts
 from billfold.payment_methods import service as methods
 from billfold.payment_methods.models import (
@@ -24,7 +24,7 @@ from billfold.vault.connect import vault_client
 
 # What a newly seeded demo user (not the administrator) finds in the wallet.
 DEMO_BALANCES = (Money(100_000, "USD"), Money(25_000, "EUR"))
-# Their card (processor test numbers the simulated network approves) and US bank account.
+# Their card (processor test numbers the network simulator approves) and US bank account.
 DEMO_CARDS = {"alice": "4242424242424242", "bob": "5555555555554444"}
 DEMO_ACCOUNTS = {"alice": "000123456789", "bob": "000987654321"}
 DEMO_ROUTING = "021000021"
@@ -49,8 +49,9 @@ async def seed_demo(
     if not created:
         return result
     own = payment_methods is None
+    card_network = network_client(rt.settings)
     methods_rt = payment_methods or PaymentMethodsRuntime(
-        rt.settings, vault_client(rt.settings), SimulatedNetwork(), rt.sealed
+        rt.settings, vault_client(rt.settings), card_network, rt.sealed
     )
     try:
         for demo, user_id in created:
@@ -69,13 +70,14 @@ async def seed_demo(
     finally:
         if own:
             await methods_rt.vault.aclose()
+        await card_network.aclose()
     return result
 
 
 async def _demo_methods(
     engine: AsyncEngine, rt: PaymentMethodsRuntime, demo: DemoUser, user_id: str
 ) -> None:
-    """A verified card (through the vault and the simulated network, like any card) and a US
+    """A verified card (through the vault and the payment network, like any card) and a US
     bank account whose micro-deposits the seed confirms, as its owner would."""
     pan, account = DEMO_CARDS.get(demo.handle), DEMO_ACCOUNTS.get(demo.handle)
     if pan is None or account is None:

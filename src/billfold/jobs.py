@@ -79,6 +79,7 @@ async def run_background(
             runtimes = build_runtimes(settings, redis, engine)
             owned.push_async_callback(runtimes.users.blobs.aclose)
             owned.push_async_callback(runtimes.vault.aclose)
+            owned.push_async_callback(runtimes.network.aclose)
             p2p_runtime = runtimes.p2p
         await _run(engine, settings, stop, metrics, p2p_runtime)
 

@@ -12,7 +12,7 @@ from billfold.demo import DEMO_CARDS, seed_demo
 from billfold.users.seed import DEMO_PASSWORD
 from tests.integration.transfer_support import sql
 
-pytestmark = pytest.mark.usefixtures("hsm")
+pytestmark = pytest.mark.usefixtures("hsm", "network_simulator")
 
 
 async def test_demo_users_have_a_verified_card_and_bank_account(

@@ -34,7 +34,7 @@ from tests.integration.payment_methods_support import (
 from tests.integration.transfer_support import make_admin
 
 # Cards need the SoftHSM2-backed vault.
-pytestmark = pytest.mark.usefixtures("hsm")
+pytestmark = pytest.mark.usefixtures("hsm", "network_simulator")
 
 PROBLEM = "application/problem+json"
 # Put into every hostile string that could be a secret (tokens, keys, notes, reasons): no answer

@@ -34,7 +34,7 @@ from tests.integration.payment_methods_support import (
 )
 from tests.integration.transfer_support import sql
 
-pytestmark = pytest.mark.usefixtures("hsm")
+pytestmark = pytest.mark.usefixtures("hsm", "network_simulator")
 
 UNKNOWN = "pm_01" + "0" * 24
 

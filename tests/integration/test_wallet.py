@@ -18,7 +18,7 @@ from tests.conftest import SignedIn, fund, idem, sign_up
 from tests.integration import payment_methods_support as methods
 from tests.integration.transfer_support import balance
 
-pytestmark = pytest.mark.usefixtures("hsm")
+pytestmark = pytest.mark.usefixtures("hsm", "network_simulator")
 
 _funding: list[methods.Funding] = []
 

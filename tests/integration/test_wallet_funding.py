@@ -24,7 +24,7 @@ from tests.integration.payment_methods_support import (
 )
 from tests.integration.transfer_support import balance, sql
 
-pytestmark = pytest.mark.usefixtures("hsm")
+pytestmark = pytest.mark.usefixtures("hsm", "network_simulator")
 
 
 async def state(app: Any, who: SignedIn) -> dict[str, Any]:

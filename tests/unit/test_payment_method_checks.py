@@ -1,15 +1,11 @@
-"""Card and bank-account checks and the simulated network's rules: pure logic, no I/O."""
+"""Card and bank-account checks: pure logic, no I/O (the network simulator's card rules are tested over TCP in tests/integration/test_network.py)."""
 
 from __future__ import annotations
-
-import asyncio
-from dataclasses import dataclass
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from billfold.network import TEST_CARD_RULES, SimulatedNetwork
 from billfold.payment_methods import banks, cards
 
 
@@ -121,35 +117,3 @@ def test_us_account_numbers_and_ibans() -> None:
     assert banks.check_bic("NWBK") is None
     assert banks.currency_of("DE") == "EUR" and banks.currency_of("US") == "USD"
     assert banks.currency_of("GB") == "GBP"
-
-
-@dataclass(frozen=True)
-class Card:
-    pan: str
-    expiry_month: int = 12
-    expiry_year: int = 2031
-
-
-def test_the_simulated_network_is_deterministic() -> None:
-    net = SimulatedNetwork()
-
-    def verify(pan: str, cvv: str = "123", **kw: int) -> str:
-        return asyncio.run(net.verify_account(Card(pan, **kw), cvv)).response_code
-
-    def charge(pan: str) -> str:
-        return asyncio.run(
-            net.charge(Card(pan), amount=100, currency="USD", reference="top_x")
-        ).response_code
-
-    assert verify("4242424242424242") == "00" and charge("4242424242424242") == "00"
-    assert verify("4242424242424242", "000") == "N7"
-    assert verify("4242424242424241") == "14" and charge("4242424242424241") == "14"
-    assert verify("4242424242424242", expiry_year=2020) == "54"
-    for suffix, (on_verify, on_charge) in TEST_CARD_RULES.items():
-        pan = "400000000000" + suffix  # the processors' well-known test cards
-        assert cards.luhn_valid(pan), pan
-        assert (verify(pan), charge(pan)) == (on_verify, on_charge), suffix
-    approved = asyncio.run(
-        net.charge(Card("4242424242424242"), amount=1, currency="USD", reference="top_y")
-    )
-    assert approved.approved and len(approved.authorization_code or "") == 6

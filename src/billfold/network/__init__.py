@@ -1,28 +1,70 @@
-"""The payment network, as Payment Methods sees it: zero-amount account verification and card
-charges with ISO 8583 response codes.
+"""The payment network: billfold's ISO 8583 client and the network/issuer simulator.
 
-This issue's `SimulatedNetwork` is a deliberately small, in-process stand-in with documented,
-deterministic test cards; the Card Transactions issue replaces it with an ISO 8583 client and a
-network simulator over TCP behind the same `CardNetwork` protocol. The network knows nothing of
-the vault: it takes any object with a `pan` and an expiry (`NetworkCard`), such as the vault's
-`CardSecret`.
+Others use `CardNetwork` (implemented by `Iso8583Network`): zero-amount account verification and
+card top-ups (Payment Methods), tokenised authorizations, incremental authorizations, reversals,
+completions and refunds (Transactions). Errors are `NetworkUnavailable` and `NetworkTimeout`
+(both `NetworkError`, a 503 problem); declines are answers with a field 39 response code.
+
+The network knows nothing of the vault: a PAN comes as any `NetworkCard` (the vault's
+`CardSecret` is one), a token as a `TokenisedCard`, and the simulator maps DPANs back to cards
+through the `TokenService` protocol (an adapter over the vault in `billfold.app`).
 """
 
+from billfold.network.client import (
+    CircuitBreaker,
+    Iso8583Network,
+    NetworkClientConfig,
+)
 from billfold.network.models import (
+    APPROVED,
     RESPONSE_CODES,
     AccountVerification,
+    Authorization,
     CardNetwork,
     Charge,
+    CryptogramCheck,
+    IssuerCard,
+    Merchant,
     NetworkCard,
+    NetworkError,
+    NetworkTimeout,
+    NetworkUnavailable,
+    TokenisedCard,
+    TokenService,
+    user_reason,
 )
-from billfold.network.simulated import TEST_CARD_RULES, SimulatedNetwork
+from billfold.network.simulator import (
+    NO_ANSWER,
+    TEST_CARD_RULES,
+    NetworkSimulator,
+    SimulatorConfig,
+)
+from billfold.network.wire import country_numeric, currency_numeric
 
 __all__ = [
+    "APPROVED",
+    "NO_ANSWER",
     "RESPONSE_CODES",
     "TEST_CARD_RULES",
     "AccountVerification",
+    "Authorization",
     "CardNetwork",
     "Charge",
+    "CircuitBreaker",
+    "CryptogramCheck",
+    "Iso8583Network",
+    "IssuerCard",
+    "Merchant",
     "NetworkCard",
-    "SimulatedNetwork",
+    "NetworkClientConfig",
+    "NetworkError",
+    "NetworkSimulator",
+    "NetworkTimeout",
+    "NetworkUnavailable",
+    "SimulatorConfig",
+    "TokenService",
+    "TokenisedCard",
+    "country_numeric",
+    "currency_numeric",
+    "user_reason",
 ]

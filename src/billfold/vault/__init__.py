@@ -17,10 +17,11 @@ from billfold.vault.models import (
     TokenDomainViolation,
     TokenNotActive,
     TokenNotFound,
+    TokenOnNetwork,
     TokenStatus,
     VaultedCard,
 )
-from billfold.vault.service import CardNumberTaken, LocalVault, TokenOnNetwork, rotate_kek
+from billfold.vault.service import CardNumberTaken, LocalVault, rotate_kek
 
 __all__ = [
     "CardInput",

@@ -25,6 +25,7 @@ from billfold.vault.models import (
     DetokenizePurpose,
     PaymentToken,
     TokenDomain,
+    TokenOnNetwork,
     VaultedCard,
 )
 from billfold.vault.service_auth import ServiceCaller
@@ -72,6 +73,17 @@ class TokenList(_Body):
 class VerifyCryptogramBody(_Body):
     cryptogram: Cryptogram
     request: CryptogramRequest
+
+
+class DpanBody(_Body):
+    dpan: str
+
+
+class TokenByDpan(_Body):
+    """`token` null: no token has that DPAN."""
+
+    token: PaymentToken | None
+    token_bin: str | None = None
 
 
 class Verification(_Body):
@@ -182,6 +194,18 @@ async def cryptogram(body: CryptogramRequest, v: Vault, _: Caller) -> Cryptogram
 )
 async def verify_cryptogram(body: VerifyCryptogramBody, v: Vault, _: Caller) -> Verification:
     return Verification(valid=await v.verify_cryptogram(body.cryptogram, body.request))
+
+
+@router.post(
+    "/tokens/by-dpan",
+    responses=problem_responses(401, 422),
+    summary="Issuer side: the token a DPAN belongs to (the network simulator)",
+)
+async def token_by_dpan(body: DpanBody, v: Vault, _: Caller) -> TokenByDpan:
+    found: TokenOnNetwork | None = await v.token_by_dpan(body.dpan)
+    if found is None:
+        return TokenByDpan(token=None)
+    return TokenByDpan(token=found.token, token_bin=found.token_bin)
 
 
 @router.post(

@@ -18,6 +18,7 @@ from billfold.vault.models import (
     DetokenizePurpose,
     PaymentToken,
     TokenDomain,
+    TokenOnNetwork,
     VaultedCard,
 )
 
@@ -79,6 +80,11 @@ class VaultClient(Protocol):
     async def verify_cryptogram(self, cryptogram: Cryptogram, request: CryptogramRequest) -> bool:
         """Issuer side: does `cryptogram` verify for `request`, and is its ATC fresh (a replayed
         or older ATC fails)? Used by the network simulator."""
+        ...
+
+    async def token_by_dpan(self, dpan: str) -> TokenOnNetwork | None:
+        """Issuer side: the token a DPAN belongs to (None for a DPAN the vault never issued).
+        Used by the network simulator to map a DPAN back to its card."""
         ...
 
     async def detokenize(

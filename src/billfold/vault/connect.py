@@ -21,6 +21,7 @@ from billfold.vault.models import (
     DetokenizePurpose,
     PaymentToken,
     TokenDomain,
+    TokenOnNetwork,
     VaultedCard,
 )
 from billfold.vault.service import LocalVault
@@ -128,6 +129,9 @@ class InProcessVault:
 
     async def verify_cryptogram(self, cryptogram: Cryptogram, request: CryptogramRequest) -> bool:
         return await (await self.local()).verify_cryptogram(cryptogram, request)
+
+    async def token_by_dpan(self, dpan: str) -> TokenOnNetwork | None:
+        return await (await self.local()).token_by_dpan(dpan)
 
     async def detokenize(
         self,

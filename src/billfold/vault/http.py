@@ -39,6 +39,7 @@ from billfold.vault.models import (
     PaymentToken,
     TokenDomain,
     TokenNotFound,
+    TokenOnNetwork,
     VaultedCard,
 )
 from billfold.vault.service_auth import ServiceTokenSigner
@@ -54,6 +55,7 @@ _CRYPTOGRAM = TypeAdapter(Cryptogram)
 _CRYPTOGRAM_REQUEST = TypeAdapter(CryptogramRequest)
 _DOMAIN = TypeAdapter(TokenDomain)
 _SECRET = TypeAdapter(CardSecret)
+_TOKEN_ON_NETWORK = TypeAdapter(TokenOnNetwork)
 _PROBLEM_FIELDS = frozenset(
     {"type", "title", "status", "code", "detail", "instance", "errors", "request_id"}
 )
@@ -229,6 +231,14 @@ class HttpVault:
         }
         r = await self._call("POST", "/cryptograms/verify", json=body)
         return bool(r.json()["valid"])
+
+    async def token_by_dpan(self, dpan: str) -> TokenOnNetwork | None:
+        # POST, so the DPAN is in a body, never in a URL (access logs, proxies).
+        r = await self._call("POST", "/tokens/by-dpan", json={"dpan": dpan})
+        body = r.json()
+        if body.get("token") is None:
+            return None
+        return _TOKEN_ON_NETWORK.validate_python(body)
 
     async def detokenize(
         self,

@@ -113,6 +113,14 @@ class Cryptogram:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenOnNetwork:
+    """A token as the issuer side (the network simulator) finds it by its DPAN."""
+
+    token: PaymentToken
+    token_bin: str
+
+
+@dataclass(frozen=True, slots=True)
 class CardSecret:
     """The clear card number, for the payment network path only (audited when handed out)."""
 

@@ -11,7 +11,6 @@ import asyncio
 import calendar
 import os
 import secrets
-from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
 
@@ -42,6 +41,7 @@ from billfold.vault.models import (
     TokenDomainViolation,
     TokenNotActive,
     TokenNotFound,
+    TokenOnNetwork,
     TokenStatus,
     VaultedCard,
 )
@@ -63,14 +63,6 @@ class CardNumberTaken(Conflict):
     """Another live card of the same owner already has that number."""
 
     code, title = "card_already_vaulted", "This card is already in the wallet"
-
-
-@dataclass(frozen=True, slots=True)
-class TokenOnNetwork:
-    """A token as the issuer side (network simulator) finds it by its DPAN."""
-
-    token: PaymentToken
-    token_bin: str
 
 
 class LocalVault:
