@@ -41,6 +41,17 @@ _MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _NOT_IDEMPOTENT = frozenset(
     {"/v1/auth/token", "/v1/me/password", "/v1/auth/password-reset/confirm"}
 )
+# Payments keep their own idempotency (docs/architecture.md, Transaction Service): the edge's
+# claims the key on the request's database connection and holds it until the response, and a
+# card payment waits ~1.2 s for the network; the payment routes must hold no connection then.
+_OWN_IDEMPOTENCY = ("/v1/payments",)
+
+
+def _edge_idempotency(path: str) -> bool:
+    if path in _NOT_IDEMPOTENT:
+        return False
+    return not any(path == p or path.startswith(p + "/") for p in _OWN_IDEMPOTENCY)
+
 
 # Body members left out of the idempotency fingerprint, by path. A card's CVV may not be kept in
 # any form once the request is done (PCI DSS 3.3.1), not even inside a keyed hash of the body: a
@@ -249,10 +260,13 @@ class Edge:
         if authz:
             kind, _, credential = authz.partition(" ")
             if kind.lower() == "bearer" and credential.strip():
+                verify_started = time.perf_counter()
                 try:
                     state["principal"] = await self.cfg.verifier.verify(credential.strip())
                 except ProblemError as exc:
                     state["auth_error"] = exc
+                # The "auth" step of a payment's latency budget (see transactions).
+                state["auth_ms"] = (time.perf_counter() - verify_started) * 1000
 
         if self.cfg.limiter is not None and path not in _UNMETERED and not path.startswith(_DOCS):
             klass = route_class(method, path)
@@ -278,7 +292,7 @@ class Edge:
         # Read the body now when the request must be fingerprinted for idempotency.
         idem_key = (
             _header(scope, b"idempotency-key")
-            if method in _MUTATING and path not in _NOT_IDEMPOTENT
+            if method in _MUTATING and _edge_idempotency(path)
             else None
         )
         body_chunks: list[bytes] = []
