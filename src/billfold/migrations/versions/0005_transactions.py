@@ -171,7 +171,7 @@ CREATE TABLE transactions.captures (
     posting_id      text UNIQUE,
     idempotency_key text NOT NULL,
     request_hash    text NOT NULL,
-    -- A card capture's completion advice (0220) goes to the network after the capture commits;
+    -- A card capture's completion advice (0220) goes to the network after the capture commits:
     -- the worker re-sends those a crash left unsent.
     advised_at      timestamptz,
     created_at      timestamptz NOT NULL DEFAULT now(),
