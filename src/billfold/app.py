@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billfold import network, p2p, payment_methods, users, vault
+from billfold import network, p2p, payment_methods, transactions, users, vault
 from billfold.config import Settings
 from billfold.gateway.errors import install_error_handlers
 from billfold.gateway.middleware import Edge, EdgeConfig
@@ -92,6 +92,8 @@ class Runtimes:
     payment_methods: payment_methods.PaymentMethodsRuntime
     # The payment network's ISO 8583 client (connects on first use); closed with the vault.
     network: network.Iso8583Network
+    # Payments: the vault (cryptograms), the network (authorizations) and the risk hook.
+    transactions: transactions.TransactionsRuntime
 
 
 def network_client(settings: Settings) -> network.Iso8583Network:
@@ -208,6 +210,7 @@ def build_runtimes(settings: Settings, redis: Redis, keys_engine: AsyncEngine) -
         vault_rt,
         payment_methods.PaymentMethodsRuntime(settings, vault_rt, network_rt, sealed),
         network_rt,
+        transactions.TransactionsRuntime(settings, users_rt, vault_rt, network_rt),
     )
 
 
@@ -267,6 +270,7 @@ def create_app(settings: Settings) -> FastAPI:
             {"name": "payment-methods", "description": "Cards and bank accounts"},
             {"name": "transfers", "description": "Money between people, claims and limits"},
             {"name": "transfer-requests", "description": "Asking someone for money"},
+            {"name": "payments", "description": "Pay merchants: authorize, capture, refund"},
             {"name": "transactions", "description": "History, search, export, summary, receipts"},
             {"name": "ops", "description": "Health and metrics"},
         ],
@@ -278,12 +282,16 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.payment_methods = runtimes.payment_methods
     app.state.blobs = blobs  # the process's one BlobStore (avatars, receipts)
     app.state.network = runtimes.network
+    app.state.transactions = runtimes.transactions
+    # Per-step payment latency histograms on this app's `/metrics`.
+    runtimes.transactions.metrics = transactions.PaymentMetrics(metrics.registry)
     install_error_handlers(app)
     app.include_router(users_router)
     app.include_router(wallet_router)
     app.include_router(payment_methods.router)
     app.include_router(payment_methods.wallet_router)
     app.include_router(p2p_router)
+    app.include_router(transactions.router)
     app.include_router(history_router)
     _ops_routes(app)
     _document_problems(app)

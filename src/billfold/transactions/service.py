@@ -1,0 +1,754 @@
+"""The payment authorization flow: `POST /v1/payments` and the resume after a step-up.
+
+A card payment waits ~1.2 s for the network, and billfold must keep hundreds of them in flight,
+so no database connection (or transaction) is held while it waits:
+
+1. tx1 (short): the user's Idempotency-Key is claimed (an advisory lock on it, then a unique
+   index as backstop: a duplicate finds the payment the first request made), the card's token
+   is looked up, the risk check decides, and the payment is written `authorizing` with its event.
+2. No connection: the vault makes the cryptogram, the network authorizes.
+3. tx2 (short): the answer, the details and the per-step timings, and the event.
+
+A crash between 1 and 3 leaves `authorizing`; the worker's `recover_stuck_payments` fails such
+rows after a deadline. A wallet-balance payment never leaves billfold: one transaction places a
+ledger hold and writes the payment.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from billfold import ledger, payment_methods, users
+from billfold.gateway import Principal
+from billfold.network import (
+    Authorization,
+    Merchant,
+    NetworkError,
+    NetworkTimeout,
+    TokenisedCard,
+    country_numeric,
+    currency_numeric,
+)
+from billfold.platform.clock import utcnow
+from billfold.platform.db import unit_of_work
+from billfold.platform.errors import FieldError, ProblemError, Unprocessable
+from billfold.platform.events import record_event
+from billfold.platform.idempotency import request_fingerprint
+from billfold.platform.ids import new_id
+from billfold.platform.money import POINTS, Money
+from billfold.platform.observability import get_logger
+from billfold.transactions import declines, events, store
+from billfold.transactions.models import (
+    CaptureView,
+    CardView,
+    IncrementView,
+    InvalidPaymentAmount,
+    MerchantView,
+    NewPayment,
+    Payment,
+    PaymentCurrencyNotSupported,
+    PaymentInProgress,
+    PaymentNotFound,
+    PaymentNotResumable,
+    RefundView,
+    StepUpHint,
+)
+from billfold.transactions.risk import PaymentRisk, RiskDecision
+from billfold.transactions.runtime import TransactionsRuntime
+from billfold.vault import (
+    CryptogramRequest,
+    TokenDomainViolation,
+    TokenNotActive,
+    TokenNotFound,
+)
+
+log = get_logger("billfold.transactions")
+
+STEP_UP_PURPOSE = "payment"
+# Ledger: a wallet payment's hold is committed to this system account on capture (what billfold
+# owes the merchants' acquirers) and refunds come back from it.
+SETTLEMENT = (ledger.SYSTEM, "settlement")
+POSTING_CAPTURE = "payment_capture"
+POSTING_REFUND = "payment_refund"
+# The ledger hold outlives the authorization by this much, so the payment's own sweeper (which
+# writes the payment's event) releases it, not the ledger's generic hold sweeper.
+HOLD_GRACE = timedelta(days=1)
+# Statuses in which what is authorized and not yet captured may still be captured.
+CAPTURABLE = frozenset({"authorized", "partially_captured", "partially_refunded"})
+
+
+# --- timings ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Timer:
+    """Milliseconds per step of one authorization (auth, token, fraud, network, db,
+    notify_enqueue): recorded in the payment's details and observed by the histograms."""
+
+    ms: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, (time.perf_counter() - started) * 1000)
+
+    def add(self, name: str, ms: float) -> None:
+        self.ms[name] = round(self.ms.get(name, 0.0) + ms, 3)
+
+
+# --- shapes -----------------------------------------------------------------------------------
+
+
+def merchant_of(row: Row[Any]) -> Merchant:
+    return Merchant(
+        id=row.merchant_id,
+        name=row.merchant_name,
+        mcc=row.mcc,
+        country=row.merchant_country,
+        city=row.merchant_city,
+        latitude=row.latitude,
+        longitude=row.longitude,
+    )
+
+
+def original_authorization(row: Row[Any]) -> Authorization:
+    """The network's authorization of a card payment, as the advices that follow name it."""
+    return Authorization(
+        response_code=row.response_code or "00",
+        auth_code=row.auth_code,
+        stan=row.stan or "",
+        rrn=row.rrn or "",
+        amount=row.authorized_amount,
+        currency=row.currency,
+        stand_in=bool(row.stand_in),
+    )
+
+
+def capturable(row: Row[Any]) -> int:
+    if row.status not in CAPTURABLE or row.expires_at is None:
+        return 0
+    return int(row.authorized_amount - row.captured_amount - row.released_amount)
+
+
+def settled_status(authorized: int, captured: int, released: int, refunded: int) -> str:
+    """The status of a payment with something captured, from its amounts (`refunded`: what
+    refunds that succeeded gave back)."""
+    if refunded > 0:
+        done = captured + released == authorized and refunded == captured
+        return "refunded" if done else "partially_refunded"
+    return "captured" if captured + released == authorized else "partially_captured"
+
+
+def mapping(row: Row[Any]) -> dict[str, Any]:
+    return dict(row._mapping)
+
+
+async def view(conn: AsyncConnection | None, row: Row[Any]) -> Payment:
+    """The payment as its owner sees it; with `conn`, its captures, refunds and increments."""
+    captures: list[CaptureView] = []
+    refunds: list[RefundView] = []
+    increments: list[IncrementView] = []
+    if conn is not None and row.authorized_amount > 0:
+        captures = [capture_view(c) for c in await store.captures(conn, row.id)]
+        refunds = [refund_view(r) for r in await store.refunds(conn, row.id)]
+        increments = [increment_view(i) for i in await store.increments(conn, row.id)]
+    step_up = None
+    if row.status == "challenge_required":
+        step_up = StepUpHint(
+            purpose=STEP_UP_PURPOSE,
+            reference=row.id,
+            challenge_url="/v1/auth/step-up/challenges",
+            resume_url=f"/v1/payments/{row.id}/resume",
+        )
+    return Payment(
+        id=row.id,
+        status=row.status,
+        source=row.source,
+        payment_method_id=row.payment_method_id,
+        card=CardView(brand=row.card_brand, last4=row.card_last4) if row.source == "card" else None,
+        amount=row.amount,
+        currency=row.currency,
+        authorized_amount=row.authorized_amount,
+        captured_amount=row.captured_amount,
+        refunded_amount=row.refunded_amount,
+        capturable_amount=capturable(row),
+        refundable_amount=max(0, row.captured_amount - row.refunded_amount),
+        merchant=MerchantView(
+            id=row.merchant_id,
+            name=row.merchant_name,
+            mcc=row.mcc,
+            category=row.category,
+            country=row.merchant_country,
+            city=row.merchant_city,
+            latitude=row.latitude,
+            longitude=row.longitude,
+        ),
+        channel=row.channel,
+        device_id=row.device_id,
+        description=row.description,
+        note=row.note,
+        decline_code=row.decline_code,
+        decline_reason=declines.reason_for(row.decline_code, row.source),
+        auth_code=row.auth_code,
+        step_up=step_up,
+        expires_at=row.expires_at,
+        captures=captures,
+        refunds=refunds,
+        increments=increments,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def capture_view(row: Row[Any]) -> CaptureView:
+    return CaptureView(id=row.id, amount=row.amount, final=row.final, created_at=row.created_at)
+
+
+def refund_view(row: Row[Any]) -> RefundView:
+    return RefundView(
+        id=row.id,
+        amount=row.amount,
+        status=row.status,
+        reason=row.reason,
+        failure_code=row.failure_code,
+        failure_reason=declines.reason_for(row.failure_code),
+        created_at=row.created_at,
+    )
+
+
+def increment_view(row: Row[Any]) -> IncrementView:
+    return IncrementView(
+        id=row.id,
+        amount=row.amount,
+        status=row.status,
+        decline_code=row.decline_code,
+        decline_reason=declines.reason_for(row.decline_code),
+        created_at=row.created_at,
+    )
+
+
+async def get(conn: AsyncConnection, txn_id: str, user_id: str) -> Row[Any]:
+    row = await store.get_for_user(conn, txn_id, user_id)
+    if row is None:
+        raise PaymentNotFound("No such payment")
+    return row
+
+
+async def publish(conn: AsyncConnection, type_: str, row: Row[Any], **extra: Any) -> None:
+    await record_event(conn, events.event(type_, mapping(row), **extra))
+
+
+# --- checks -----------------------------------------------------------------------------------
+
+
+def fingerprint(rt: TransactionsRuntime, path: str, body: Any) -> str:
+    """Keyed hash of a request's meaning (its parsed body, canonical): the same key with another
+    request is refused (`idempotency_key_reuse`)."""
+    canonical = json.dumps(
+        body.model_dump(mode="json") if body is not None else None,
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+    return request_fingerprint("POST", path, canonical, rt.fingerprint_key)
+
+
+def key_reused() -> Unprocessable:
+    return Unprocessable(
+        "This Idempotency-Key was used with a different request", code="idempotency_key_reuse"
+    )
+
+
+def check_amount(amount: int, pointer: str = "#/amount") -> None:
+    if amount <= 0:
+        raise InvalidPaymentAmount(
+            "The amount must be a positive number of minor units",
+            errors=[FieldError(pointer=pointer, detail="must be positive")],
+        )
+
+
+def _codes(body: NewPayment) -> tuple[str, str]:
+    """(currency, country) as ISO numeric codes, which the cryptogram is computed over."""
+    if body.currency == POINTS:
+        raise PaymentCurrencyNotSupported(
+            "Loyalty points are redeemed, not spent at merchants",
+            errors=[FieldError(pointer="#/currency", detail="not a payment currency")],
+        )
+    try:
+        currency = currency_numeric(body.currency)
+    except Exception:
+        raise PaymentCurrencyNotSupported(
+            "This currency cannot be paid in",
+            errors=[FieldError(pointer="#/currency", detail="not a payment currency")],
+        ) from None
+    try:
+        country = country_numeric(body.merchant.country)
+    except Exception:
+        raise Unprocessable(
+            "Unknown merchant country",
+            errors=[FieldError(pointer="#/merchant/country", detail="not an ISO 3166 country")],
+        ) from None
+    return currency, country
+
+
+# --- paying -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A payment as a request leaves it; `replayed` when an earlier request with the same key
+    made it."""
+
+    row: Row[Any]
+    replayed: bool = False
+
+
+@dataclass
+class _Context:
+    """What the flow carries from tx1 to tx2 of a card payment."""
+
+    txn_id: str
+    principal: Principal
+    decision: RiskDecision
+    timer: Timer
+
+
+async def pay(
+    engine: AsyncEngine,
+    rt: TransactionsRuntime,
+    principal: Principal,
+    body: NewPayment,
+    *,
+    idempotency_key: str,
+    step_up_token: str | None = None,
+    ip: str | None = None,
+    auth_ms: float | None = None,
+) -> Outcome:
+    """Authorize a payment (see the module docstring for the steps). A retry with the same
+    Idempotency-Key answers the payment the first request made (409 `payment_in_progress` while
+    it is still `authorizing`); a retry of a `challenge_required` payment with
+    `X-Step-Up-Token` resumes it."""
+    check_amount(body.amount)
+    _codes(body)
+    timer = Timer()
+    if auth_ms is not None:
+        timer.add("auth", auth_ms)
+    request_hash = fingerprint(rt, "/v1/payments", body)
+    txn_id = new_id("txn")
+    with timer.step("db"):
+        async with unit_of_work(engine) as uow:
+            conn = await uow.connection()
+            await conn.execute(
+                text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 23))"),
+                {"k": f"payment:{principal.user_id}:{idempotency_key}"},
+            )
+            existing = await store.by_idempotency_key(conn, principal.user_id, idempotency_key)
+            if existing is None:
+                row = await _begin(
+                    conn, rt, principal, body, txn_id, idempotency_key, request_hash, ip, timer
+                )
+    if existing is not None:
+        return await _existing(engine, rt, principal, existing, request_hash, step_up_token, ip)
+    if row.status != "authorizing":
+        _observe(rt, row, timer)
+        return Outcome(row)
+    ctx = _Context(txn_id, principal, _decision_of(row), timer)
+    return Outcome(await _authorize_card(engine, rt, ctx))
+
+
+def _decision_of(row: Row[Any]) -> RiskDecision:
+    return RiskDecision(row.risk_action or "allow")
+
+
+async def _existing(
+    engine: AsyncEngine,
+    rt: TransactionsRuntime,
+    principal: Principal,
+    row: Row[Any],
+    request_hash: str,
+    step_up_token: str | None,
+    ip: str | None,
+) -> Outcome:
+    if row.request_hash != request_hash:
+        raise key_reused()
+    if row.status == "authorizing":
+        raise PaymentInProgress(
+            "This payment is still being authorized; retry shortly",
+            headers={"Retry-After": "1"},
+        )
+    if row.status == "challenge_required" and step_up_token is not None:
+        return Outcome(await resume(engine, rt, principal, row.id, step_up_token, ip=ip))
+    return Outcome(row, replayed=True)
+
+
+def _risk_input(
+    row: dict[str, Any], principal: Principal, ip: str | None, stepped_up: bool
+) -> PaymentRisk:
+    return PaymentRisk(
+        transaction_id=row["id"],
+        user_id=row["user_id"],
+        source=row["source"],
+        payment_method_id=row["payment_method_id"],
+        money=Money(row["amount"], row["currency"]),
+        merchant_id=row["merchant_id"],
+        merchant_name=row["merchant_name"],
+        mcc=row["mcc"],
+        category=row.get("category") or "other",
+        merchant_country=row["merchant_country"],
+        merchant_city=row["merchant_city"],
+        latitude=row["latitude"],
+        longitude=row["longitude"],
+        channel=row["channel"],
+        device_id=row["device_id"],
+        session_device_id=principal.device_id,
+        ip=ip,
+        stepped_up=stepped_up,
+    )
+
+
+async def _category(conn: AsyncConnection, mcc: str) -> str:
+    found = await conn.execute(text("SELECT transactions.category_for_mcc(:m)"), {"m": mcc})
+    return str(found.scalar_one())
+
+
+async def _begin(
+    conn: AsyncConnection,
+    rt: TransactionsRuntime,
+    principal: Principal,
+    body: NewPayment,
+    txn_id: str,
+    idempotency_key: str,
+    request_hash: str,
+    ip: str | None,
+    timer: Timer,
+) -> Row[Any]:
+    """tx1: the payment's first row. Declined, challenged and wallet payments are final here;
+    an allowed or reviewed card payment is `authorizing`, for the network."""
+    user_id = principal.user_id
+    m = body.merchant
+    values: dict[str, Any] = {
+        "id": txn_id,
+        "user_id": user_id,
+        "source": body.source,
+        "payment_method_id": body.payment_method_id,
+        "token_id": None,
+        "amount": body.amount,
+        "currency": body.currency,
+        "authorized_amount": 0,
+        "merchant_id": m.id,
+        "merchant_name": m.name,
+        "mcc": m.mcc,
+        "channel": body.channel,
+        "device_id": body.device_id or principal.device_id,
+        "description": body.description,
+        "note": body.note,
+        "decline_code": None,
+        "hold_id": None,
+        "idempotency_key": idempotency_key,
+        "request_hash": request_hash,
+        "expires_at": None,
+        "merchant_country": m.country,
+        "merchant_city": m.city,
+        "latitude": m.latitude,
+        "longitude": m.longitude,
+        "card_brand": None,
+        "card_last4": None,
+    }
+    if body.source == "card":
+        assert body.payment_method_id is not None
+        with timer.step("token"):
+            card = await payment_methods.card_token_for(conn, user_id, body.payment_method_id)
+        values |= {"token_id": card.token_id, "card_brand": card.brand, "card_last4": card.last4}
+    values["category"] = await _category(conn, m.mcc)
+    with timer.step("fraud"):
+        decision = await rt.risk.assess(conn, _risk_input(values, principal, ip, False))
+    values |= {
+        "risk_action": decision.action,
+        "risk_score": decision.score,
+        "risk_reasons": list(decision.reasons),
+    }
+    now = utcnow()
+    if decision.action == "block":
+        values |= {"status": "declined", "decline_code": declines.RISK_BLOCKED.code}
+    elif decision.action == "challenge":
+        expires = now + timedelta(seconds=rt.settings.payment_challenge_ttl_seconds)
+        values |= {"status": "challenge_required", "expires_at": expires}
+    elif body.source == "wallet":
+        values |= await _hold_wallet(conn, rt, values, decision)
+    else:
+        values["status"] = "authorizing"
+    values["timings"] = timer.ms
+    inserted = await store.insert(conn, values)
+    assert inserted, "the advisory lock on the key admits one first request"
+    row = await store.get(conn, txn_id)
+    assert row is not None
+    with timer.step("notify_enqueue"):
+        await publish(conn, events.STATUS_EVENTS[row.status], row)
+    return row
+
+
+async def _hold_wallet(
+    conn: AsyncConnection, rt: TransactionsRuntime, values: dict[str, Any], decision: RiskDecision
+) -> dict[str, Any]:
+    """A wallet payment authorized (or held for review): a ledger hold on the balance, or a
+    decline when the balance is too low."""
+    expires = utcnow() + timedelta(seconds=rt.settings.payment_authorization_ttl_seconds)
+    try:
+        hold = await ledger.place_hold(
+            conn,
+            values["user_id"],
+            Money(values["amount"], values["currency"]),
+            reference=values["id"],
+            expires_at=expires + HOLD_GRACE,
+        )
+    except ledger.InsufficientFunds:
+        return {"status": "declined", "decline_code": declines.WALLET_INSUFFICIENT_FUNDS.code}
+    return {
+        "status": "review" if decision.action == "review" else "authorized",
+        "hold_id": hold.id,
+        "authorized_amount": values["amount"],
+        "expires_at": expires,
+    }
+
+
+def _tokenised(crypto: Any, req: CryptogramRequest) -> TokenisedCard:
+    return TokenisedCard(
+        dpan=crypto.dpan,
+        expiry_month=crypto.expiry_month,
+        expiry_year=crypto.expiry_year,
+        arqc=crypto.arqc,
+        atc=crypto.atc,
+        unpredictable_number=req.unpredictable_number,
+        issuer_application_data=crypto.issuer_application_data,
+        dynamic_cvv=crypto.dynamic_cvv,
+        cryptogram_version=crypto.cryptogram_version,
+        transaction_date=req.transaction_date,
+        country_numeric=req.country_numeric,
+        tvr=req.tvr,
+        transaction_type=req.transaction_type,
+        aip=crypto.application_interchange_profile,
+        other_amount=req.other_amount,
+        device_id=req.device_id,
+        merchant_id=req.merchant_id,
+    )
+
+
+async def tokenised_card(
+    rt: TransactionsRuntime, row: Row[Any], amount: int, session_device_id: str | None
+) -> TokenisedCard:
+    """A fresh cryptogram for `amount` on the payment's token, within the token's domain (this
+    session's device, the payment's channel and merchant). Raises the vault's errors."""
+    request = CryptogramRequest(
+        token_id=row.token_id,
+        amount=amount,
+        currency_numeric=currency_numeric(row.currency),
+        country_numeric=country_numeric(row.merchant_country),
+        transaction_date=utcnow().date(),
+        unpredictable_number=secrets.token_hex(4).upper(),
+        channel=row.channel,
+        device_id=session_device_id or row.device_id,
+        merchant_id=row.merchant_id,
+    )
+    return _tokenised(await rt.vault.cryptogram(request), request)
+
+
+async def _authorize_card(engine: AsyncEngine, rt: TransactionsRuntime, ctx: _Context) -> Row[Any]:
+    """Steps 2 and 3: cryptogram and network with no connection held, then tx2."""
+    timer = ctx.timer
+    async with engine.connect() as conn:  # a plain read, no transaction kept open
+        row = await store.get(conn, ctx.txn_id)
+        await conn.rollback()
+    assert row is not None
+    authorization: Authorization | None = None
+    decline: declines.Decline | None = None
+    failed = False
+    try:
+        with timer.step("token"):
+            card = await tokenised_card(rt, row, row.amount, ctx.principal.device_id)
+    except (TokenNotActive, TokenNotFound):
+        decline = declines.CARD_INACTIVE
+    except TokenDomainViolation:
+        decline = declines.CARD_NOT_ALLOWED_HERE
+    except ProblemError as exc:  # the vault process is unavailable
+        log.warning("cryptogram failed", transaction_id=row.id, code=exc.code)
+        decline, failed = declines.SERVICE_UNAVAILABLE, True
+    else:
+        try:
+            with timer.step("network"):
+                authorization = await rt.network.authorize(
+                    card,
+                    amount=row.amount,
+                    currency=row.currency,
+                    merchant=merchant_of(row),
+                    channel=row.channel,
+                    transaction_id=row.id,
+                )
+        except NetworkTimeout:
+            # The client has already sent the 0420 reversal: nothing stays held on the card.
+            decline, failed = declines.NETWORK_TIMEOUT, True
+        except NetworkError:
+            decline, failed = declines.NETWORK_UNAVAILABLE, True
+    return await _record_answer(engine, rt, row.id, ctx, authorization, decline, failed)
+
+
+async def _record_answer(
+    engine: AsyncEngine,
+    rt: TransactionsRuntime,
+    txn_id: str,
+    ctx: _Context,
+    authorization: Authorization | None,
+    decline: declines.Decline | None,
+    failed: bool,
+) -> Row[Any]:
+    """tx2: the network's answer on the payment, its details and its event."""
+    timer = ctx.timer
+    late = False
+    db_started = time.perf_counter()
+    async with unit_of_work(engine) as uow:
+        conn = await uow.connection()
+        row = await store.get(conn, txn_id, for_update=True)
+        assert row is not None
+        if row.status != "authorizing":
+            # The recovery sweeper already failed it (this request outlived the deadline): an
+            # approval that arrives now is reversed, never left holding the user's money.
+            late = authorization is not None and authorization.approved
+        else:
+            values: dict[str, Any] = {}
+            if authorization is not None:
+                values |= {
+                    "response_code": authorization.response_code,
+                    "stand_in": authorization.stand_in,
+                    "stan": authorization.stan,
+                    "rrn": authorization.rrn,
+                }
+                if authorization.approved:
+                    expires = utcnow() + timedelta(
+                        seconds=rt.settings.payment_authorization_ttl_seconds
+                    )
+                    values |= {
+                        "status": "review" if ctx.decision.action == "review" else "authorized",
+                        "authorized_amount": authorization.amount,
+                        "auth_code": authorization.auth_code,
+                        "expires_at": expires,
+                        "authorized_at": utcnow(),
+                    }
+                else:
+                    decline = declines.from_response_code(authorization.response_code)
+            if decline is not None:
+                values |= {
+                    "status": "failed" if failed else "declined",
+                    "decline_code": decline.code,
+                }
+            timer.add("db", (time.perf_counter() - db_started) * 1000)
+            values["timings"] = timer.ms
+            await store.update(conn, txn_id, values)
+            row = await store.get(conn, txn_id)
+            assert row is not None
+            with timer.step("notify_enqueue"):
+                await publish(conn, events.STATUS_EVENTS[row.status], row)
+    if late:
+        assert authorization is not None
+        await reverse_quietly(rt, authorization, authorization.amount, "late_answer", txn_id)
+        return row
+    _observe(rt, row, timer)
+    return row
+
+
+def _observe(rt: TransactionsRuntime, row: Row[Any], timer: Timer) -> None:
+    if rt.metrics is not None:
+        rt.metrics.observe(timer.ms, row.source, row.status)
+
+
+async def reverse_quietly(
+    rt: TransactionsRuntime, original: Authorization, amount: int, reason: str, txn_id: str
+) -> None:
+    """Send a reversal after the payment's change committed. The network client repeats an
+    unacknowledged 0420 itself; an error here is logged (the issuer's own authorization expiry
+    is the last resort), never raised into an answer that already happened."""
+    if amount <= 0:
+        return
+    if not original.rrn:
+        log.warning(
+            "no reversal: the network's reference of the authorization is unknown",
+            transaction_id=txn_id,
+        )
+        return
+    try:
+        await rt.network.reverse(original, amount=amount, reason=reason)
+    except NetworkError as exc:
+        log.warning("reversal not delivered", transaction_id=txn_id, error=type(exc).__name__)
+
+
+# --- step-up ----------------------------------------------------------------------------------
+
+
+async def resume(
+    engine: AsyncEngine,
+    rt: TransactionsRuntime,
+    principal: Principal,
+    txn_id: str,
+    step_up_token: str,
+    *,
+    ip: str | None = None,
+) -> Row[Any]:
+    """Continue a `challenge_required` payment once the user stepped up (purpose `payment`,
+    reference the payment id). The risk check is asked again, told the user stepped up."""
+    async with engine.connect() as conn:
+        found = await store.get_for_user(conn, txn_id, principal.user_id)
+        await conn.rollback()
+    if found is None:
+        raise PaymentNotFound("No such payment")
+    if found.status != "challenge_required":
+        raise PaymentNotResumable(
+            "This payment is not waiting for a step-up",
+            extra={"payment_status": found.status},
+        )
+    await users.verify_step_up(rt.users, step_up_token, principal, STEP_UP_PURPOSE, txn_id)
+    timer = Timer()
+    with timer.step("db"):
+        async with unit_of_work(engine) as uow:
+            conn = await uow.connection()
+            row = await store.get_for_user(conn, txn_id, principal.user_id, for_update=True)
+            assert row is not None
+            if row.status != "challenge_required":
+                raise PaymentNotResumable(
+                    "This payment is not waiting for a step-up",
+                    extra={"payment_status": row.status},
+                )
+            with timer.step("fraud"):
+                decision = await rt.risk.assess(
+                    conn, _risk_input(mapping(row), principal, ip, True)
+                )
+            values: dict[str, Any] = {
+                "risk_action": decision.action,
+                "risk_score": decision.score,
+                "risk_reasons": list(decision.reasons),
+                "expires_at": None,
+            }
+            if decision.action == "block":
+                values |= {"status": "declined", "decline_code": declines.RISK_BLOCKED.code}
+            elif row.source == "wallet":
+                values |= await _hold_wallet(conn, rt, mapping(row), decision)
+            else:
+                values["status"] = "authorizing"
+            await store.update(conn, txn_id, values)
+            row = await store.get(conn, txn_id)
+            assert row is not None
+            await publish(conn, events.STATUS_EVENTS[row.status], row, stepped_up=True)
+    if row.status != "authorizing":
+        _observe(rt, row, timer)
+        return row
+    return await _authorize_card(engine, rt, _Context(txn_id, principal, decision, timer))

@@ -1,0 +1,406 @@
+"""SQL of the payment flow: transactions, their details, captures, refunds, increments."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from billfold.platform.ids import is_valid_id
+
+_T = (
+    "t.id, t.user_id, t.source, t.payment_method_id, t.token_id, t.status, t.amount, t.currency, "
+    "t.authorized_amount, t.captured_amount, t.released_amount, t.refunded_amount, "
+    "t.merchant_id, t.merchant_name, t.mcc, t.category, t.channel, t.device_id, t.description, "
+    "t.note, t.decline_code, t.hold_id, t.auth_code, t.rrn, t.stan, t.idempotency_key, "
+    "t.request_hash, t.expires_at, t.created_at, t.updated_at, t.authorized_at"
+)
+_D = (
+    "d.merchant_country, d.merchant_city, d.latitude, d.longitude, d.card_brand, d.card_last4, "
+    "d.response_code, d.stand_in, d.risk_action, d.timings"
+)
+_FROM = (
+    "transactions.transactions t JOIN transactions.transaction_details d ON d.transaction_id = t.id"
+)
+_SELECT = f"SELECT {_T}, {_D} FROM {_FROM}"
+
+_INSERT = text(
+    """
+    WITH t AS (
+        INSERT INTO transactions.transactions (
+            id, user_id, source, payment_method_id, token_id, status, amount, currency,
+            authorized_amount, merchant_id, merchant_name, mcc, category, channel, device_id,
+            description, note, decline_code, hold_id, idempotency_key, request_hash, expires_at,
+            authorized_at, created_at, updated_at)
+        VALUES (
+            :id, :user_id, :source, :payment_method_id, :token_id, :status, :amount, :currency,
+            :authorized_amount, :merchant_id, :merchant_name, :mcc,
+            transactions.category_for_mcc(:mcc), :channel, :device_id, :description, :note,
+            :decline_code, :hold_id, :idempotency_key, :request_hash, :expires_at,
+            CASE WHEN :authorized_amount > 0 THEN now() END, now(), now())
+        ON CONFLICT (user_id, idempotency_key) DO NOTHING
+        RETURNING id
+    )
+    INSERT INTO transactions.transaction_details (
+        transaction_id, merchant_country, merchant_city, latitude, longitude, card_brand,
+        card_last4, risk_action, risk_score, risk_reasons, timings)
+    SELECT t.id, :merchant_country, :merchant_city, :latitude, :longitude, :card_brand,
+           :card_last4, :risk_action, :risk_score, :risk_reasons, CAST(:timings AS jsonb)
+    FROM t
+    RETURNING transaction_id
+    """
+)
+
+
+async def insert(conn: AsyncConnection, values: dict[str, Any]) -> bool:
+    """Insert a payment and its details; False when the user's Idempotency-Key is taken (the
+    insert waited for a concurrent first request with that key to commit or roll back)."""
+    params = {**values, "timings": json.dumps(values.get("timings") or {})}
+    return (await conn.execute(_INSERT, params)).first() is not None
+
+
+async def get(conn: AsyncConnection, txn_id: str, *, for_update: bool = False) -> Row[Any] | None:
+    if not is_valid_id(txn_id, "txn"):
+        return None
+    lock = " FOR UPDATE OF t" if for_update else ""
+    sql = text(f"{_SELECT} WHERE t.id = :id{lock}")
+    return (await conn.execute(sql, {"id": txn_id})).first()
+
+
+async def get_for_user(
+    conn: AsyncConnection, txn_id: str, user_id: str, *, for_update: bool = False
+) -> Row[Any] | None:
+    """The user's payment; None for anyone else's or junk (the caller answers 404)."""
+    row = await get(conn, txn_id, for_update=for_update)
+    return row if row is not None and row.user_id == user_id else None
+
+
+async def by_idempotency_key(conn: AsyncConnection, user_id: str, key: str) -> Row[Any] | None:
+    sql = text(f"{_SELECT} WHERE t.user_id = :u AND t.idempotency_key = :k")
+    return (await conn.execute(sql, {"u": user_id, "k": key})).first()
+
+
+_UPDATABLE = frozenset(
+    {
+        "status",
+        "token_id",
+        "authorized_amount",
+        "captured_amount",
+        "released_amount",
+        "refunded_amount",
+        "decline_code",
+        "hold_id",
+        "auth_code",
+        "rrn",
+        "stan",
+        "expires_at",
+        "authorized_at",
+    }
+)
+_DETAILS = frozenset(
+    {"response_code", "stand_in", "risk_action", "risk_score", "risk_reasons", "timings"}
+)
+
+
+async def update(conn: AsyncConnection, txn_id: str, values: dict[str, Any]) -> None:
+    """Set columns of a payment (and of its details); `updated_at` moves with every change."""
+    main = {k: v for k, v in values.items() if k in _UPDATABLE}
+    details = {k: v for k, v in values.items() if k in _DETAILS}
+    assert len(main) + len(details) == len(values), set(values) - _UPDATABLE - _DETAILS
+    sets = ", ".join(f"{k} = :{k}" for k in main)
+    await conn.execute(
+        text(
+            f"UPDATE transactions.transactions SET {sets + ', ' if sets else ''}"
+            "updated_at = now() WHERE id = :id"
+        ),
+        {**main, "id": txn_id},
+    )
+    if details:
+        params = dict(details)
+        if "timings" in params:
+            params["timings"] = json.dumps(params["timings"])
+        dsets = ", ".join(
+            f"{k} = CAST(:{k} AS jsonb)" if k == "timings" else f"{k} = :{k}" for k in params
+        )
+        await conn.execute(
+            text(
+                f"UPDATE transactions.transaction_details SET {dsets}, updated_at = now() "
+                "WHERE transaction_id = :id"
+            ),
+            {**params, "id": txn_id},
+        )
+
+
+async def set_status_if(conn: AsyncConnection, txn_id: str, expected: str, status: str) -> bool:
+    """Move a payment from `expected` to `status`; False if it was not in `expected` (another
+    request got there first)."""
+    result = await conn.execute(
+        text(
+            "UPDATE transactions.transactions SET status = :status, updated_at = now() "
+            "WHERE id = :id AND status = :expected"
+        ),
+        {"id": txn_id, "expected": expected, "status": status},
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+# --- the sweepers' work lists -----------------------------------------------------------------
+
+
+async def lock_next_expired(conn: AsyncConnection, skip: list[str]) -> Row[Any] | None:
+    """One authorization past its expiry, locked; rows another sweeper holds are skipped."""
+    sql = text(
+        f"""
+        {_SELECT}
+        WHERE t.status IN ('authorized', 'partially_captured', 'review', 'challenge_required')
+          AND t.expires_at <= now() AND t.id <> ALL (:skip)
+        ORDER BY t.expires_at
+        LIMIT 1
+        FOR UPDATE OF t SKIP LOCKED
+        """
+    )
+    return (await conn.execute(sql, {"skip": skip})).first()
+
+
+async def lock_next_stuck(
+    conn: AsyncConnection, deadline_seconds: int, skip: list[str]
+) -> Row[Any] | None:
+    """One payment still `authorizing` after the deadline, locked (SKIP LOCKED)."""
+    sql = text(
+        f"""
+        {_SELECT}
+        WHERE t.status = 'authorizing'
+          AND t.created_at <= now() - make_interval(secs => :deadline)
+          AND t.id <> ALL (:skip)
+        ORDER BY t.created_at
+        LIMIT 1
+        FOR UPDATE OF t SKIP LOCKED
+        """
+    )
+    return (await conn.execute(sql, {"deadline": deadline_seconds, "skip": skip})).first()
+
+
+# --- captures ---------------------------------------------------------------------------------
+
+_CAPTURE = (
+    "id, transaction_id, amount, final, posting_id, idempotency_key, request_hash, created_at"
+)
+
+
+async def insert_capture(conn: AsyncConnection, values: dict[str, Any]) -> Row[Any]:
+    sql = text(
+        f"""
+        INSERT INTO transactions.captures (
+            id, transaction_id, amount, final, posting_id, idempotency_key, request_hash)
+        VALUES (:id, :transaction_id, :amount, :final, :posting_id, :idempotency_key,
+                :request_hash)
+        RETURNING {_CAPTURE}
+        """
+    )
+    return (await conn.execute(sql, values)).one()
+
+
+async def capture_by_key(conn: AsyncConnection, txn_id: str, key: str) -> Row[Any] | None:
+    sql = text(
+        f"SELECT {_CAPTURE} FROM transactions.captures "
+        "WHERE transaction_id = :t AND idempotency_key = :k"
+    )
+    return (await conn.execute(sql, {"t": txn_id, "k": key})).first()
+
+
+async def captures(conn: AsyncConnection, txn_id: str) -> list[Row[Any]]:
+    sql = text(
+        f"SELECT {_CAPTURE} FROM transactions.captures WHERE transaction_id = :t ORDER BY id"
+    )
+    return list((await conn.execute(sql, {"t": txn_id})).all())
+
+
+# --- refunds ----------------------------------------------------------------------------------
+
+_REFUND = (
+    "id, transaction_id, amount, status, reason, posting_id, response_code, auth_code, rrn, "
+    "failure_code, idempotency_key, request_hash, created_at, updated_at"
+)
+
+
+async def insert_refund(conn: AsyncConnection, values: dict[str, Any]) -> Row[Any]:
+    sql = text(
+        f"""
+        INSERT INTO transactions.refunds (
+            id, transaction_id, amount, status, reason, posting_id, idempotency_key,
+            request_hash)
+        VALUES (:id, :transaction_id, :amount, :status, :reason, :posting_id,
+                :idempotency_key, :request_hash)
+        RETURNING {_REFUND}
+        """
+    )
+    return (await conn.execute(sql, values)).one()
+
+
+async def refund_by_key(conn: AsyncConnection, txn_id: str, key: str) -> Row[Any] | None:
+    sql = text(
+        f"SELECT {_REFUND} FROM transactions.refunds "
+        "WHERE transaction_id = :t AND idempotency_key = :k"
+    )
+    return (await conn.execute(sql, {"t": txn_id, "k": key})).first()
+
+
+async def get_refund(conn: AsyncConnection, refund_id: str) -> Row[Any]:
+    sql = text(f"SELECT {_REFUND} FROM transactions.refunds WHERE id = :id")
+    return (await conn.execute(sql, {"id": refund_id})).one()
+
+
+async def finish_refund(conn: AsyncConnection, refund_id: str, values: dict[str, Any]) -> Row[Any]:
+    """A pending refund's outcome (only a pending one changes)."""
+    sql = text(
+        f"""
+        UPDATE transactions.refunds SET
+            status = :status, response_code = :response_code, auth_code = :auth_code,
+            rrn = :rrn, failure_code = :failure_code, updated_at = now()
+        WHERE id = :id AND status = 'pending'
+        RETURNING {_REFUND}
+        """
+    )
+    params = {"response_code": None, "auth_code": None, "rrn": None, "failure_code": None}
+    return (await conn.execute(sql, {**params, **values, "id": refund_id})).one()
+
+
+async def refunds(conn: AsyncConnection, txn_id: str) -> list[Row[Any]]:
+    sql = text(f"SELECT {_REFUND} FROM transactions.refunds WHERE transaction_id = :t ORDER BY id")
+    return list((await conn.execute(sql, {"t": txn_id})).all())
+
+
+async def succeeded_refunds(conn: AsyncConnection, txn_id: str) -> int:
+    sql = text(
+        "SELECT coalesce(sum(amount), 0) FROM transactions.refunds "
+        "WHERE transaction_id = :t AND status = 'succeeded'"
+    )
+    return int((await conn.execute(sql, {"t": txn_id})).scalar_one())
+
+
+async def lock_next_stuck_refund(
+    conn: AsyncConnection, deadline_seconds: int, skip: list[str]
+) -> Row[Any] | None:
+    sql = text(
+        f"""
+        SELECT {_REFUND} FROM transactions.refunds
+        WHERE status = 'pending' AND created_at <= now() - make_interval(secs => :deadline)
+          AND id <> ALL (:skip)
+        ORDER BY created_at LIMIT 1
+        FOR UPDATE SKIP LOCKED
+        """
+    )
+    return (await conn.execute(sql, {"deadline": deadline_seconds, "skip": skip})).first()
+
+
+# --- increments -------------------------------------------------------------------------------
+
+_INCREMENT = (
+    "id, transaction_id, amount, status, hold_id, response_code, decline_code, auth_code, stan, "
+    "rrn, idempotency_key, request_hash, created_at, updated_at"
+)
+
+
+async def insert_increment(conn: AsyncConnection, values: dict[str, Any]) -> Row[Any]:
+    sql = text(
+        f"""
+        INSERT INTO transactions.increments (
+            id, transaction_id, amount, status, hold_id, decline_code, idempotency_key,
+            request_hash)
+        VALUES (:id, :transaction_id, :amount, :status, :hold_id, :decline_code,
+                :idempotency_key, :request_hash)
+        RETURNING {_INCREMENT}
+        """
+    )
+    return (await conn.execute(sql, {"hold_id": None, "decline_code": None, **values})).one()
+
+
+async def increment_by_key(conn: AsyncConnection, txn_id: str, key: str) -> Row[Any] | None:
+    sql = text(
+        f"SELECT {_INCREMENT} FROM transactions.increments "
+        "WHERE transaction_id = :t AND idempotency_key = :k"
+    )
+    return (await conn.execute(sql, {"t": txn_id, "k": key})).first()
+
+
+async def finish_increment(
+    conn: AsyncConnection, increment_id: str, values: dict[str, Any]
+) -> Row[Any]:
+    sql = text(
+        f"""
+        UPDATE transactions.increments SET
+            status = :status, response_code = :response_code, decline_code = :decline_code,
+            auth_code = :auth_code, stan = :stan, rrn = :rrn, updated_at = now()
+        WHERE id = :id AND status = 'pending'
+        RETURNING {_INCREMENT}
+        """
+    )
+    params = {
+        "response_code": None,
+        "decline_code": None,
+        "auth_code": None,
+        "stan": None,
+        "rrn": None,
+    }
+    return (await conn.execute(sql, {**params, **values, "id": increment_id})).one()
+
+
+async def get_increment(conn: AsyncConnection, increment_id: str) -> Row[Any]:
+    sql = text(f"SELECT {_INCREMENT} FROM transactions.increments WHERE id = :id")
+    return (await conn.execute(sql, {"id": increment_id})).one()
+
+
+async def increment_transaction(conn: AsyncConnection, increment_id: str) -> str:
+    sql = text("SELECT transaction_id FROM transactions.increments WHERE id = :id")
+    return str((await conn.execute(sql, {"id": increment_id})).scalar_one())
+
+
+async def increments(conn: AsyncConnection, txn_id: str) -> list[Row[Any]]:
+    sql = text(
+        f"SELECT {_INCREMENT} FROM transactions.increments WHERE transaction_id = :t ORDER BY id"
+    )
+    return list((await conn.execute(sql, {"t": txn_id})).all())
+
+
+async def lock_next_stuck_increment(
+    conn: AsyncConnection, deadline_seconds: int, skip: list[str]
+) -> Row[Any] | None:
+    sql = text(
+        f"""
+        SELECT {_INCREMENT} FROM transactions.increments
+        WHERE status = 'pending' AND created_at <= now() - make_interval(secs => :deadline)
+          AND id <> ALL (:skip)
+        ORDER BY created_at LIMIT 1
+        FOR UPDATE SKIP LOCKED
+        """
+    )
+    return (await conn.execute(sql, {"deadline": deadline_seconds, "skip": skip})).first()
+
+
+async def mark_advised(conn: AsyncConnection, capture_id: str) -> None:
+    await conn.execute(
+        text("UPDATE transactions.captures SET advised_at = now() WHERE id = :id"),
+        {"id": capture_id},
+    )
+
+
+async def lock_next_unadvised(
+    conn: AsyncConnection, older_than_seconds: int, skip: list[str]
+) -> Row[Any] | None:
+    """A card capture whose completion advice was never acknowledged (a crash after commit)."""
+    sql = text(
+        f"""
+        SELECT {", ".join("c." + c.strip() for c in _CAPTURE.split(","))}
+        FROM transactions.captures c
+        JOIN transactions.transactions t ON t.id = c.transaction_id
+        WHERE c.advised_at IS NULL AND t.source = 'card'
+          AND c.created_at <= now() - make_interval(secs => :older)
+          AND c.id <> ALL (:skip)
+        ORDER BY c.created_at LIMIT 1
+        FOR UPDATE OF c SKIP LOCKED
+        """
+    )
+    return (await conn.execute(sql, {"older": older_than_seconds, "skip": skip})).first()
