@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billfold import ledger, p2p, payment_methods
+from billfold import ledger, p2p, payment_methods, transactions
 from billfold.app import build_runtimes
 from billfold.config import Settings
 from billfold.platform import idempotency
@@ -48,7 +48,12 @@ def event_sink(
     engine: AsyncEngine, p2p_runtime: p2p.P2PRuntime, downstream: Sink = dev_log_sink
 ) -> ConsumerSink:
     """Where the relay delivers: the in-process consumers, then `downstream`."""
-    return ConsumerSink(engine, p2p.consumers(p2p_runtime), downstream)
+    consumers = [
+        *p2p.consumers(p2p_runtime),
+        # Receipts go to the process's BlobStore (the one the users runtime holds).
+        *transactions.receipt_consumers(p2p_runtime.users.blobs),
+    ]
+    return ConsumerSink(engine, consumers, downstream)
 
 
 async def _every(job: Job, stop: asyncio.Event) -> None:

@@ -2,9 +2,10 @@
 increment, expiry), their history, search, export, summary and receipts.
 
 The app builds a `TransactionsRuntime` (vault client, network client, risk hook) and mounts
-`router` (payments) and `history_router` (history); the worker runs `expire_authorizations` and
-`recover_stuck_payments`. The Fraud Service plugs in a `PaymentRiskCheck` and decides payments
-held for review with `approve_review` / `reject_review`.
+`router` (payments) and `history_router` (history); the worker runs `expire_authorizations`,
+`recover_stuck_payments` and the `receipt_consumers` (a PDF per capture and refund). The Fraud
+Service plugs in a `PaymentRiskCheck` and decides payments held for review with
+`approve_review` / `reject_review`.
 """
 
 from billfold.transactions.api import router
@@ -15,6 +16,7 @@ from billfold.transactions.events import (
     SOURCE,
 )
 from billfold.transactions.operations import approve_review, reject_review
+from billfold.transactions.receipts import receipt_consumers
 from billfold.transactions.risk import (
     AllowAll,
     PaymentRisk,
@@ -37,6 +39,7 @@ __all__ = [
     "approve_review",
     "expire_authorizations",
     "history_router",
+    "receipt_consumers",
     "recover_stuck_payments",
     "reject_review",
     "router",
