@@ -354,7 +354,7 @@ class Iso8583Network:
             "14": wire.expiry(card.expiry_month, card.expiry_year),
             "18": merchant.mcc,
             "22": wire.ENTRY_MODES.get(channel, wire.ENTRY_MODES["ecommerce"]),
-            "42": merchant.id[:15],
+            "42": f"{merchant.id[:15]:<15}",
             "43": location,
             "55": emv.hex().upper(),
         }
@@ -447,10 +447,11 @@ class Iso8583Network:
         while key in conn.pending:  # a STAN still in flight (after a wrap): take the next
             stan = message["11"] = self._next_stan()
             key = (stan, message["37"])
+        frame = wire.encode(message)  # a WireError here is a bug of ours: nothing was sent
         future: asyncio.Future[wire.Message] = asyncio.get_running_loop().create_future()
         conn.pending[key] = future
         try:
-            conn.writer.write(wire.encode(message))
+            conn.writer.write(frame)
             await conn.writer.drain()
         except (ConnectionError, OSError):
             conn.pending.pop(key, None)
@@ -530,6 +531,9 @@ class Iso8583Network:
                     message.pop("11", None)
                 await self.breaker.admit(self.echo)
                 answer = await self._exchange(message)
+            except wire.WireError:
+                log.error("payment network advice cannot be encoded", mti=message.get("t"))
+                return
             except (_NotSent, _NoAnswer):
                 attempt += 1
                 await asyncio.sleep(delay)

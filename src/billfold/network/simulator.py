@@ -43,7 +43,7 @@ import string
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import datetime
 
 from billfold.network import wire
 from billfold.network.models import CryptogramCheck, IssuerCard, TokenService
@@ -249,13 +249,13 @@ class NetworkSimulator:
             answer = await self._authorization(m, private, amount)
         elif mti == "0100":
             answer = self._verification(m, private)
-        elif mti == "0120":
+        elif mti in ("0120", "0121"):
             answer = await self._stand_in_advice(m, private, amount)
         elif mti == "0200" and m.get("3") == wire.REFUND:
             answer = self._refund(m, private, amount)
         elif mti == "0200":
             answer = self._charge(m, amount)
-        elif mti == "0220":
+        elif mti in ("0220", "0221"):
             answer = self._advice(m, lambda: self._complete(private, amount))
         elif mti in ("0420", "0421"):
             answer = self._advice(m, lambda: self._reverse(private, amount))
@@ -571,7 +571,3 @@ def _pan_code(pan: str, expiry_yymm: str) -> str | None:
         if _expired(int(expiry_yymm[2:]), 2000 + int(expiry_yymm[:2])):
             return "54"
     return None
-
-
-def _today() -> date:
-    return utcnow().date()
