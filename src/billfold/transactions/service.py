@@ -507,13 +507,15 @@ async def _hold_wallet(
     decline when the balance is too low."""
     expires = utcnow() + timedelta(seconds=rt.settings.payment_authorization_ttl_seconds)
     try:
-        hold = await ledger.place_hold(
-            conn,
-            values["user_id"],
-            Money(values["amount"], values["currency"]),
-            reference=values["id"],
-            expires_at=expires + HOLD_GRACE,
-        )
+        # A savepoint: a balance too low aborts the statement, and the decline is still written.
+        async with conn.begin_nested():
+            hold = await ledger.place_hold(
+                conn,
+                values["user_id"],
+                Money(values["amount"], values["currency"]),
+                reference=values["id"],
+                expires_at=expires + HOLD_GRACE,
+            )
     except ledger.InsufficientFunds:
         return {"status": "declined", "decline_code": declines.WALLET_INSUFFICIENT_FUNDS.code}
     return {

@@ -37,10 +37,10 @@ _INSERT = text(
             authorized_at, created_at, updated_at)
         VALUES (
             :id, :user_id, :source, :payment_method_id, :token_id, :status, :amount, :currency,
-            :authorized_amount, :merchant_id, :merchant_name, :mcc,
+            CAST(:authorized_amount AS bigint), :merchant_id, :merchant_name, :mcc,
             transactions.category_for_mcc(:mcc), :channel, :device_id, :description, :note,
             :decline_code, :hold_id, :idempotency_key, :request_hash, :expires_at,
-            CASE WHEN :authorized_amount > 0 THEN now() END, now(), now())
+            CASE WHEN CAST(:authorized_amount AS bigint) > 0 THEN now() END, now(), now())
         ON CONFLICT (user_id, idempotency_key) DO NOTHING
         RETURNING id
     )
