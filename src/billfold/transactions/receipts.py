@@ -93,7 +93,7 @@ def receipt_lines(data: ReceiptData) -> list[tuple[str, str]]:
         ("Location", place or "-"),
         ("Amount refunded" if data.kind == "refund" else "Amount paid", amount.display(locale)),
         ("Currency", data.currency),
-        ("Date", f"{when} ({data.time_zone})"),
+        ("Date", f"{when} ({zone.key})"),
         ("Paid with", payment),
         ("Authorization code", data.auth_code or "-"),
         ("Transaction", data.transaction_id),
