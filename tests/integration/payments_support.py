@@ -115,9 +115,9 @@ async def events(app: Any, type_: str, subject: str) -> list[dict[str, Any]]:
     return [dict(r.data) for r in rows]
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:
     """Wait until `check()` holds (advices and reversals reach the simulator asynchronously)."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + within
     while not await check():
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")

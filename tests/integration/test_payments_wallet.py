@@ -274,7 +274,7 @@ async def test_concurrent_captures_and_refunds_stay_within_limits(
         )
     )
     ok = [c for c in captures if c.status_code == 201]
-    assert len(ok) == 7  # 7 × 700 = 4900 ≤ 5000 < 8 × 700
+    assert len(ok) == 7  # 7 * 700 = 4900 <= 5000 < 8 * 700
     assert all(c.json()["code"] == "capture_exceeds_authorized" for c in captures if c not in ok)
     r = await client.get(f"/v1/payments/{p['id']}", headers=alice.headers)
     assert r.json()["captured_amount"] == 4_900 and r.json()["capturable_amount"] == 100
