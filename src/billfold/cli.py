@@ -1,4 +1,4 @@
-"""The `billfold` command: up, serve, worker, migrate, seed, keys."""
+"""The `billfold` command: up, serve, worker, vault, network, migrate, seed, keys."""
 
 from __future__ import annotations
 
@@ -107,9 +107,17 @@ async def _up(settings: Settings, host: str, port: int, seed: bool) -> None:
     vault = None if settings.vault_url else await _start_vault_process(settings)
     if vault is not None:
         settings = settings.model_copy(update={"vault_url": vault.url})
+    # The payment network simulator too (it maps DPANs back to cards through the vault process)
+    # unless BILLFOLD_NETWORK_ADDRESS names a network already.
+    network = None
     try:
-        await _serve_up(settings, host, port, seed, vault)
+        if "BILLFOLD_NETWORK_ADDRESS" not in os.environ:
+            network = await _start_network_process(settings)
+            settings = settings.model_copy(update={"network_address": network.url})
+        await _serve_up(settings, host, port, seed, vault, network)
     finally:
+        if network is not None:
+            await network.stop()
         if vault is not None:
             await vault.stop()
 
@@ -172,6 +180,44 @@ async def _start_vault_process(settings: Settings) -> _VaultProcess:
         raise
 
 
+# How long `billfold up` waits for the network simulator to listen.
+_NETWORK_START_SECONDS = 30.0
+
+
+async def _start_network_process(settings: Settings) -> _VaultProcess:
+    """`billfold network` (the ISO 8583 simulator) as a child process on loopback
+    (BILLFOLD_NETWORK_PORT if set, otherwise a free port), once it accepts connections; its
+    `url` is the host:port the API's client connects to."""
+    port = settings.network_port if "BILLFOLD_NETWORK_PORT" in os.environ else _free_port()
+    env = {
+        **os.environ,
+        "BILLFOLD_DATABASE_URL": settings.database_url,
+        "BILLFOLD_DATA_DIR": str(settings.data_dir),
+        "BILLFOLD_VAULT_URL": settings.vault_url,
+        "BILLFOLD_LOG_JSON": os.environ.get("BILLFOLD_LOG_JSON", "false"),
+    }
+    process = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "billfold.cli", "network", "--host", "127.0.0.1"],
+        *["--port", str(port)],
+        env=env,
+    )
+    network = _VaultProcess(process, f"127.0.0.1:{port}")
+    try:
+        async with asyncio.timeout(_NETWORK_START_SECONDS):
+            while process.returncode is None:
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+                except OSError:
+                    await asyncio.sleep(0.1)
+                    continue
+                writer.close()
+                return network
+        raise RuntimeError(f"the network simulator exited with code {process.returncode}")
+    except BaseException:
+        await network.stop()
+        raise
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -179,7 +225,12 @@ def _free_port() -> int:
 
 
 async def _serve_up(
-    settings: Settings, host: str, port: int, seed: bool, vault: _VaultProcess | None
+    settings: Settings,
+    host: str,
+    port: int,
+    seed: bool,
+    vault: _VaultProcess | None,
+    network: _VaultProcess | None = None,
 ) -> None:
     import uvicorn
 
@@ -216,6 +267,12 @@ async def _serve_up(
         + ("embedded PostgreSQL" if "host=" in settings.database_url else "configured PostgreSQL"),
         f"  token vault    {settings.vault_url} "
         + (f"(own process, pid {vault.process.pid})" if vault else "(configured)"),
+        f"  card network   {settings.network_address} "
+        + (
+            f"(ISO 8583 simulator, own process, pid {network.process.pid})"
+            if network
+            else "(configured)"
+        ),
         "",
         f"  demo users (password: {DEMO_PASSWORD})",
         "    alice@demo.billfold.dev   bob@demo.billfold.dev   admin@demo.billfold.dev (admin)",
@@ -385,6 +442,86 @@ def ledger_verify() -> None:
 
     if not asyncio.run(run()):
         raise typer.Exit(1)
+
+
+@app.command("network")
+def network_command(
+    host: Annotated[
+        str | None, typer.Option(help="Interface (default BILLFOLD_NETWORK_HOST)")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default BILLFOLD_NETWORK_PORT)")] = None,
+    latency_ms: Annotated[float, typer.Option(min=0, help="Answer after this long")] = 0.0,
+    jitter_ms: Annotated[float, typer.Option(min=0, help="± this much, at random")] = 0.0,
+    timeout_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="Share of requests never answered")
+    ] = 0.0,
+    card_balance: Annotated[
+        int, typer.Option(min=0, help="Every card's open-to-buy per currency (minor units)")
+    ] = 1_000_000,
+    rule: Annotated[
+        list[str] | None,
+        typer.Option(help="Card rule LAST4=CODE (or LAST4=VERIFY/CHARGE), e.g. 1111=05"),
+    ] = None,
+    amount_rule: Annotated[
+        list[str] | None,
+        typer.Option(help="Amount rule AMOUNT=CODE, or AMOUNT=no-answer (a lost answer)"),
+    ] = None,
+) -> None:
+    """Run the payment network simulator: an ISO 8583 issuer over TCP (2-byte length prefix)
+    that maps DPANs to cards and verifies cryptograms through the token vault (over HTTP when
+    BILLFOLD_VAULT_URL is set). Never in production: its test cards decline real ones."""
+    from billfold.app import VaultTokenService
+    from billfold.network import NO_ANSWER, NetworkSimulator, SimulatorConfig
+    from billfold.platform.observability import configure_logging
+    from billfold.vault.connect import vault_client
+
+    settings = _settings()
+    if settings.environment == "production":
+        typer.echo("billfold network is a simulator: it never runs in production", err=True)
+        raise typer.Exit(2)
+    if not settings.vault_url:
+        _require_urls(settings, redis=False)
+        from billfold.app import resolve_secret_key
+
+        settings = settings.model_copy(update={"secret_key": resolve_secret_key(settings)})
+    config = SimulatorConfig(
+        latency_ms=latency_ms,
+        jitter_ms=jitter_ms,
+        timeout_rate=timeout_rate,
+        card_balance=card_balance,
+    )
+    try:
+        for item in rule or []:
+            last4, _, codes = item.partition("=")
+            verify, _, charge = codes.partition("/")
+            if len(last4) != 4 or not last4.isdigit() or len(verify) != 2:
+                raise ValueError(f"bad --rule {item!r}")
+            config.card_rules[last4] = (verify, charge or verify)
+        for item in amount_rule or []:
+            amount, _, code = item.partition("=")
+            if not amount.isdigit() or (len(code) != 2 and code != NO_ANSWER):
+                raise ValueError(f"bad --amount-rule {item!r}")
+            config.amount_rules[int(amount)] = code
+    except ValueError as exc:
+        typer.echo(f"billfold network: {exc}", err=True)
+        raise typer.Exit(2) from None
+    configure_logging(settings.log_level, settings.log_json)
+
+    async def run() -> None:
+        tokens = vault_client(settings, service=VaultTokenService.REQUESTER)
+        simulator = NetworkSimulator(VaultTokenService(tokens), config)
+        await simulator.start(host or settings.network_host, port or settings.network_port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await simulator.stop()
+            await tokens.aclose()
+
+    asyncio.run(run())
 
 
 @vault_app.callback()

@@ -1,5 +1,5 @@
 """`billfold up` as a user runs it: embedded PostgreSQL + Valkey, demo data, a real socket,
-the token vault in a process of its own, Ctrl-C stops everything, and a second start on the same
+the token vault and the ISO 8583 network simulator in processes of their own, Ctrl-C stops everything, and a second start on the same
 data dir keeps the data."""
 
 from __future__ import annotations
@@ -26,10 +26,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start(data_dir: Path, port: int, vault_port: int | None = None) -> subprocess.Popen[bytes]:
+def _start(
+    data_dir: Path, port: int, vault_port: int | None = None, network_port: int | None = None
+) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BILLFOLD_")}
     if vault_port is not None:
         env["BILLFOLD_VAULT_PORT"] = str(vault_port)
+    if network_port is not None:
+        env["BILLFOLD_NETWORK_PORT"] = str(network_port)
     return subprocess.Popen(
         [
             sys.executable,
@@ -76,13 +80,35 @@ def _servers_using(data_dir: Path) -> list[psutil.Process]:
     return found
 
 
-def _vault_processes(parent: subprocess.Popen[bytes]) -> list[psutil.Process]:
+def _vault_processes(
+    parent: subprocess.Popen[bytes], command: str = "vault"
+) -> list[psutil.Process]:
     found = []
     for p in psutil.Process(parent.pid).children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            if p.cmdline()[1:4] == ["-m", "billfold.cli", "vault"]:
+            if p.cmdline()[1:4] == ["-m", "billfold.cli", command]:
                 found.append(p)
     return found
+
+
+def _network_answers_an_echo(proc: subprocess.Popen[bytes], port: int) -> None:
+    """The ISO 8583 simulator is a child process of `billfold up` and answers an 0800 echo
+    (2-byte length prefix) with 0810 / 00 on its own port."""
+    from billfold.network import wire
+
+    assert len(_vault_processes(proc, "network")) == 1
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(
+            wire.encode(
+                {"t": "0800", "7": "1130120000", "11": "000001", "37": "E2E000000001", "70": "301"}
+            )
+        )
+        size = int.from_bytes(sock.recv(2), "big")
+        body = b""
+        while len(body) < size:
+            body += sock.recv(size - len(body))
+    answer = wire.decode(body)
+    assert (answer["t"], answer["39"], answer["11"]) == ("0810", "00", "000001")
 
 
 def _vault_is_its_own_process(proc: subprocess.Popen[bytes], vault: str) -> None:
@@ -170,13 +196,15 @@ def _top_up_from_the_demo_card(base: str) -> None:
 
 def test_up_serves_demo_data_stops_cleanly_and_reuses_data(tmp_path: Path) -> None:
     data_dir = tmp_path / "wallet"
-    port, vault_port = _free_port(), _free_port()
+    port, vault_port, network_port = _free_port(), _free_port(), _free_port()
     base, vault = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{vault_port}"
-    proc = _start(data_dir, port, vault_port)
+    proc = _start(data_dir, port, vault_port, network_port)
     try:
         _wait_ready(proc, base)
         _vault_is_its_own_process(proc, vault)
         vault_pid = _vault_processes(proc)[0].pid
+        _network_answers_an_echo(proc, network_port)
+        network_pid = _vault_processes(proc, "network")[0].pid
         me = _sign_in(base)
         assert me["email"] == "alice@demo.billfold.dev" and me["kyc_status"] == "verified"
         assert httpx.get(f"{base}/openapi.json").status_code == 200
@@ -190,9 +218,14 @@ def test_up_serves_demo_data_stops_cleanly_and_reuses_data(tmp_path: Path) -> No
         out = _stop(proc)
     assert f"{base}/docs" in out and "alice@demo.billfold.dev" in out and DEMO_PASSWORD in out
     assert f"token vault    {vault} (own process, pid {vault_pid})" in out
+    assert (
+        f"card network   127.0.0.1:{network_port} (ISO 8583 simulator, own process, "
+        f"pid {network_pid})" in out
+    )
     time.sleep(0.5)
     assert _servers_using(data_dir) == []
     assert not psutil.pid_exists(vault_pid), "Ctrl-C stops the vault process too"
+    assert not psutil.pid_exists(network_pid), "…and the network simulator"
 
     proc = _start(data_dir, port)
     try:
