@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billfold import ledger, p2p, payment_methods, transactions
-from billfold.app import build_runtimes
+from billfold.app import build_runtimes, network_client, vault_client
 from billfold.config import Settings
 from billfold.platform import idempotency
 from billfold.platform.bus.consumers import ConsumerSink
@@ -30,12 +30,33 @@ class Job:
     run: Callable[[], Awaitable[object]]
 
 
-def scheduled_jobs(engine: AsyncEngine, settings: Settings) -> list[Job]:
+def scheduled_jobs(
+    engine: AsyncEngine,
+    settings: Settings,
+    payments: transactions.TransactionsRuntime | None = None,
+) -> list[Job]:
     async def purge_idempotency_keys() -> None:
         async with unit_of_work(engine) as uow:
             await idempotency.purge_expired(await uow.connection())
 
+    jobs = []
+    if payments is not None:
+        # Payments lapse before their (later-expiring) ledger holds: their own sweeper releases
+        # them with the payment's event and the card's reversal.
+        jobs += [
+            Job(
+                "expire-authorizations",
+                30,
+                lambda: transactions.expire_authorizations(engine, payments),
+            ),
+            Job(
+                "recover-stuck-payments",
+                30,
+                lambda: transactions.recover_stuck_payments(engine, payments),
+            ),
+        ]
     return [
+        *jobs,
         Job("expire-holds", 30, lambda: ledger.expire_holds(engine)),
         Job("expire-transfer-claims", 60, lambda: p2p.expire_claims(engine)),
         Job("expire-transfer-requests", 60, lambda: p2p.expire_requests(engine)),
@@ -72,9 +93,10 @@ async def run_background(
     stop: asyncio.Event,
     metrics: Metrics | None = None,
     p2p_runtime: p2p.P2PRuntime | None = None,
+    payments: transactions.TransactionsRuntime | None = None,
 ) -> None:
     """Relay, consumers and jobs until `stop` is set. `billfold up` passes its API's P2P
-    runtime; the worker builds its own (and closes it)."""
+    runtime (and may pass its payments runtime); the worker builds its own (and closes them)."""
     async with contextlib.AsyncExitStack() as owned:
         if p2p_runtime is None:
             redis = Redis.from_url(settings.redis_url, decode_responses=False)
@@ -86,7 +108,17 @@ async def run_background(
             owned.push_async_callback(runtimes.vault.aclose)
             owned.push_async_callback(runtimes.network.aclose)
             p2p_runtime = runtimes.p2p
-        await _run(engine, settings, stop, metrics, p2p_runtime)
+            payments = runtimes.transactions
+        if payments is None:
+            # The payment sweepers send reversals: a network client (and a vault client) of
+            # their own, with the API's settings.
+            rt = p2p_runtime.settings
+            payments = transactions.TransactionsRuntime(
+                rt, p2p_runtime.users, vault_client(rt), network_client(rt)
+            )
+            owned.push_async_callback(payments.vault.aclose)
+            owned.push_async_callback(payments.network.aclose)  # type: ignore[attr-defined]
+        await _run(engine, settings, stop, metrics, p2p_runtime, payments)
 
 
 async def _run(
@@ -95,12 +127,13 @@ async def _run(
     stop: asyncio.Event,
     metrics: Metrics | None,
     p2p_runtime: p2p.P2PRuntime,
+    payments: transactions.TransactionsRuntime,
 ) -> None:
     relay = OutboxRelay(engine, settings.database_url, event_sink(engine, p2p_runtime), metrics)
     tasks = [asyncio.create_task(relay.run(), name="outbox-relay")]
     tasks += [
         asyncio.create_task(_every(job, stop), name=job.name)
-        for job in scheduled_jobs(engine, settings)
+        for job in scheduled_jobs(engine, settings, payments)
     ]
     try:
         await stop.wait()
