@@ -44,6 +44,7 @@ UNKNOWN_TRANSFER = "p2p_01" + "0" * 24  # well formed, nobody's
 UNKNOWN_REQUEST = "req_01" + "0" * 24
 UNKNOWN_USER = "usr_01" + "0" * 24
 UNKNOWN_METHOD = "pm_01" + "0" * 24
+UNKNOWN_PAYMENT = "txn_01" + "0" * 24
 
 
 def b64(value: str) -> str:
@@ -475,6 +476,215 @@ BAD_METHOD_IDS: list[tuple[str, Any, int | None, str | None]] = [
     ("failed", "{card_failed}", 409, "payment_method_not_verified"),
 ]
 
+# --- payments -----------------------------------------------------------------------------------
+
+MERCHANT = {"id": "mch_fuzz", "name": "Fuzz Cafe", "mcc": "5814", "country": "US", "city": "SF"}
+
+
+def payment(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "source": "card",
+        "payment_method_id": "{card}",
+        "amount": 100,
+        "currency": "USD",
+        "merchant": MERCHANT,
+        "channel": "in_app",
+    }
+    body.update(overrides)
+    return body
+
+
+PAYMENT_ONE = "/v1/payments/{pay_open}"
+PAYMENT_CASES: list[Case] = [
+    # --- POST /v1/payments ----------------------------------------------------------------------
+    *body_cases("pay", "/v1/payments", payment(), "merchant"),
+    *[
+        Case(f"pay-{label}", "POST", "/v1/payments", body, status=status, code=code)
+        for label, body, status, code in [
+            ("points", payment(currency="PTS"), 422, "currency_not_supported"),
+            ("wallet-with-method", payment(source="wallet"), 422, "validation_failed"),
+            ("card-without-method", payment(payment_method_id=None), 422, "validation_failed"),
+            ("source-bank", payment(source="bank"), 422, "validation_failed"),
+            ("method-junk", payment(payment_method_id="pm_" + SECRET), 422, "validation_failed"),
+            ("method-unknown", payment(payment_method_id=UNKNOWN_METHOD), 404, None),
+            ("method-someone-elses", payment(payment_method_id="{other_card}"), 404, None),
+            ("method-removed", payment(payment_method_id="{removed}"), 404, None),
+            ("method-bank", payment(payment_method_id="{bank}"), 422, "card_required"),
+            ("method-pending", payment(payment_method_id="{bank_pending}"), 422, "card_required"),
+            ("method-failed", payment(payment_method_id="{card_failed}"), 409, None),
+            ("channel", payment(channel="pos"), 422, "validation_failed"),
+            ("device-junk", payment(device_id="d v " + SECRET + "\u0000"), 422, None),
+            ("description-long", payment(description=SECRET + "d" * 200), 422, None),
+            ("merchant-country-lower", payment(merchant={**MERCHANT, "country": "us"}), 422, None),
+            (
+                "merchant-country-unknown",
+                payment(merchant={**MERCHANT, "country": "ZZ"}),
+                422,
+                None,
+            ),
+            ("merchant-mcc", payment(merchant={**MERCHANT, "mcc": "58a4"}), 422, None),
+            ("merchant-latitude", payment(merchant={**MERCHANT, "latitude": 91}), 422, None),
+            ("merchant-longitude", payment(merchant={**MERCHANT, "longitude": -181.5}), 422, None),
+            ("merchant-nan", payment(merchant={**MERCHANT, "latitude": "NaN"}), 422, None),
+            ("merchant-name-empty", payment(merchant={**MERCHANT, "name": "  "}), 422, None),
+            ("merchant-id-long", payment(merchant={**MERCHANT, "id": "m" * 65}), 422, None),
+            ("merchant-extra", payment(merchant={**MERCHANT, "pan": SECRET}), 422, None),
+            ("pan-in-body", payment(pan="4242424242424242"), 422, "validation_failed"),
+        ]
+    ],
+    # --- one payment: get, resume, capture, void, refunds, increment; someone else's is a 404 --
+    *[
+        Case(
+            f"payment-{verb or 'get'}-{label}",
+            "POST" if verb else "GET",
+            f"/v1/payments/{pid}" + (f"/{verb}" if verb else ""),
+            body=({"amount": 1} if verb in ("increment",) else {}) if verb else None,
+            headers={"X-Step-Up-Token": "junk"} if verb == "resume" else {},
+            status=status,
+            code=code,
+        )
+        for label, pid, status, code in [
+            ("nul", "txn_%00", 404, "payment_not_found"),
+            ("unknown", UNKNOWN_PAYMENT, 404, "payment_not_found"),
+            ("wrong-prefix", UNKNOWN_TRANSFER, 404, "payment_not_found"),
+            ("sql", "txn_' OR '1'='1", 404, "payment_not_found"),
+            ("too-long", "txn_" + "0" * 70, 422, "validation_failed"),
+            ("someone-elses", "{pay_other}", 404, "payment_not_found"),
+        ]
+        for verb in (None, "resume", "capture", "void", "refunds", "increment")
+    ],
+    *[
+        Case(
+            f"payment-{verb}-no-key",
+            "POST",
+            f"{PAYMENT_ONE}/{verb}",
+            {},
+            idempotency=False,
+            status=428,
+        )
+        for verb in ("capture", "void", "refunds", "increment", "resume")
+    ],
+    *[
+        Case(
+            f"payment-{verb}-anonymous",
+            "POST",
+            f"{PAYMENT_ONE}/{verb}",
+            {},
+            as_="anonymous",
+            status=401,
+        )
+        for verb in ("capture", "void", "refunds", "increment", "resume")
+    ],
+    Case("payment-get-anonymous", "GET", PAYMENT_ONE, as_="anonymous", status=401),
+    Case(
+        "payment-resume-no-token",
+        "POST",
+        f"{PAYMENT_ONE}/resume",
+        {},
+        status=422,
+        code="validation_failed",
+    ),
+    Case(
+        "payment-resume-not-challenged",
+        "POST",
+        f"{PAYMENT_ONE}/resume",
+        {},
+        headers={"X-Step-Up-Token": SECRET},
+        status=409,
+        code="payment_not_resumable",
+    ),
+    *[
+        Case(
+            f"payment-{verb}-amount-{name}",
+            "POST",
+            f"{PAYMENT_ONE}/{verb}",
+            {"amount": v},
+            code=code,
+        )
+        for verb in ("capture", "refunds", "increment")
+        for name, v, code in BAD_AMOUNTS
+        # A capture or refund without an amount takes all there is: not hostile.
+        if v is not None or verb == "increment"
+    ],
+    *[
+        Case(
+            f"payment-{verb}-body-{name}",
+            "POST",
+            f"{PAYMENT_ONE}/{verb}",
+            raw,
+            headers={"content-type": ctype},
+        )
+        for verb in ("capture", "refunds", "increment")
+        for name, raw, ctype in BAD_BODIES
+    ],
+    *[
+        Case(
+            f"payment-{verb}-unknown-field",
+            "POST",
+            f"{PAYMENT_ONE}/{verb}",
+            {"amount": 1, "fee": 1},
+            status=422,
+        )
+        for verb in ("capture", "refunds", "increment")
+    ],
+    Case("capture-final-string", "POST", f"{PAYMENT_ONE}/capture", {"final": "yes"}, status=422),
+    Case(
+        "capture-over-authorized",
+        "POST",
+        f"{PAYMENT_ONE}/capture",
+        {"amount": 1_001},
+        status=422,
+        code="capture_exceeds_authorized",
+    ),
+    Case(
+        "capture-captured",
+        "POST",
+        "/v1/payments/{pay_captured}/capture",
+        {},
+        status=409,
+        code="payment_not_capturable",
+    ),
+    Case(
+        "void-captured",
+        "POST",
+        "/v1/payments/{pay_captured}/void",
+        status=409,
+        code="payment_not_voidable",
+    ),
+    Case(
+        "refund-uncaptured",
+        "POST",
+        f"{PAYMENT_ONE}/refunds",
+        {},
+        status=409,
+        code="payment_not_refundable",
+    ),
+    Case(
+        "refund-over-captured",
+        "POST",
+        "/v1/payments/{pay_captured}/refunds",
+        {"amount": 1_001},
+        status=422,
+        code="refund_exceeds_captured",
+    ),
+    Case(
+        "refund-reason-long",
+        "POST",
+        "/v1/payments/{pay_captured}/refunds",
+        {"amount": 1, "reason": SECRET + "r" * 200},
+        status=422,
+    ),
+    Case(
+        "increment-captured",
+        "POST",
+        "/v1/payments/{pay_captured}/increment",
+        {"amount": 1},
+        status=409,
+        code="payment_not_incrementable",
+    ),
+    Case("increment-missing-amount", "POST", f"{PAYMENT_ONE}/increment", {}, status=422),
+]
+
 CASES: list[Case] = [
     # --- POST /v1/transfers -------------------------------------------------------------------
     *body_cases("send", "/v1/transfers", TRANSFER_OK, "recipient"),
@@ -680,6 +890,7 @@ CASES: list[Case] = [
         code="insufficient_funds",
     ),
     *PAYMENT_METHOD_CASES,
+    *PAYMENT_CASES,
     # --- GET /v1/wallet, /v1/wallet/entries ----------------------------------------------------
     *[
         Case(f"wallet-as-of-{label}", "GET", "/v1/wallet", params={"as_of": v}, status=422)
@@ -1051,7 +1262,35 @@ async def world(client: httpx.AsyncClient, app: Any) -> dict[str, Any]:
         "card_declined": (await add_card(client, alice, pan=new_pan(suffix="9995")))["id"],
         "other_card": (await add_card(client, carol))["id"],
         "removed": removed["id"],
+        **await _payments(client, alice, carol),
     }
+
+
+async def _payments(client: httpx.AsyncClient, alice: SignedIn, carol: SignedIn) -> dict[str, str]:
+    """Wallet payments: one open, one captured in full (alice's), one of carol's."""
+
+    async def pay(who: SignedIn) -> str:
+        body = {
+            "source": "wallet",
+            "amount": 1_000,
+            "currency": "USD",
+            "merchant": MERCHANT,
+            "channel": "contactless",
+        }
+        r = await client.post(
+            "/v1/payments", json=body, headers={**who.headers, "Idempotency-Key": uuid.uuid4().hex}
+        )
+        assert r.status_code == 201 and r.json()["status"] == "authorized", r.text
+        return str(r.json()["id"])
+
+    captured = await pay(alice)
+    r = await client.post(
+        f"/v1/payments/{captured}/capture",
+        json={},
+        headers={**alice.headers, "Idempotency-Key": uuid.uuid4().hex},
+    )
+    assert r.status_code == 201, r.text
+    return {"pay_open": await pay(alice), "pay_captured": captured, "pay_other": await pay(carol)}
 
 
 SNAPSHOT = {
@@ -1075,6 +1314,13 @@ SNAPSHOT = {
     "fundings": "SELECT count(*), max(id) FROM payment_methods.fundings",
     "outbox": "SELECT count(*), max(seq) FROM platform.outbox",
     "idempotency": "SELECT count(*) FROM platform.idempotency_keys",
+    "payments": (
+        "SELECT id, status, authorized_amount, captured_amount, released_amount, "
+        "refunded_amount, hold_id, updated_at FROM transactions.transactions ORDER BY id"
+    ),
+    "captures": "SELECT count(*), max(id) FROM transactions.captures",
+    "refunds": "SELECT id, status, amount FROM transactions.refunds ORDER BY id",
+    "increments": "SELECT id, status FROM transactions.increments ORDER BY id",
 }
 
 
@@ -1153,6 +1399,7 @@ def test_every_money_route_is_fuzzed(app: Any) -> None:
                 "/v1/transfer",
                 "/v1/admin/transfers",
                 "/v1/admin/users/{user_id}/transfer-limits",
+                "/v1/payments",
             )
         )
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, StringConstraints, model_validator
+from pydantic import BaseModel, Field, StrictBool, StringConstraints, model_validator
 
 from billfold.platform.errors import Conflict, NotFound, Unprocessable
 from billfold.platform.money import Currency, MinorUnits
@@ -84,7 +84,7 @@ class NewCapture(Strict):
     releases what is left uncaptured (default: only when nothing would be left anyway)."""
 
     amount: Amount | None = None
-    final: bool | None = None
+    final: StrictBool | None = None
 
 
 class NewRefund(Strict):
