@@ -403,3 +403,16 @@ async def test_monthly_summary_by_category_currency_and_time_zone(
     for bad in ("2026-13", "2026-3", "March", "0000-01"):
         r = await client.get(f"{LIST}/summary", params={"month": bad}, headers=me.headers)
         assert r.status_code == 422, (bad, r.text)
+
+
+async def test_every_word_of_a_search_must_match(app: Any, client: httpx.AsyncClient) -> None:
+    me = await sign_up(client)
+    uid = me.user["id"]
+    coffee = await add_transaction(app, uid, merchant="Coffee Corner", mcc="5814")
+    shop = await add_transaction(app, uid, merchant="Corner Shop")
+    beans = await add_transaction(app, uid, merchant="Coffee Beans Online")
+    assert set(await _ids(client, me, q="corner")) == {coffee, shop}
+    assert set(await _ids(client, me, q="coffe")) == {coffee, beans}
+    assert await _ids(client, me, q="cornr coffe") == [coffee]  # each word, typos and all
+    assert await _ids(client, me, q="cornr shop") == [shop]
+    assert await _ids(client, me, q="coffee shop") == []
