@@ -296,7 +296,8 @@ async def test_adding_a_card_is_idempotent_and_the_cvv_is_not_in_the_fingerprint
         app, "SELECT id FROM payment_methods.methods WHERE user_id = :u", u=alice.user["id"]
     )
     assert len(rows) == 1
-    # The stored fingerprint is that of the body without its CVV.
+    # The stored fingerprint is that of the body without its CVV and with the PAN masked (last
+    # four digits and length: a keyed hash of the PAN could be brute-forced).
     from billfold.platform import idempotency
 
     (stored,) = await sql(
@@ -305,6 +306,7 @@ async def test_adding_a_card_is_idempotent_and_the_cvv_is_not_in_the_fingerprint
     fp_key = idempotency.fingerprint_key(app.state.resources.settings.secret_key)
     body = card_body(pan)
     del body["card"]["cvv"]
+    body["card"]["pan"] = f"masked:{pan[-4:]}:{len(pan)}"
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
     assert stored.request_hash == idempotency.request_fingerprint(
         "POST", "/v1/payment-methods", canonical, fp_key

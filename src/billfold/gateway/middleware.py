@@ -53,12 +53,17 @@ def _edge_idempotency(path: str) -> bool:
     return not any(path == p or path.startswith(p + "/") for p in _OWN_IDEMPOTENCY)
 
 
-# Body members left out of the idempotency fingerprint, by path. A card's CVV may not be kept in
-# any form once the request is done (PCI DSS 3.3.1), not even inside a keyed hash of the body: a
-# retry with the same key and another CVV replays the first answer.
-_NOT_FINGERPRINTED: dict[str, tuple[tuple[str, ...], ...]] = {
-    "/v1/payment-methods": (("card", "cvv"),),
-}
+# Body members a stored idempotency fingerprint must not be a function of, wherever they appear
+# in a JSON body (by name, after parsing, so an escaped name is caught too). A CVV may not be kept
+# in any form once the request is done (PCI DSS 3.3.1), not even inside a keyed hash: it is left
+# out, and a retry with another CVV replays the first answer. A card or account number is
+# replaced by its last four characters and its length: a keyed hash of it would be an offline
+# oracle for whoever holds the process secret (bin, last4 and expiry are stored in clear, which
+# leaves ~10^5 Luhn-valid candidates for a PAN). The marker tells apart what is stored anyway,
+# so another card with the same key is still `idempotency_key_reuse` unless it shares the last
+# four digits, the length and every other member.
+_NOT_FINGERPRINTED = frozenset({"cvv"})
+_MASKED_IN_FINGERPRINT = frozenset({"pan", "account_number", "iban"})
 
 SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
     (b"strict-transport-security", b"max-age=63072000; includeSubDomains"),
@@ -325,7 +330,7 @@ class Edge:
             if idem_key is not None:
                 idempotency.check_key(idem_key)
                 fingerprint = idempotency.request_fingerprint(
-                    method, path, _fingerprinted(path, b"".join(body_chunks)), self._fingerprint_key
+                    method, path, _fingerprinted(b"".join(body_chunks)), self._fingerprint_key
                 )
                 conn = await uow.connection()
                 stored = await idempotency.claim(
@@ -465,23 +470,45 @@ class Edge:
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _fingerprinted(path: str, body: bytes) -> bytes:
-    """The body as its idempotency fingerprint sees it: without the members that must never be
-    stored (a JSON body that does not parse is left as it is; the route refuses it anyway)."""
-    omit = _NOT_FINGERPRINTED.get(path)
-    if not omit:
-        return body
+def _fingerprinted(body: bytes) -> bytes:
+    """The body as its idempotency fingerprint sees it: without a CVV and with card or account
+    numbers masked. A body holding none of them is left as it is (so is one that does not parse
+    as JSON: the route refuses it, and a refused request is not stored)."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
         return body
-    for members in omit:
-        parent = data
-        for name in members[:-1]:
-            parent = parent.get(name) if isinstance(parent, dict) else None
-        if isinstance(parent, dict):
-            parent.pop(members[-1], None)
+    if not _mask_secrets(data):
+        return body
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _mask_secrets(data: Any) -> bool:
+    """Drop or mask the secret members of `data` in place; whether anything was."""
+    changed = False
+    if isinstance(data, dict):
+        for name in list(data):
+            if name in _NOT_FINGERPRINTED:
+                del data[name]
+                changed = True
+            elif name in _MASKED_IN_FINGERPRINT:
+                data[name] = _number_marker(data[name])
+                changed = True
+            else:
+                changed = _mask_secrets(data[name]) or changed
+    elif isinstance(data, list):
+        for item in data:
+            changed = _mask_secrets(item) or changed
+    return changed
+
+
+def _number_marker(value: Any) -> str:
+    """The last four characters and the length of a card or account number, its separators
+    ignored: what the payment method keeps in clear anyway. A short value (never a valid
+    number) is marked by its length alone."""
+    chars = "".join(ch for ch in str(value) if ch.isalnum()).upper() if value is not None else ""
+    last4 = chars[-4:] if len(chars) >= 8 else ""
+    return f"masked:{last4}:{len(chars)}"
 
 
 def _too_large(limit: int) -> ProblemError:
