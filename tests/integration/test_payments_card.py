@@ -367,3 +367,31 @@ async def test_other_users_card_is_not_found(
         app, "SELECT id FROM transactions.transactions WHERE user_id = :u", u=bob.user["id"]
     )
     assert rows == []
+
+
+async def test_a_suspended_token_is_declined_without_the_network(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn, network_simulator: Any
+) -> None:
+    method, _ = await card(client, app, alice)
+    (row,) = await sql(
+        app, "SELECT vault_token_id FROM payment_methods.methods WHERE id = :m", m=method
+    )
+    await app.state.vault.suspend_token(row.vault_token_id, reason="lost phone")
+    try:
+        r = await pay(client, alice, payment_body("card", method, amount=300))
+    finally:
+        await app.state.vault.resume_token(row.vault_token_id, reason="found it")
+    assert r.status_code == 201, r.text
+    assert (r.json()["status"], r.json()["decline_code"]) == ("declined", "card_inactive")
+    assert authorizations(network_simulator, r.json()["id"]) == []
+    r = await pay(client, alice, payment_body("card", method, amount=300))
+    assert r.json()["status"] == "authorized"
+
+
+async def test_the_worker_runs_the_payment_sweepers(app: Any, settings: Any) -> None:
+    from billfold.jobs import scheduled_jobs
+
+    names = [
+        j.name for j in scheduled_jobs(app.state.resources.engine, settings, app.state.transactions)
+    ]
+    assert "expire-authorizations" in names and "recover-stuck-payments" in names
