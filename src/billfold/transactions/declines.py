@@ -40,6 +40,10 @@ _ISO: dict[str, tuple[str, str]] = {
     "61": ("limit_exceeded", "The payment is above your card's spending limit."),
     "62": ("restricted_card", "Your card cannot be used here."),
     "65": ("too_many_payments", "Your card has reached its number of payments for now."),
+    "82": (
+        "card_authentication_failed",
+        "The card could not be verified for this payment. Try again.",
+    ),
     "91": (
         "issuer_unavailable",
         "Your card issuer could not be reached. Try again in a moment.",
