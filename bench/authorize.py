@@ -1,0 +1,335 @@
+"""Card authorizations through `POST /v1/payments`, as a ratio to a bare `/healthz` of the same API.
+
+    .venv/bin/python bench/authorize.py [--duration 10] [--concurrency 16] [--in-flight 500] [--quick]
+
+The processes `billfold up` runs, each on a loopback port: `billfold vault` (SoftHSM2 token in a
+temporary data dir), two `billfold network` simulators (one answering at once, one after
+`--latency-ms`, 1200 by default) and two API processes (uvicorn, one worker each, the settings
+`billfold serve` uses, log INFO), one per simulator. This process is the load: keep-alive
+HTTP/1.1 clients in closed loops. Each client pays with a card of its own (a payment token's ATCs
+go up one cryptogram at a time, so clients never share one). Scenarios:
+
+  healthz     GET /healthz of the 0 ms API: the reference (edge + routing, no I/O); first and last
+  pay-0ms     POST /v1/payments (card, in_app, approved) with `--concurrency` clients and the
+              network answering at once: billfold's own overhead (auth, vault cryptogram, risk,
+              ISO 8583 round trip incl. the simulator's vault checks, two short transactions)
+  pay-1200ms  the same with `--in-flight` clients against the slow network: requests hold no
+              database connection while they wait, so throughput should be in-flight / latency
+
+An answer is a success only if it is 201 with status `authorized`; anything else (a decline, a
+timeout, 5xx) is an error and fails the run. Machines are noisy: read the ratios. PostgreSQL and
+Redis come from BILLFOLD_DATABASE_URL / BILLFOLD_REDIS_URL when set, otherwise embedded servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import secrets
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from billfold.platform.keys import SealedBox
+from billfold.vault.emv import luhn_check_digit
+from billfold.vault.service_auth import generate_service_key
+from common import (
+    Account,
+    Client,
+    RawConnection,
+    RawResponse,
+    Response,
+    Result,
+    cpu_model,
+    drop_redis_keys,
+    free_port,
+    fresh_database,
+    make_accounts,
+    run_scenario,
+    run_with_servers,
+    server_env,
+    server_versions,
+    servers_label,
+    start_api,
+    stop,
+    tail,
+    versions,
+    wait_ready,
+)
+
+MERCHANT = {"id": "mch_bench", "name": "Bench Coffee", "mcc": "5814", "country": "US"}
+CARDS_PER_USER = 25
+
+
+def _pan() -> str:
+    body = "4" + "".join(str(secrets.randbelow(10)) for _ in range(14))
+    return body + luhn_check_digit(body)
+
+
+def _start(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "billfold.cli", *args], env=env, stdout=log, stderr=log
+        )
+
+
+async def _listening(port: int, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    for _ in range(300):
+        if proc.poll() is not None:
+            raise SystemExit(f"{log_path.name}: the process exited\n{tail(log_path)}")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise SystemExit(f"{log_path.name}: not listening")
+
+
+async def _cards(base: str, users: list[Account], n: int) -> list[tuple[Account, str]]:
+    """`n` verified cards, `CARDS_PER_USER` per user, through the public API."""
+    out: list[tuple[Account, str]] = []
+    gate = asyncio.Semaphore(8)
+
+    async def one(who: Account) -> tuple[Account, str]:
+        async with gate:
+            body = {
+                "card": {
+                    "pan": _pan(),
+                    "expiry_month": 12,
+                    "expiry_year": 2031,
+                    "cvv": "123",
+                    "cardholder_name": "Bench User",
+                    "billing_address": {
+                        "line1": "1 Main St",
+                        "city": "Oakland",
+                        "region": "CA",
+                        "postal_code": "94607",
+                        "country": "US",
+                    },
+                }
+            }
+            headers = {
+                "Authorization": f"Bearer {who.access_token}",
+                "Idempotency-Key": uuid.uuid4().hex,
+            }
+            async with httpx.AsyncClient(base_url=base, timeout=30) as c:
+                r = await c.post("/v1/payment-methods", json=body, headers=headers)
+            if r.status_code != 201 or r.json()["status"] != "verified":
+                raise SystemExit(f"adding a card failed: {r.status_code} {r.text}")
+            return who, str(r.json()["id"])
+
+    out = list(await asyncio.gather(*(one(users[i // CARDS_PER_USER]) for i in range(n))))
+    return out
+
+
+def _pay(cards: list[tuple[Account, str]], amount: int = 1_250) -> Any:
+    async def request(client: Any, i: int) -> Response:
+        who, method = cards[i]
+        body = {
+            "source": "card",
+            "payment_method_id": method,
+            "amount": amount,
+            "currency": "USD",
+            "merchant": MERCHANT,
+            "channel": "in_app",
+        }
+        headers = {
+            "Authorization": f"Bearer {who.access_token}",
+            "Idempotency-Key": uuid.uuid4().hex,
+        }
+        r: RawResponse = await client.post_json("/v1/payments", body, headers)
+        if r.status_code == 201 and r.json().get("status") != "authorized":
+            return RawResponse(599, r.content)  # a decline is an error here
+        return r
+
+    return request
+
+
+async def _healthz(client: Any, i: int) -> Response:
+    return await client.get("/healthz")  # type: ignore[no-any-return]
+
+
+async def bench(args: argparse.Namespace, admin_url: str, redis_url: str, tmp: Path) -> int:
+    procs: list[subprocess.Popen[bytes]] = []
+    prefix = f"bfb:{uuid.uuid4().hex[:8]}:"
+    try:
+        async with fresh_database(admin_url) as (_, database_url):
+            pg_version, redis_version = await server_versions(database_url, redis_url)
+            data_dir = tmp / "data"
+            env = server_env(database_url, redis_url, prefix, data_dir)
+            env["BILLFOLD_VAULT_SERVICE_KEY"] = generate_service_key()
+            env["BILLFOLD_SECRET_KEY"] = env.get("BILLFOLD_SECRET_KEY") or SealedBox.generate_b64()
+            vault_port = free_port()
+            log = tmp / "vault.log"
+            procs.append(
+                _start(["vault", "--host", "127.0.0.1", "--port", str(vault_port)], env, log)
+            )
+            await wait_ready(f"http://127.0.0.1:{vault_port}", procs[-1], log)
+            env["BILLFOLD_VAULT_URL"] = f"http://127.0.0.1:{vault_port}"
+            apis: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+            for name, latency in (("0ms", 0.0), ("slow", args.latency_ms)):
+                net_port = free_port()
+                log = tmp / f"network-{name}.log"
+                procs.append(
+                    _start(
+                        [
+                            "network",
+                            "--port",
+                            str(net_port),
+                            "--latency-ms",
+                            str(latency),
+                            "--card-balance",
+                            str(10**11),
+                        ],
+                        env,
+                        log,
+                    )
+                )
+                await _listening(net_port, procs[-1], log)
+                api_env = {**env, "BILLFOLD_NETWORK_ADDRESS": f"127.0.0.1:{net_port}"}
+                log = tmp / f"api-{name}.log"
+                proc, port = start_api(api_env, log)
+                procs.append(proc)
+                await wait_ready(f"http://127.0.0.1:{port}", proc, log)
+                apis[name] = (proc, port)
+            return await _measure(args, apis, pg_version, redis_version)
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+        await drop_redis_keys(redis_url, prefix)
+
+
+async def _measure(
+    args: argparse.Namespace,
+    apis: dict[str, tuple[subprocess.Popen[bytes], int]],
+    pg_version: str,
+    redis_version: str,
+) -> int:
+    fast_proc, fast_port = apis["0ms"]
+    slow_proc, slow_port = apis["slow"]
+    print(f"machine   {os.cpu_count()} cores, {cpu_model()}, {platform.platform()}")
+    print(f"python    {platform.python_version()} ({sys.executable})")
+    print(f"servers   PostgreSQL {pg_version}, {redis_version} ({args.servers})")
+    print(f"packages  {versions()}, pyiso8583")
+    print(
+        f"load      raw HTTP/1.1 keep-alive clients: {args.concurrency} (healthz, pay-0ms), "
+        f"{args.in_flight} (pay-{args.latency_ms:g}ms); {args.duration:g} s per scenario after "
+        f"{args.warmup:g} s warm-up; processes: vault, 2 network simulators, 2 APIs (1 worker)\n"
+    )
+    base = f"http://127.0.0.1:{fast_port}"
+    n_cards = max(args.concurrency, args.in_flight)
+    async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+        print("  preparing users and cards ...", file=sys.stderr, flush=True)
+        users = await make_accounts(c, -(-n_cards // CARDS_PER_USER), concurrency=4)
+    cards = await _cards(base, users, n_cards)
+
+    runs: list[tuple[str, Result]] = []
+
+    async def scenario(
+        name: str, port: int, pid: int, clients_n: int, request: Any, warmup: float
+    ) -> Result:
+        print(f"  running {name} ...", file=sys.stderr, flush=True)
+        clients: list[Client] = [RawConnection("127.0.0.1", port) for _ in range(clients_n)]
+        try:
+            r = await run_scenario(
+                clients,
+                name,
+                request,
+                duration=args.duration,
+                warmup=warmup,
+                server_pid=pid,
+                max_errors=20,
+            )
+        finally:
+            for client in clients:
+                await client.aclose()  # type: ignore[union-attr]
+        runs.append((name, r))
+        return r
+
+    ref1 = await scenario(
+        "healthz", fast_port, fast_proc.pid, args.concurrency, _healthz, args.warmup
+    )
+    fast = await scenario(
+        "pay-0ms", fast_port, fast_proc.pid, args.concurrency, _pay(cards), args.warmup
+    )
+    slow_name = f"pay-{args.latency_ms:g}ms"
+    # Warm-up long enough for every client to have one payment in flight.
+    slow = await scenario(
+        slow_name, slow_port, slow_proc.pid, args.in_flight, _pay(cards), max(args.warmup, 3.0)
+    )
+    ref2 = await scenario(
+        "healthz", fast_port, fast_proc.pid, args.concurrency, _healthz, args.warmup
+    )
+    steps: list[str] = []
+    async with httpx.AsyncClient(timeout=10) as c:
+        for name, port in (("pay-0ms", fast_port), (f"pay-{args.latency_ms:g}ms", slow_port)):
+            metrics = (await c.get(f"http://127.0.0.1:{port}/metrics")).text
+            steps.append(f"  {name}: " + ", ".join(_step_means(metrics)))
+
+    head = f"{'scenario':<14}{'clients':>8}{'ops':>8}{'ops/s':>9}{'p50 ms':>10}{'p99 ms':>10}{'errors':>7}{'ops/ref':>9}{'API CPU/op':>12}"
+    print(head)
+    print("-" * len(head))
+    ref = ref1.merged(ref2, "healthz")
+    for name, r, n in (
+        ("healthz", ref, args.concurrency),
+        ("pay-0ms", fast, args.concurrency),
+        (slow_name, slow, args.in_flight),
+    ):
+        print(
+            f"{name:<14}{n:>8}{len(r.latencies):>8}{r.rps:>9.1f}{r.pct(50):>10.2f}{r.pct(99):>10.2f}"
+            f"{len(r.errors):>7}{r.rps / ref.rps:>9.4f}{r.cpu_us(r.server_cpu) / 1000:>9.2f} ms"
+        )
+    print(
+        f"\nhealthz drift: {ref1.rps:.0f} req/s before, {ref2.rps:.0f} after; "
+        f"in flight at {args.latency_ms:g} ms: {slow.rps * slow.pct(50) / 1000:.0f} "
+        f"(throughput x p50), ideal {args.in_flight / (args.latency_ms / 1000):.0f} ops/s"
+    )
+    print("per-step means of each API (billfold_payment_step_duration_seconds, warm-up included):")
+    print("\n".join(steps))
+    failed = [(k, r) for k, r in runs if r.errors]
+    for k, r in failed:
+        print(f"FAILED {k}: {len(r.errors)} errors, e.g.:", file=sys.stderr)
+        for e in r.errors[:3]:
+            print(f"  {e}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _step_means(metrics: str) -> list[str]:
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for line in metrics.splitlines():
+        if not line.startswith("billfold_payment_step_duration_seconds_"):
+            continue
+        name, _, value = line.rpartition(" ")
+        step = name.split('step="', 1)[-1].split('"', 1)[0]
+        if name.startswith("billfold_payment_step_duration_seconds_sum"):
+            sums[step] = sums.get(step, 0) + float(value)
+        elif name.startswith("billfold_payment_step_duration_seconds_count"):
+            counts[step] = counts.get(step, 0) + float(value)
+    return [f"{k} {sums[k] / counts[k] * 1000:.1f} ms" for k in sums if counts.get(k)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per scenario")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
+    parser.add_argument("--concurrency", type=int, default=16, help="clients at 0 ms")
+    parser.add_argument("--in-flight", type=int, default=500, help="clients at --latency-ms")
+    parser.add_argument("--latency-ms", type=float, default=1200.0, help="the slow network")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    args = parser.parse_args()
+    if args.quick:
+        args.duration, args.warmup = 5.0, 1.0
+    args.servers = servers_label()
+    return run_with_servers(lambda admin_url, redis, tmp: bench(args, admin_url, redis, tmp))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
