@@ -207,6 +207,18 @@ async def test_expiry_releases_what_is_not_captured(
     r = await client.get(f"/v1/payments/{part['id']}", headers=alice.headers)
     assert r.json()["status"] == "captured" and r.json()["captured_amount"] == 500
     assert await balance(client, alice) == Balance(4_500, 0)
+
+    # Partly captured and partly refunded, with more still capturable: it lapses too.
+    p = (await pay(client, alice, payment_body(amount=1_000))).json()
+    await act(client, alice, p["id"], "capture", {"amount": 400})
+    r = await act(client, alice, p["id"], "refunds", {"amount": 100})
+    assert r.json()["payment"]["status"] == "partially_refunded"
+    assert r.json()["payment"]["capturable_amount"] == 600
+    await _lapse(app, p["id"])
+    assert await expire_authorizations(app.state.resources.engine, app.state.transactions) == 1
+    r = await client.get(f"/v1/payments/{p['id']}", headers=alice.headers)
+    assert r.json()["status"] == "partially_refunded" and r.json()["capturable_amount"] == 0
+    assert await balance(client, alice) == Balance(4_200, 0)
     (event,) = await events(app, "billfold.transactions.payment.expired", whole["id"])
     assert event["status"] == "expired"
     (event,) = await events(app, "billfold.transactions.payment.expired", part["id"])
@@ -216,6 +228,19 @@ async def test_expiry_releases_what_is_not_captured(
     # Nothing left for the sweeper.
     assert await expire_authorizations(app.state.resources.engine, app.state.transactions) == 0
     assert (await verify_ledger(app.state.resources.engine)).ok
+
+
+async def _lapse(app: Any, txn_id: str) -> None:
+    from sqlalchemy import text
+
+    async with app.state.resources.engine.begin() as conn:
+        await conn.execute(
+            text(
+                "UPDATE transactions.transactions SET expires_at = now() - interval '1 second' "
+                "WHERE id = :id"
+            ),
+            {"id": txn_id},
+        )
 
 
 @pytest.mark.parametrize("action", ["block", "review"])

@@ -151,12 +151,13 @@ async def set_status_if(conn: AsyncConnection, txn_id: str, expected: str, statu
 
 
 async def lock_next_expired(conn: AsyncConnection, skip: list[str]) -> Row[Any] | None:
-    """One authorization past its expiry, locked; rows another sweeper holds are skipped."""
+    """One authorization past its expiry, locked; rows another sweeper holds are skipped.
+    `expires_at` is cleared whenever nothing is left to capture or confirm, so every row with
+    one may lapse."""
     sql = text(
         f"""
         {_SELECT}
-        WHERE t.status IN ('authorized', 'partially_captured', 'review', 'challenge_required')
-          AND t.expires_at <= now() AND t.id <> ALL (:skip)
+        WHERE t.expires_at <= now() AND t.status <> 'authorizing' AND t.id <> ALL (:skip)
         ORDER BY t.expires_at
         LIMIT 1
         FOR UPDATE OF t SKIP LOCKED

@@ -138,8 +138,9 @@ CREATE TABLE transactions.transactions (
 CREATE INDEX transactions_payment_method ON transactions.transactions (payment_method_id)
     WHERE payment_method_id IS NOT NULL;
 -- The sweepers' work lists: authorizations that lapse, rows a crash left half-done.
+-- `expires_at` is set only while something may still be captured or confirmed.
 CREATE INDEX transactions_expiry ON transactions.transactions (expires_at)
-    WHERE status IN ('authorized', 'partially_captured', 'review', 'challenge_required');
+    WHERE expires_at IS NOT NULL;
 CREATE INDEX transactions_authorizing ON transactions.transactions (created_at)
     WHERE status = 'authorizing';
 
