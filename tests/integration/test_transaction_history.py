@@ -4,6 +4,7 @@ flow itself has its own tests, and the receipt tests run it end to end."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 from datetime import UTC, datetime, timedelta
@@ -416,3 +417,47 @@ async def test_every_word_of_a_search_must_match(app: Any, client: httpx.AsyncCl
     assert await _ids(client, me, q="cornr coffe") == [coffee]  # each word, typos and all
     assert await _ids(client, me, q="cornr shop") == [shop]
     assert await _ids(client, me, q="coffee shop") == []
+
+
+async def test_csv_export_leaves_the_edge_in_chunks(app: Any, client: httpx.AsyncClient) -> None:
+    """The export is streamed: the edge passes each chunk on as it comes (it buffers a body
+    only while a request's transaction is open, and the export has none)."""
+    me = await sign_up(client)
+    await add_transaction(app, me.user["id"], merchant="Chunky")
+    token = me.tokens["access_token"]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/v1/transactions/export.csv",
+        "raw_path": b"/v1/transactions/export.csv",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"testserver"), (b"authorization", f"Bearer {token}".encode())],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+    sent: list[dict[str, Any]] = []
+    requested, done = False, asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await done.wait()  # the client stays connected until the body is complete
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            done.set()
+
+    await asyncio.wait_for(app(scope, receive, send), 30)
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    chunks = [m for m in sent[1:] if m.get("body")]
+    assert len(chunks) >= 2  # the header row, then the rows, as separate messages
+    assert chunks[0]["body"].startswith(b"id,created_at,") and chunks[0]["more_body"] is True
+    assert b"Chunky" in chunks[1]["body"]
