@@ -430,3 +430,28 @@ async def test_no_connection_is_held_while_the_network_answers(
     # connection.
     assert ("authorized", None) in outcomes
     assert outcomes <= {("authorized", None), ("declined", "card_authentication_failed")}
+
+
+async def test_a_captured_card_payment_gets_its_receipt_through_the_worker(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn
+) -> None:
+    """The flow's own events feed the receipts consumer (the history's): the PDF names the
+    merchant, the amount and the card's last 4 digits, never more of the card."""
+    import io
+
+    from pypdf import PdfReader
+
+    from billfold import jobs
+    from tests.integration.transfer_support import outbox_events
+
+    method, _ = await card(client, app, alice)
+    p = (await pay(client, alice, payment_body("card", method, amount=4_250))).json()
+    r = await act(client, alice, p["id"], "capture")
+    assert r.status_code == 201, r.text
+    (captured,) = await outbox_events(app, "billfold.transactions.payment.captured", p["id"])
+    sink = jobs.event_sink(app.state.resources.engine, app.state.p2p)
+    await sink(captured)
+    r = await client.get(f"/v1/transactions/{p['id']}/receipt", headers=alice.headers)
+    assert r.status_code == 200, r.text
+    pdf = "\n".join(page.extract_text() for page in PdfReader(io.BytesIO(r.content)).pages)
+    assert "Blue Bottle Coffee" in pdf and "42.50" in pdf and p["card"]["last4"] in pdf
