@@ -9,32 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import ipaddress
 import json
 import os
 import re
 import secrets
 import signal
-import socket
-import ssl
-import subprocess
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 import jwt
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -62,9 +53,15 @@ from billfold.vault.service_auth import (
     AUDIENCE,
     ISSUER,
     ServiceTokenSigner,
-    generate_service_key,
 )
-from tests.integration.vault_support import new_owner, purchase, sql
+from tests.integration.vault_support import (
+    VaultProcess,
+    issue_tls,
+    new_owner,
+    purchase,
+    run_vault_process,
+    sql,
+)
 from tests.integration.vault_support import new_pan as _new_pan
 
 # Every card number this module hands to a vault: none may appear in the vault process's log.
@@ -86,154 +83,6 @@ def card(pan: str | None = None, **overrides: Any) -> CardInput:
     }
     values.update(overrides)
     return CardInput(**values)
-
-
-# --- the vault process --------------------------------------------------------------------------
-
-
-@dataclass
-class VaultProcess:
-    url: str
-    log: Path
-    process: subprocess.Popen[bytes]
-    service_key: bytes
-
-
-@dataclass
-class Tls:
-    """A test CA, the vault's server certificate (for 127.0.0.1) and an API client certificate."""
-
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-
-    def client_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=str(self.ca))
-        context.load_cert_chain(str(self.client_cert), str(self.client_key))
-        return context
-
-
-def _issue_tls(directory: Path) -> Tls:
-    now = datetime.now(UTC)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def write(path: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
-        path.with_suffix(".key").write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        path.with_suffix(".pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-    def issue(
-        cn: str, key: ec.EllipticCurvePrivateKey, signer: ec.EllipticCurvePrivateKey, **ext: Any
-    ) -> x509.Certificate:
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name(cn))
-            .issuer_name(name("billfold test CA"))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=1))
-        )
-        for extension, critical in ext.values():
-            builder = builder.add_extension(extension, critical=critical)
-        return builder.sign(signer, hashes.SHA256())
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = issue("billfold test CA", ca_key, ca_key, basic=(x509.BasicConstraints(True, None), True))
-    write(directory / "ca", ca_key, ca)
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    server = issue(
-        "billfold-vault",
-        server_key,
-        ca_key,
-        san=(san, False),
-        eku=(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
-    )
-    write(directory / "server", server_key, server)
-    client_key = ec.generate_private_key(ec.SECP256R1())
-    client = issue(
-        "billfold-api",
-        client_key,
-        ca_key,
-        eku=(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False),
-    )
-    write(directory / "client", client_key, client)
-    return Tls(
-        directory / "ca.pem",
-        directory / "server.pem",
-        directory / "server.key",
-        directory / "client.pem",
-        directory / "client.key",
-    )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def run_vault_process(
-    database_url: str,
-    data_dir: Path,
-    secret_key: str,
-    log: Path,
-    tls: Tls | None = None,
-) -> Iterator[VaultProcess]:
-    """`billfold vault` in a subprocess on a free loopback port, ready, stopped at exit (with
-    `tls`: HTTPS that requires a client certificate from the test CA)."""
-    service_key = generate_service_key()
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BILLFOLD_", "SOFTHSM2_"))}
-    env.update(
-        {
-            "BILLFOLD_DATABASE_URL": database_url,
-            "BILLFOLD_DATA_DIR": str(data_dir),
-            "BILLFOLD_SECRET_KEY": secret_key,
-            "BILLFOLD_VAULT_SERVICE_KEY": service_key,
-            "BILLFOLD_ENVIRONMENT": "test",
-            "BILLFOLD_LOG_JSON": "true",
-            # Everything the process would ever log, not only what production logs.
-            "BILLFOLD_LOG_LEVEL": "DEBUG",
-        }
-    )
-    command = [sys.executable, "-m", "billfold.cli", "vault", "--host", "127.0.0.1"]
-    command += ["--port", str(port)]
-    if tls is not None:
-        command += ["--ssl-certfile", str(tls.server_cert), "--ssl-keyfile", str(tls.server_key)]
-        command += ["--ssl-ca-certs", str(tls.ca)]
-    with log.open("ab") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
-    verify = tls.client_context() if tls is not None else True
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, f"the vault exited:\n{log.read_text()[-3000:]}"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=1, verify=verify).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, f"vault not ready:\n{log.read_text()[-3000:]}"
-            time.sleep(0.1)
-        yield VaultProcess(url, log, process, base64.b64decode(service_key))
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -364,6 +213,20 @@ async def test_cryptograms_verify_once_and_respect_the_domain(vault: VaultClient
     with pytest.raises(TokenNotActive) as inactive:
         await vault.cryptogram(request)
     assert (inactive.value.status, inactive.value.code) == (409, "token_not_active")
+
+
+async def test_token_by_dpan_finds_the_token_for_the_issuer_side(vault: VaultClient) -> None:
+    vaulted = await vault.vault_card(card(), owner_id=new_owner())
+    token = await vault.issue_token(vaulted.card_id, domain=TokenDomain())
+    dpan = (await vault.cryptogram(purchase(token.token_id))).dpan
+    found = await vault.token_by_dpan(dpan)
+    assert found is not None and found.token.token_id == token.token_id
+    assert found.token.card_id == vaulted.card_id and found.token_bin == dpan[:6]
+    assert await vault.token_by_dpan(new_pan(prefix=dpan[:6])) is None  # never issued
+    assert await vault.token_by_dpan("not a dpan") is None
+    await vault.suspend_token(token.token_id, reason="lost phone")
+    suspended = await vault.token_by_dpan(dpan)
+    assert suspended is not None and suspended.token.status == "suspended"
 
 
 async def test_detokenize_by_card_or_token_is_audited(
@@ -746,7 +609,7 @@ async def test_mtls_the_api_settings_reach_a_vault_that_requires_client_certific
 ) -> None:
     """`billfold vault --ssl-certfile/--ssl-keyfile/--ssl-ca-certs` and the API's
     BILLFOLD_VAULT_CA_FILE / _CLIENT_CERT_FILE / _CLIENT_KEY_FILE, as documented."""
-    tls = _issue_tls(tmp_path)
+    tls = issue_tls(tmp_path)
     with run_vault_process(
         settings.database_url, data_dir, settings.secret_key, tmp_path / "tls.log", tls
     ) as vp:
