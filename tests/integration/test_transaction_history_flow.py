@@ -181,3 +181,50 @@ async def test_card_payment_receipt_names_brand_and_last4_only(
     assert f"ending {last4}" in body and (payment["auth_code"] or "-") in body
     # The card number is nowhere in it: only its last 4 digits.
     assert not re.search(r"\d{12,19}", body.replace(" ", ""))
+
+
+async def test_the_worker_makes_the_receipt_after_a_capture(
+    app: Any, client: httpx.AsyncClient, settings: Any
+) -> None:
+    """The real relay and consumer (`billfold worker`'s `run_background`, sharing the API's
+    runtimes as `billfold up` does): a capture's receipt exists moments later, in the store."""
+    import asyncio
+
+    from billfold.jobs import run_background
+
+    me = await sign_up(client)
+    await fund(app, me.user["id"], 5_000)
+    payment = await post(
+        client,
+        me,
+        "/v1/payments",
+        {
+            "source": "wallet",
+            "amount": 875,
+            "currency": "USD",
+            "merchant": {**STARBUCKS, "name": "Relay Roasters", "id": "mch_relay"},
+            "channel": "contactless",
+        },
+    )
+    await post(client, me, f"/v1/payments/{payment['id']}/capture", {})
+    engine = app.state.resources.engine
+    stop = asyncio.Event()
+    runner = asyncio.create_task(run_background(engine, settings, stop, p2p_runtime=app.state.p2p))
+    try:
+        key = None
+        for _ in range(200):
+            async with engine.connect() as conn:
+                key = await conn.scalar(
+                    text("SELECT blob_key FROM transactions.receipts WHERE transaction_id = :t"),
+                    {"t": payment["id"]},
+                )
+            if key is not None:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 15)
+    assert key is not None, "the worker made no receipt"
+    stored = await app.state.blobs.get(key)
+    assert stored is not None and "Relay Roasters" in pdf_text(stored[0])
+    assert "$8.75" in pdf_text(stored[0])
