@@ -320,7 +320,7 @@ class Outcome:
 class _Context:
     """What the flow carries from tx1 to tx2 of a card payment."""
 
-    txn_id: str
+    row: Row[Any]  # as tx1 committed it (`authorizing`)
     principal: Principal
     decision: RiskDecision
     timer: Timer
@@ -365,7 +365,7 @@ async def pay(
     if row.status != "authorizing":
         _observe(rt, row, timer)
         return Outcome(row)
-    ctx = _Context(txn_id, principal, _decision_of(row), timer)
+    ctx = _Context(row, principal, _decision_of(row), timer)
     return Outcome(await _authorize_card(engine, rt, ctx))
 
 
@@ -569,11 +569,7 @@ async def tokenised_card(
 
 async def _authorize_card(engine: AsyncEngine, rt: TransactionsRuntime, ctx: _Context) -> Row[Any]:
     """Steps 2 and 3: cryptogram and network with no connection held, then tx2."""
-    timer = ctx.timer
-    async with engine.connect() as conn:  # a plain read, no transaction kept open
-        row = await store.get(conn, ctx.txn_id)
-        await conn.rollback()
-    assert row is not None
+    timer, row = ctx.timer, ctx.row
     authorization: Authorization | None = None
     decline: declines.Decline | None = None
     failed = False
@@ -753,4 +749,4 @@ async def resume(
     if row.status != "authorizing":
         _observe(rt, row, timer)
         return row
-    return await _authorize_card(engine, rt, _Context(txn_id, principal, decision, timer))
+    return await _authorize_card(engine, rt, _Context(row, principal, decision, timer))
