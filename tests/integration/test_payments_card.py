@@ -455,3 +455,43 @@ async def test_a_captured_card_payment_gets_its_receipt_through_the_worker(
     assert r.status_code == 200, r.text
     pdf = "\n".join(page.extract_text() for page in PdfReader(io.BytesIO(r.content)).pages)
     assert "Blue Bottle Coffee" in pdf and "42.50" in pdf and p["card"]["last4"] in pdf
+
+
+async def test_a_refund_the_network_did_not_answer_is_asked_again_once(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn, network_simulator: Any
+) -> None:
+    method, card_id = await card(client, app, alice)
+    p = (await pay(client, alice, payment_body("card", method, amount=2_000))).json()
+    await act(client, alice, p["id"], "capture")
+    await eventually(lambda: _settled(network_simulator, card_id, 2_000))
+    network = app.state.transactions.network
+    config = network.config
+    network.config = dataclasses.replace(config, timeout=0.5)
+    network_simulator.paused = True  # the issuer applies the refund; its answer is lost
+    key = uuid.uuid4().hex
+    try:
+        r = await act(client, alice, p["id"], "refunds", {"amount": 700}, key=key)
+    finally:
+        network_simulator.paused = False
+        network.config = config
+    assert r.status_code == 202, r.text
+    refund = r.json()
+    assert refund["status"] == "pending" and refund["payment"]["refunded_amount"] == 700
+    r = await act(client, alice, p["id"], "refunds", {"amount": 700}, key=key)
+    assert r.status_code == 409 and r.json()["code"] == "refund_in_progress"
+    # Reserved: a second refund cannot take the same money.
+    r = await act(client, alice, p["id"], "refunds", {"amount": 1_301})
+    assert r.status_code == 422 and r.json()["code"] == "refund_exceeds_captured"
+
+    await sql_exec(
+        app,
+        "UPDATE transactions.refunds SET created_at = now() - interval '1 hour' WHERE id = :r",
+        r=refund["id"],
+    )
+    assert await recover_stuck_payments(app.state.resources.engine, app.state.transactions) >= 1
+    r = await act(client, alice, p["id"], "refunds", {"amount": 700}, key=key)
+    assert r.status_code == 201 and r.json()["status"] == "succeeded"
+    assert r.json()["payment"]["status"] == "partially_refunded"
+    assert network_simulator.posted(card_id) == 1_300  # refunded once, not twice
+    (event,) = await events(app, "billfold.transactions.payment.refunded", p["id"])
+    assert event["refund"]["id"] == refund["id"]
