@@ -17,12 +17,13 @@ _TXN = text(
     INSERT INTO transactions.transactions (
         id, user_id, source, payment_method_id, status, amount, currency, authorized_amount,
         captured_amount, refunded_amount, merchant_id, merchant_name, mcc, category, channel,
-        description, note, auth_code, idempotency_key, request_hash, created_at, updated_at)
+        description, note, auth_code, decline_code, idempotency_key, request_hash, created_at,
+        updated_at)
     VALUES (
         :id, :user_id, :source, :payment_method_id, :status, :amount, :currency, :amount,
         :captured, :refunded, :merchant_id, :merchant_name, :mcc,
         transactions.category_for_mcc(:mcc), :channel, :description, :note, :auth_code,
-        :key, 'test', :created_at, :created_at)
+        :decline_code, :key, 'test', :created_at, :created_at)
     """
 )
 _DETAILS = text(
@@ -65,6 +66,7 @@ async def add_transaction(
     created_at: datetime | None = None,
     city: str | None = "Seattle",
     country: str = "US",
+    decline_code: str | None = None,
 ) -> str:
     """A transaction of `user_id` as the payment flow stores it, captured in full by default
     (with its capture row, and a refund row when `refunded`). Returns its id."""
@@ -91,7 +93,8 @@ async def add_transaction(
                 "channel": "contactless",
                 "description": description,
                 "note": note,
-                "auth_code": "A1B2C3" if card else None,
+                "auth_code": "A1B2C3" if card and decline_code is None else None,
+                "decline_code": decline_code,
                 "key": uuid.uuid4().hex,
                 "created_at": at,
             },

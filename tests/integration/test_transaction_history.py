@@ -126,12 +126,19 @@ async def test_filters(app: Any, client: httpx.AsyncClient) -> None:
         app, uid, merchant="Kiosk", mcc="5994", amount=300, card=None, created_at=t0
     )
     declined = await add_transaction(
-        app, uid, merchant="Fresh Market", status="declined", created_at=t0 + timedelta(days=2)
+        app,
+        uid,
+        merchant="Fresh Market",
+        status="declined",
+        decline_code="insufficient_funds",
+        created_at=t0 + timedelta(days=2),
     )
     euros = await add_transaction(app, uid, merchant="Bäckerei", currency="EUR", created_at=t0)
 
     assert set(await _ids(client, me, category="restaurants")) == {dinner}
-    assert set(await _ids(client, me, status="declined")) == {declined}
+    (refused,) = await _all_pages(client, me, {"status": "declined"})
+    assert refused["id"] == declined and refused["decline_code"] == "insufficient_funds"
+    assert refused["decline_reason"] and "money" in refused["decline_reason"]
     assert set(await _ids(client, me, merchant="fresh market")) == {grocery, declined}
     assert set(await _ids(client, me, merchant_id="m-kiosk")) == {wallet}
     assert set(await _ids(client, me, amount_min=1000, amount_max=8000)) == {

@@ -18,6 +18,7 @@ from billfold.platform.money import Currency
 from billfold.platform.pagination import Page, PageParams, page_params
 from billfold.transactions import history, receipts
 from billfold.transactions.history import HistoryItem, MonthlySummary, TransactionDetail
+from billfold.transactions.models import MAX_AMOUNT, PaymentStatus
 from billfold.transactions.search import (
     MAX_QUERY_LENGTH,
     HistoryFilters,
@@ -31,21 +32,6 @@ history_router = APIRouter(tags=["transactions"])
 # does not browse or export the history).
 Me = Annotated[Principal, Depends(require_scopes("wallet"))]
 TransactionId = Annotated[str, Path(max_length=64)]
-MAX_AMOUNT = 2**53 - 1
-Status = Literal[
-    "authorizing",
-    "authorized",
-    "declined",
-    "challenge_required",
-    "review",
-    "partially_captured",
-    "captured",
-    "voided",
-    "expired",
-    "partially_refunded",
-    "refunded",
-    "failed",
-]
 
 _DEFAULT_INDEX = PostgresSearchIndex()
 
@@ -77,7 +63,7 @@ Blobs = Annotated[BlobStore, Depends(blob_store)]
 async def history_filters(
     created_from: Annotated[UtcInstant | None, Query(alias="from")] = None,
     created_to: Annotated[UtcInstant | None, Query(alias="to")] = None,
-    status: Annotated[Status | None, Query()] = None,
+    status: Annotated[PaymentStatus | None, Query()] = None,
     category: Annotated[str | None, Query(pattern=r"^[a-z_]{1,32}$")] = None,
     merchant_id: Annotated[str | None, Query(max_length=64)] = None,
     merchant: Annotated[str | None, Query(min_length=1, max_length=100)] = None,

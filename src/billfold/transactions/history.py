@@ -26,6 +26,7 @@ from billfold.platform.errors import FieldError, NotFound, ProblemError
 from billfold.platform.ids import is_valid_id
 from billfold.platform.money import minor_units
 from billfold.platform.pagination import Page, decode_cursor, encode_cursor
+from billfold.transactions import declines
 from billfold.transactions.search import (
     FILTER_SQL,
     HistoryFilters,
@@ -85,6 +86,7 @@ class HistoryItem(BaseModel):
     description: str | None
     note: str | None
     decline_code: str | None
+    decline_reason: str | None = Field(description="the decline code in words for people")
     auth_code: str | None
     created_at: datetime
     updated_at: datetime
@@ -208,6 +210,7 @@ def _item(row: Row[Any], score: Decimal | None = None) -> HistoryItem:
         description=row.description,
         note=row.note,
         decline_code=row.decline_code,
+        decline_reason=declines.reason_for(row.decline_code, row.source),
         auth_code=row.auth_code,
         created_at=row.created_at,
         updated_at=row.updated_at,
