@@ -495,3 +495,33 @@ async def test_a_refund_the_network_did_not_answer_is_asked_again_once(
     assert network_simulator.posted(card_id) == 1_300  # refunded once, not twice
     (event,) = await events(app, "billfold.transactions.payment.refunded", p["id"])
     assert event["refund"]["id"] == refund["id"]
+
+
+async def test_an_approval_after_the_deadline_is_reversed(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn, network_simulator: Any
+) -> None:
+    """The recovery sweeper fails a payment whose answer is late; when the approval does
+    arrive, it is reversed at once, never left holding the card's money."""
+    method, card_id = await card(client, app, alice)
+    key = uuid.uuid4().hex
+    network_simulator.config.latency_ms = 1_500
+    try:
+        request = asyncio.create_task(
+            pay(client, alice, payment_body("card", method, amount=650), key=key)
+        )
+        await eventually(lambda: _authorizing(app, alice, key))
+        await sql_exec(
+            app,
+            "UPDATE transactions.transactions SET created_at = now() - interval '1 hour' "
+            "WHERE user_id = :u AND idempotency_key = :k",
+            u=alice.user["id"],
+            k=key,
+        )
+        assert await recover_stuck_payments(app.state.resources.engine, app.state.transactions) == 1
+        r = await request
+    finally:
+        network_simulator.config.latency_ms = 0
+    assert r.status_code == 201, r.text
+    assert (r.json()["status"], r.json()["decline_code"]) == ("failed", "interrupted")
+    await eventually(lambda: _held(network_simulator, card_id, 0))
+    assert len(network_simulator.messages("0100")) >= 1
