@@ -150,6 +150,8 @@ async def test_an_approved_authorization_holds_then_completes_then_refunds(
 
     refund = await net.refund(auth, card, amount=1000, refund_id="ref_1")
     assert refund.approved and network_simulator.posted(card_id) == 2000
+    again = await net.refund(auth, card, amount=1000, refund_id="ref_1")  # asked again
+    assert again.approved and network_simulator.posted(card_id) == 2000
     too_much = await net.refund(auth, None, amount=2500, refund_id="ref_2")
     assert too_much.response_code == "12" and network_simulator.posted(card_id) == 2000
 
@@ -300,20 +302,44 @@ async def test_a_reversal_the_network_does_not_acknowledge_is_repeated_as_0421(
         await client.aclose()
 
 
+async def test_an_increment_that_times_out_releases_only_itself(
+    network_simulator: NetworkSimulator, local_vault: LocalVault
+) -> None:
+    amount = 777_003
+    network_simulator.config.amount_rules[amount] = NO_ANSWER
+    client = client_for(network_simulator, timeout=0.3)
+    try:
+        card, card_id = await token_card(local_vault, amount=1000)
+        auth = await authorize(client, card, 1000)
+        found = await local_vault.token_by_dpan(card.dpan)
+        assert found is not None
+        more = await cryptogram(local_vault, found.token.token_id, amount)
+        with pytest.raises(NetworkTimeout):
+            await client.increment(auth, more, amount=amount, merchant=SHOP, transaction_id="t")
+        assert await client.flush(5)
+        assert network_simulator.held(card_id) == 1000  # the original hold stays
+    finally:
+        del network_simulator.config.amount_rules[amount]
+        await client.aclose()
+
+
 async def test_a_top_up_charge_that_times_out_is_reversed(
     network_simulator: NetworkSimulator,
 ) -> None:
     amount = 777_002
     network_simulator.config.amount_rules[amount] = NO_ANSWER
     client = client_for(network_simulator, timeout=0.3)
+    pan = new_pan()
     try:
         with pytest.raises(NetworkTimeout):
-            await client.charge(Card(new_pan()), amount=amount, currency="USD", reference="top_t")
+            await client.charge(Card(pan), amount=amount, currency="USD", reference="top_t")
         assert await client.flush(5)
         (request,) = [s for s in network_simulator.messages("0200") if s.amount == amount]
         assert [s.mti for s in network_simulator.messages() if s.original_rrn == request.rrn] == [
             "0420"
         ]
+        # The issuer had charged the card; the reversal gave it back.
+        assert network_simulator.posted(network_simulator.pan_key(pan)) == 0
     finally:
         del network_simulator.config.amount_rules[amount]
         await client.aclose()

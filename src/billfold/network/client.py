@@ -230,8 +230,8 @@ class Iso8583Network:
         amount: int,
         merchant: Merchant,
         transaction_id: str,
+        channel: str = "ecommerce",
     ) -> Authorization:
-        channel = "ecommerce"
         message = self._tokenised("0100", card, amount, original.currency, merchant, channel)
         message["48"] = self._private(
             card, merchant, channel, TX=transaction_id, IN="1", OR=original.rrn

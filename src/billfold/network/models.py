@@ -233,8 +233,10 @@ class CardNetwork(Protocol):
         amount: int,
         merchant: Merchant,
         transaction_id: str,
+        channel: str = "ecommerce",
     ) -> Authorization:
-        """Incremental authorization (0100 naming the original): hold `amount` more."""
+        """Incremental authorization (0100 naming the original): hold `amount` more. `channel`
+        is the one the cryptogram was asked for (the issuer checks the token's domain)."""
         ...
 
     async def reverse(self, original: Authorization, *, amount: int, reason: str) -> None:

@@ -135,6 +135,7 @@ class NetworkSimulator:
         self._accounts: dict[tuple[str, str], _Account] = {}
         self._auths: dict[str, _Auth] = {}
         self._advices: OrderedDict[str, str] = OrderedDict()  # advice RRN → answer code
+        self._refunds: dict[str, tuple[str, str]] = {}  # refund id → (code, auth code)
         self._reversed: OrderedDict[str, int] = OrderedDict()  # reversed before seen
         self._random = random.Random()
 
@@ -181,6 +182,11 @@ class NetworkSimulator:
 
     def messages(self, mti: str | None = None) -> list[Seen]:
         return [s for s in self.seen if mti is None or s.mti == mti]
+
+    @staticmethod
+    def pan_key(pan: str) -> str:
+        """The key `held`/`posted` know a card charged by its PAN under (a top-up's card)."""
+        return "pan:" + hashlib.sha256(pan.encode()).hexdigest()[:24]
 
     def forget_cards(self) -> None:
         self._cards.clear()
@@ -430,7 +436,7 @@ class NetworkSimulator:
 
     def _charge(self, m: wire.Message, amount: int) -> wire.Message | None:
         pan = m.get("2", "")
-        key = "pan:" + hashlib.sha256(pan.encode()).hexdigest()[:24]
+        key = self.pan_key(pan)
         currency = wire.currency_alpha(m.get("49", "840"))
         code = _pan_code(pan, m.get("14", ""))
         rule = self.config.card_rules.get(pan[-4:])
@@ -439,19 +445,25 @@ class NetworkSimulator:
             code = rule[1]
         if code is None:
             code = self._rules(amount)
-        if code == NO_ANSWER:
-            self._account(key, currency).posted += amount
-            return None
-        if code is not None:
+        if code is not None and code != NO_ANSWER:
             return self._reply(m, code)
         if amount > self._available(key, currency):
             return self._reply(m, "51")
         self._account(key, currency).posted += amount
-        # A purchase is held until reversed or settled: record it so a 0420 can undo it.
-        self._auths[m.get("37", "")] = _Auth(key, currency, 0, captured=amount)
-        return self._approved(m)
+        # Recorded so that a 0420 (the client's timeout) can undo the purchase.
+        rrn = m.get("37", "")
+        self._auths[rrn] = _Auth(key, currency, 0, captured=amount)
+        late = self._reversed.pop(rrn, 0)
+        if late:
+            self._reverse({"OR": rrn}, late)
+        return None if code == NO_ANSWER else self._approved(m)
 
     def _refund(self, m: wire.Message, private: dict[str, str], amount: int) -> wire.Message:
+        """Applied once per refund id: asking again (after a timeout) gets the same answer."""
+        refund_id = private.get("RF") or m.get("37", "")
+        done = self._refunds.get(refund_id)
+        if done is not None:
+            return self._reply(m, done[0], {"38": done[1]} if done[1] else None)
         auth = self._auths.get(private.get("OR", ""))
         if auth is None:
             return self._reply(m, "25")
@@ -459,7 +471,9 @@ class NetworkSimulator:
             return self._reply(m, "12")  # more back than was spent
         auth.refunded += amount
         self._account(auth.card_key, auth.currency).posted -= amount
-        return self._approved(m)
+        answer = self._approved(m)
+        self._refunds[refund_id] = ("00", answer["38"])
+        return answer
 
     async def _stand_in_advice(
         self, m: wire.Message, private: dict[str, str], amount: int
@@ -529,7 +543,10 @@ class NetworkSimulator:
         account = self._account(key, currency)
         target = self._auths.get(original) if original else None
         if target is None:
-            target = self._auths[rrn] = _Auth(key, currency, 0)
+            target = _Auth(key, currency, 0)
+        # An increment's own RRN names the original's record too: a 0420 for the increment
+        # (its timeout) releases from the same hold.
+        self._auths[rrn] = target
         target.held += amount
         account.held += amount
         late = self._reversed.pop(rrn, 0)
