@@ -61,6 +61,7 @@ def scheduled_jobs(
         Job("expire-transfer-claims", 60, lambda: p2p.expire_claims(engine)),
         Job("expire-transfer-requests", 60, lambda: p2p.expire_requests(engine)),
         Job("expire-micro-deposits", 300, lambda: payment_methods.expire_micro_deposits(engine)),
+        Job("recover-fundings", 60, lambda: payment_methods.recover_fundings(engine, settings)),
         Job("purge-idempotency-keys", 3600, purge_idempotency_keys),
     ]
 

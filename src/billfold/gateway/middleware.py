@@ -41,10 +41,11 @@ _MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _NOT_IDEMPOTENT = frozenset(
     {"/v1/auth/token", "/v1/me/password", "/v1/auth/password-reset/confirm"}
 )
-# Payments keep their own idempotency (docs/architecture.md, Transaction Service): the edge's
-# claims the key on the request's database connection and holds it until the response, and a
-# card payment waits ~1.2 s for the network; the payment routes must hold no connection then.
-_OWN_IDEMPOTENCY = ("/v1/payments",)
+# Payments and wallet top-ups keep their own idempotency (docs/architecture.md, Transaction
+# Service, Payment Methods): the edge's claims the key on the request's database connection and
+# holds it until the response, and a card payment or top-up waits ~1.2 s for the network; those
+# routes must hold no connection then (and a top-up's retry must find the charge it made).
+_OWN_IDEMPOTENCY = ("/v1/payments", "/v1/wallet/topups")
 
 
 def _edge_idempotency(path: str) -> bool:

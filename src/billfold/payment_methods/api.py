@@ -6,7 +6,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 
-from billfold.gateway import IdempotencyRequired, Principal, Uow, require_scopes
+from billfold.gateway import (
+    IdempotencyRequired,
+    Principal,
+    Uow,
+    require_idempotency_key,
+    require_scopes,
+)
 from billfold.payment_methods import funding, service, store
 from billfold.payment_methods.models import (
     Funding,
@@ -19,6 +25,7 @@ from billfold.payment_methods.models import (
     VerifyMicroDeposits,
 )
 from billfold.payment_methods.runtime import PaymentMethodsRuntime
+from billfold.platform import idempotency
 from billfold.platform.errors import problem_responses
 from billfold.platform.pagination import Page, PageParams, make_page, page_params
 
@@ -153,22 +160,37 @@ async def remove_payment_method(method_id: MethodId, me: Me, uow: Uow, rt: Runti
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
+async def idempotency_key(key: Annotated[str, Depends(require_idempotency_key)]) -> str:
+    idempotency.check_key(key)
+    return key
+
+
 @wallet_router.post(
     "/v1/wallet/topups",
     status_code=status.HTTP_201_CREATED,
     response_model=FundingView,
     summary="Add money to your wallet from a card or bank account",
-    dependencies=[IdempotencyRequired],
-    responses=problem_responses(401, 402, 403, 404, 409, 422, 428),
+    responses=problem_responses(401, 402, 403, 404, 409, 422, 428, 503),
 )
-async def create_topup(body: Funding, me: Me, uow: Uow, rt: Runtime) -> FundingView:
+async def create_topup(
+    body: Funding,
+    me: Me,
+    uow: Uow,
+    rt: Runtime,
+    key: Annotated[str, Depends(idempotency_key)],
+    response: Response,
+) -> FundingView:
     """Credit `amount` (minor units) of `currency` from one of your verified payment methods:
     a card is charged through the payment network (declined: 402 `payment_declined` with
     `decline_code`, nothing is posted); a bank account is debited by ACH in its own currency
-    (simulated: it settles at once). The funding row, the ledger posting and the events commit
-    together. Requires `Idempotency-Key`: a retry returns this answer again and charges nothing."""
-    row, movement = await funding.top_up(await uow.connection(), rt, me.user_id, body)
-    return funding.view(row, movement)
+    (simulated: it settles at once). Requires `Idempotency-Key`, kept by this route itself (no
+    database connection is held while the network answers): a retry with the same key answers
+    the same top-up (`Idempotent-Replayed: true`) and never charges the card twice; 409
+    `idempotency_request_in_progress` while the first request is still at the network."""
+    outcome = await funding.top_up(uow.engine, rt, me.user_id, body, idempotency_key=key)
+    if outcome.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return outcome.view
 
 
 @wallet_router.post(
@@ -184,5 +206,4 @@ async def create_withdrawal(body: Funding, me: Me, uow: Uow, rt: Runtime) -> Fun
     `insufficient_funds` if it is too low; nothing changes then) to one of your verified bank
     accounts in that currency (422 `bank_account_required` for a card). Requires
     `Idempotency-Key`."""
-    row, movement = await funding.withdraw(await uow.connection(), rt, me.user_id, body)
-    return funding.view(row, movement)
+    return await funding.withdraw(await uow.connection(), rt, me.user_id, body)

@@ -263,6 +263,10 @@ class TooManyCardAttempts(ProblemError):
     status, code, title = 429, "too_many_attempts", "Too many attempts"
 
 
+class TopUpInterrupted(Conflict):
+    code, title = "topup_interrupted", "The top-up was interrupted"
+
+
 class CardRequired(Unprocessable):
     code, title = "card_required", "This needs a card"
 

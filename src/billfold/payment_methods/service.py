@@ -64,7 +64,7 @@ MICRO_DEPOSITS_FAILED = "micro_deposits_failed"
 MICRO_DEPOSITS_EXPIRED = "micro_deposits_expired"
 
 
-def _requester(user_id: str) -> str:
+def requester(user_id: str) -> str:
     """Who asks the vault for a PAN, as its audit log records it."""
     return f"payment_methods:{user_id}"
 
@@ -245,7 +245,7 @@ async def _add_card(
         )
 
     secret = await rt.vault.detokenize(
-        card_id=vaulted.card_id, requester=_requester(user_id), purpose="account_verification"
+        card_id=vaulted.card_id, requester=requester(user_id), purpose="account_verification"
     )
     verification = await rt.network.verify_account(secret, card.cvv)
     del secret

@@ -78,16 +78,20 @@ async def insert(conn: AsyncConnection, values: dict[str, Any]) -> None:
 
 
 async def get(
-    conn: AsyncConnection, method_id: str, user_id: str, *, for_update: bool = False
+    conn: AsyncConnection,
+    method_id: str,
+    user_id: str,
+    *,
+    for_update: bool = False,
+    include_removed: bool = False,
 ) -> Row[Any] | None:
-    """The user's live (not removed) method; None for anyone else's, a removed one or junk."""
+    """The user's live (not removed) method; None for anyone else's, a removed one or junk.
+    `include_removed`: a removed one too (what a top-up charged before its removal names)."""
     if not is_valid_id(method_id, "pm"):
         return None
     lock = " FOR UPDATE OF m" if for_update else ""
-    sql = text(
-        f"SELECT {COLUMNS} FROM {_FROM} "
-        f"WHERE m.id = :id AND m.user_id = :u AND m.status <> 'removed'{lock}"
-    )
+    live = "" if include_removed else " AND m.status <> 'removed'"
+    sql = text(f"SELECT {COLUMNS} FROM {_FROM} WHERE m.id = :id AND m.user_id = :u{live}{lock}")
     return (await conn.execute(sql, {"id": method_id, "u": user_id})).first()
 
 
@@ -262,16 +266,95 @@ async def deposit_amounts(conn: AsyncConnection, method_id: str) -> tuple[int, i
 
 # --- fundings ---------------------------------------------------------------------------------
 
+_FUNDING_COLUMNS = (
+    "id",
+    "user_id",
+    "payment_method_id",
+    "type",
+    "rail",
+    "status",
+    "amount",
+    "currency",
+    "posting_id",
+    "response_code",
+    "authorization_code",
+    "network_reference",
+    "failure_code",
+    "idempotency_key",
+    "request_hash",
+    "balance_posted",
+    "balance_held",
+    "balance_available",
+    "completed_at",
+)
+_FUNDING_SELECT = f"SELECT {', '.join(_FUNDING_COLUMNS)}, created_at, updated_at"
+_INSERT_FUNDING = text(
+    f"""
+    INSERT INTO payment_methods.fundings ({", ".join(_FUNDING_COLUMNS)})
+    VALUES ({", ".join(":" + c for c in _FUNDING_COLUMNS)})
+    RETURNING {", ".join(_FUNDING_COLUMNS)}, created_at, updated_at
+    """
+)
+
 
 async def insert_funding(conn: AsyncConnection, values: dict[str, Any]) -> Row[Any]:
-    sql = text(
-        """
-        INSERT INTO payment_methods.fundings (id, user_id, payment_method_id, type, rail, amount,
-            currency, posting_id, response_code, authorization_code, network_reference, created_at)
-        VALUES (:id, :user_id, :payment_method_id, :type, :rail, :amount, :currency, :posting_id,
-            :response_code, :authorization_code, :network_reference, :created_at)
-        RETURNING id, user_id, payment_method_id, type, rail, amount, currency, posting_id,
-            authorization_code, created_at
-        """
+    return (await conn.execute(_INSERT_FUNDING, {c: values.get(c) for c in _FUNDING_COLUMNS})).one()
+
+
+async def lock_funding_key(conn: AsyncConnection, user_id: str, key: str) -> None:
+    """Serialise the requests that carry one user's Idempotency-Key for this transaction: the
+    second finds the top-up the first wrote (the unique index is the backstop)."""
+    await conn.execute(
+        text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 29))"),
+        {"k": f"payment_methods:topup:{user_id}:{key}"},
     )
-    return (await conn.execute(sql, values)).one()
+
+
+async def funding_by_key(conn: AsyncConnection, user_id: str, key: str) -> Row[Any] | None:
+    sql = text(
+        f"{_FUNDING_SELECT} FROM payment_methods.fundings "
+        "WHERE user_id = :u AND idempotency_key = :k"
+    )
+    return (await conn.execute(sql, {"u": user_id, "k": key})).first()
+
+
+async def get_funding(
+    conn: AsyncConnection, funding_id: str, *, for_update: bool = False
+) -> Row[Any] | None:
+    lock = " FOR UPDATE" if for_update else ""
+    sql = text(f"{_FUNDING_SELECT} FROM payment_methods.fundings WHERE id = :id{lock}")
+    return (await conn.execute(sql, {"id": funding_id})).first()
+
+
+async def update_funding(conn: AsyncConnection, funding_id: str, values: dict[str, Any]) -> None:
+    """Set the given columns (names from code, values bound)."""
+    sets = ", ".join(f"{c} = :{c}" for c in values)
+    await conn.execute(
+        text(f"UPDATE payment_methods.fundings SET {sets}, updated_at = now() WHERE id = :id"),
+        {**values, "id": funding_id},
+    )
+
+
+async def delete_unanswered_funding(conn: AsyncConnection, funding_id: str) -> None:
+    """Drop a card top-up that charged nothing (declined, or no answer from the network or the
+    vault); one approved or completed is never touched."""
+    await conn.execute(
+        text(
+            "DELETE FROM payment_methods.fundings WHERE id = :id "
+            "AND status IN ('pending', 'failed') AND response_code IS NULL"
+        ),
+        {"id": funding_id},
+    )
+
+
+async def lock_next_stuck_funding(
+    conn: AsyncConnection, older_than_seconds: float, skip: list[str]
+) -> Row[Any] | None:
+    """The next top-up still `pending` after the deadline, locked; rows a request or another
+    worker holds are skipped (never waited for)."""
+    sql = text(
+        f"{_FUNDING_SELECT} FROM payment_methods.fundings "
+        "WHERE status = 'pending' AND updated_at < now() - make_interval(secs => :s) "
+        "AND NOT (id = ANY(:skip)) ORDER BY updated_at LIMIT 1 FOR UPDATE SKIP LOCKED"
+    )
+    return (await conn.execute(sql, {"s": older_than_seconds, "skip": skip})).first()

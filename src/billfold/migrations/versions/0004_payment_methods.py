@@ -82,23 +82,44 @@ CREATE TABLE payment_methods.micro_deposits (
     CHECK (attempts <= max_attempts)
 );
 
--- Money in (a card charge or an ACH debit) and out (an ACH credit), each with its ledger posting.
+-- Money in (a card charge or an ACH debit) and out (an ACH credit), each with its ledger posting
+-- once completed. A card top-up is written `pending` (with the user's Idempotency-Key) before the
+-- card is charged, gets the approval after it, and is `completed` with its posting: a retry or
+-- the recovery job finds it by its key and never charges the card a second time. `failed`: the
+-- network's answer was lost to a crash (topup_interrupted).
 CREATE TABLE payment_methods.fundings (
     id                 text PRIMARY KEY,
     user_id            text NOT NULL,
     payment_method_id  text NOT NULL REFERENCES payment_methods.methods (id),
     type               text NOT NULL CHECK (type IN ('topup', 'withdrawal')),
     rail               text NOT NULL CHECK (rail IN ('card', 'ach')),
+    status             text NOT NULL DEFAULT 'completed'
+        CHECK (status IN ('pending', 'completed', 'failed')),
     amount             bigint NOT NULL CHECK (amount > 0),
     currency           text NOT NULL CHECK (currency ~ '^[A-Z]{3}$'),
-    posting_id         text NOT NULL UNIQUE,
+    posting_id         text UNIQUE,
     response_code      text,
     authorization_code text,
     network_reference  text,
-    created_at         timestamptz NOT NULL DEFAULT now()
+    failure_code       text,
+    idempotency_key    text,
+    request_hash       text,
+    balance_posted     bigint,
+    balance_held       bigint,
+    balance_available  bigint,
+    created_at         timestamptz NOT NULL DEFAULT now(),
+    updated_at         timestamptz NOT NULL DEFAULT now(),
+    completed_at       timestamptz,
+    CONSTRAINT fundings_completed_posted CHECK (
+        (status = 'completed') = (posting_id IS NOT NULL AND completed_at IS NOT NULL))
 );
 CREATE INDEX fundings_user ON payment_methods.fundings (user_id, id);
 CREATE INDEX fundings_method ON payment_methods.fundings (payment_method_id);
+-- One top-up per user and Idempotency-Key, whatever runs at once.
+CREATE UNIQUE INDEX fundings_idempotency ON payment_methods.fundings (user_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+-- What the recovery job looks through: top-ups left between the charge and the credit.
+CREATE INDEX fundings_pending ON payment_methods.fundings (updated_at) WHERE status = 'pending';
 """
 
 
