@@ -388,3 +388,41 @@ async def test_a_top_up_the_network_did_not_answer_is_charged_by_its_retry(
     assert r.status_code == 201, r.text
     assert charges(network_simulator, r.json()["id"]) == 1
     assert (await balance(app, alice.user["id"], "USD")).posted == 4_433
+
+
+async def test_a_card_whose_token_is_suspended_or_deleted_or_that_expired_tops_up_nothing(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn, network_simulator: Any
+) -> None:
+    card = await add_card(client, alice)
+    vault = app.state.payment_methods.vault
+    token_id = card["card"]["token_id"]
+    before = await state(app, alice)
+    sent = len(network_simulator.messages("0200"))
+
+    await vault.suspend_token(token_id, reason="lost_phone")
+    r = await topup(client, alice, card["id"], 500)
+    assert r.status_code == 409 and r.json()["code"] == "card_token_inactive", r.text
+    assert r.json()["errors"][0]["pointer"] == "#/payment_method_id"
+    await vault.resume_token(token_id, reason="found_phone")
+    ok = await topup(client, alice, card["id"], 500)
+    assert ok.status_code == 201, ok.text
+
+    await vault.delete_token(token_id, reason="closed")
+    after_ok = await state(app, alice)
+    r = await topup(client, alice, card["id"], 500)
+    assert r.status_code == 409 and r.json()["code"] == "card_token_inactive", r.text
+    assert await state(app, alice) == after_ok
+
+    expired = await add_card(client, alice)
+    await sql(
+        app,
+        "UPDATE payment_methods.methods SET expiry_month = 1, expiry_year = 2024 WHERE id = :i",
+        i=expired["id"],
+    )
+    after_add = await state(app, alice)
+    r = await topup(client, alice, expired["id"], 500)
+    assert r.status_code == 422 and r.json()["code"] == "card_expired", r.text
+    assert await state(app, alice) == after_add
+    # One charge in all: the one top-up that was allowed.
+    assert len(network_simulator.messages("0200")) == sent + 1
+    assert before["usd"] + 500 == after_ok["usd"]

@@ -6,8 +6,10 @@ transaction with it, for the whole request, across the network's answer), in thr
 1. tx1 (short): the user's Idempotency-Key is locked and looked up; a new top-up is written
    `pending` with the key and the request's hash, and committed. A bank account's top-up (a
    simulated ACH debit that settles at once) is posted and `completed` right here.
-2. No connection held: the PAN comes from the vault and the network charges the card, with the
-   funding id as the merchant's reference.
+2. No connection held: the PAN comes from the vault by the card's payment token (409
+   `card_token_inactive` when it is suspended or deleted: a card the user or the issuer froze
+   pays for nothing, top-ups included) and the network charges the card, with the funding id
+   as the merchant's reference. An expired card is refused in tx1 (422 `card_expired`).
 3. tx2 (short): an approval posts `ledger.top_up`, marks the top-up `completed` and publishes
    its event. If tx2 fails (a serialisation failure, a lock timeout), the approval is written
    down on its own so that nothing can charge the card again.
@@ -38,9 +40,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from billfold import ledger
 from billfold.config import Settings
 from billfold.network import RESPONSE_CODES, Charge
-from billfold.payment_methods import events, store
+from billfold.payment_methods import cards, events, store
 from billfold.payment_methods.models import (
     BankAccountRequired,
+    CardExpired,
+    CardTokenInactive,
     CurrencyMismatch,
     Funding,
     FundingBalance,
@@ -58,6 +62,7 @@ from billfold.platform.errors import Conflict, FieldError, ProblemError, Unproce
 from billfold.platform.ids import new_id
 from billfold.platform.money import Money
 from billfold.platform.observability import get_logger
+from billfold.vault import TokenNotActive, TokenNotFound
 
 log = get_logger("billfold.payment_methods.funding")
 
@@ -165,6 +170,11 @@ async def _begin(
         "request_hash": request_hash,
     }
     if method.type == "card":
+        if cards.expiry_state(method.expiry_month, method.expiry_year) == "expired":
+            raise CardExpired(
+                "This card has expired; add its new expiry or another card",
+                errors=[FieldError(pointer=POINTER, detail="the card has expired")],
+            )
         return await store.insert_funding(conn, values | {"rail": "card", "status": "pending"})
     _same_currency(method, money)
     row = await store.insert_funding(conn, values | {"rail": "ach", "status": "pending"})
@@ -201,11 +211,18 @@ async def _charge(engine: AsyncEngine, rt: PaymentMethodsRuntime, row: Row[Any])
         await conn.rollback()
     assert method is not None
     try:
-        secret = await rt.vault.detokenize(
-            card_id=method.vault_card_id,
-            requester=requester(row.user_id),
-            purpose="authorization",
-        )
+        try:
+            secret = await rt.vault.detokenize(
+                token_id=method.vault_token_id,
+                requester=requester(row.user_id),
+                purpose="authorization",
+            )
+        except (TokenNotActive, TokenNotFound):
+            raise CardTokenInactive(
+                "This card's payment token is suspended or deleted; resume it or add the card "
+                "again",
+                errors=[FieldError(pointer=POINTER, detail="the card's token is not active")],
+            ) from None
         try:
             charge = await rt.network.charge(
                 secret, amount=row.amount, currency=row.currency, reference=row.id

@@ -263,6 +263,10 @@ class TooManyCardAttempts(ProblemError):
     status, code, title = 429, "too_many_attempts", "Too many attempts"
 
 
+class CardTokenInactive(Conflict):
+    code, title = "card_token_inactive", "The card's payment token is not active"
+
+
 class TopUpInterrupted(Conflict):
     code, title = "topup_interrupted", "The top-up was interrupted"
 
