@@ -1,15 +1,35 @@
-"""Helpers shared by the vault tests: fresh card numbers, rows and outbox events read by SQL."""
+"""Helpers shared by the vault tests: fresh card numbers, rows and outbox events read by SQL, and
+the vault process (`billfold vault` in a subprocess, with or without mTLS)."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import ipaddress
+import os
 import secrets
-from datetime import date
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlalchemy import text
 
 from billfold.vault import CryptogramRequest, LocalVault
 from billfold.vault.emv import luhn_check_digit
+from billfold.vault.service_auth import generate_service_key
 
 
 def new_pan(prefix: str = "4", length: int = 16) -> str:
@@ -57,3 +77,151 @@ async def events_of(vault: LocalVault, card_id: str) -> list[dict[str, Any]]:
         " WHERE aggregate_id = :card_id ORDER BY seq",
         card_id=card_id,
     )
+
+
+# --- the vault process --------------------------------------------------------------------------
+
+
+@dataclass
+class VaultProcess:
+    url: str
+    log: Path
+    process: subprocess.Popen[bytes]
+    service_key: bytes
+
+
+@dataclass
+class Tls:
+    """A test CA, the vault's server certificate (for 127.0.0.1) and an API client certificate."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.load_cert_chain(str(self.client_cert), str(self.client_key))
+        return context
+
+
+def issue_tls(directory: Path) -> Tls:
+    now = datetime.now(UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write(path: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
+        path.with_suffix(".key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        path.with_suffix(".pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    def issue(
+        cn: str, key: ec.EllipticCurvePrivateKey, signer: ec.EllipticCurvePrivateKey, **ext: Any
+    ) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(name("billfold test CA"))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+        )
+        for extension, critical in ext.values():
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = issue("billfold test CA", ca_key, ca_key, basic=(x509.BasicConstraints(True, None), True))
+    write(directory / "ca", ca_key, ca)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    server = issue(
+        "billfold-vault",
+        server_key,
+        ca_key,
+        san=(san, False),
+        eku=(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+    )
+    write(directory / "server", server_key, server)
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = issue(
+        "billfold-api",
+        client_key,
+        ca_key,
+        eku=(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False),
+    )
+    write(directory / "client", client_key, client)
+    return Tls(
+        directory / "ca.pem",
+        directory / "server.pem",
+        directory / "server.key",
+        directory / "client.pem",
+        directory / "client.key",
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def run_vault_process(
+    database_url: str,
+    data_dir: Path,
+    secret_key: str,
+    log: Path,
+    tls: Tls | None = None,
+) -> Iterator[VaultProcess]:
+    """`billfold vault` in a subprocess on a free loopback port, ready, stopped at exit (with
+    `tls`: HTTPS that requires a client certificate from the test CA)."""
+    service_key = generate_service_key()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BILLFOLD_", "SOFTHSM2_"))}
+    env.update(
+        {
+            "BILLFOLD_DATABASE_URL": database_url,
+            "BILLFOLD_DATA_DIR": str(data_dir),
+            "BILLFOLD_SECRET_KEY": secret_key,
+            "BILLFOLD_VAULT_SERVICE_KEY": service_key,
+            "BILLFOLD_ENVIRONMENT": "test",
+            "BILLFOLD_LOG_JSON": "true",
+            # Everything the process would ever log, not only what production logs.
+            "BILLFOLD_LOG_LEVEL": "DEBUG",
+        }
+    )
+    command = [sys.executable, "-m", "billfold.cli", "vault", "--host", "127.0.0.1"]
+    command += ["--port", str(port)]
+    if tls is not None:
+        command += ["--ssl-certfile", str(tls.server_cert), "--ssl-keyfile", str(tls.server_key)]
+        command += ["--ssl-ca-certs", str(tls.ca)]
+    with log.open("ab") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    verify = tls.client_context() if tls is not None else True
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, f"the vault exited:\n{log.read_text()[-3000:]}"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/readyz", timeout=1, verify=verify).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, f"vault not ready:\n{log.read_text()[-3000:]}"
+            time.sleep(0.1)
+        yield VaultProcess(url, log, process, base64.b64decode(service_key))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
