@@ -15,6 +15,7 @@ import httpx
 from sqlalchemy import text
 
 from billfold.platform.ids import new_id
+from billfold.platform.pagination import encode_cursor
 from tests.conftest import SignedIn, sign_up
 from tests.integration.history_support import add_transaction
 
@@ -228,6 +229,11 @@ async def test_search_ranks_and_pages(app: Any, client: httpx.AsyncClient) -> No
         headers=me.headers,
     )
     assert r.status_code == 422 and r.json()["code"] == "invalid_cursor"
+    # Crafted relevance cursors are refused, never a database error.
+    for score in ("NaN", "Infinity", "1e999999999", "-1.000000", "0.5"):
+        crafted = encode_cursor(f"{score}|{exact}")
+        r = await client.get(LIST, params={"q": "starbucks", "cursor": crafted}, headers=me.headers)
+        assert r.status_code == 422 and r.json()["code"] == "invalid_cursor", score
 
 
 async def test_one_transaction_owner_only(app: Any, client: httpx.AsyncClient) -> None:

@@ -98,7 +98,8 @@ def test_search_cursor_round_trips() -> None:
     assert SearchCursor.decode(cursor.encode()) == cursor
     newest = SearchCursor(None, "txn_01m8pr984qepm875fqb8zftcd2")
     assert SearchCursor.decode(newest.encode()) == newest
-    assert SearchCursor.decode("abc|txn_x") is None
+    for junk in ("abc|txn_x", "NaN|txn_x", "Infinity|txn_x", "1e999999999|txn_x", "-1.000000|t"):
+        assert SearchCursor.decode(junk) is None, junk
 
 
 def _receipt(**overrides: object) -> ReceiptData:

@@ -104,9 +104,13 @@ class SearchCursor:
         if not sep:
             return cls(None, value)
         try:
-            return cls(Decimal(score), txn)
+            number = Decimal(score)
         except ArithmeticError:
             return None
+        # Scores are in [0, 2] with 6 places; anything else (NaN, 1e999999) is not ours.
+        if not number.is_finite() or not 0 <= number <= 10 or number.as_tuple().exponent != -6:
+            return None
+        return cls(number, txn)
 
 
 @dataclass(frozen=True)
