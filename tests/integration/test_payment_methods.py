@@ -6,18 +6,22 @@ account number ever shows up in an answer, an event, an idempotency record or ou
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
 from billfold import payment_methods
+from billfold.app import create_app
 from billfold.vault import CardNotFound
-from tests.conftest import SignedIn, device_key, sign_up
+from tests.conftest import SignedIn, device_key, make_settings, sign_up
 from tests.integration.payment_methods_support import (
     ADDRESS,
     CVV,
@@ -773,3 +777,94 @@ async def test_no_card_number_or_account_number_reaches_the_logs(
     text_out = logged.out + logged.err
     assert "/v1/payment-methods" in text_out  # the requests were logged…
     assert pan not in text_out and number not in text_out  # …without the numbers
+
+
+# --- nothing left in the vault by a request that failed ---------------------------------------
+
+
+async def live_vault_cards(app: Any, owner_id: str) -> int:
+    (row,) = await sql(
+        app,
+        "SELECT count(*) AS n FROM vault.cards WHERE owner_id = :o AND deleted_at IS NULL",
+        o=owner_id,
+    )
+    return int(row.n)
+
+
+async def test_a_card_whose_verification_gets_no_answer_leaves_no_number_in_the_vault(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn, network_simulator: Any
+) -> None:
+    network = app.state.payment_methods.network
+    config = network.config
+    network.config = dataclasses.replace(config, timeout=0.3)
+    network_simulator.config.timeout_rate = 1.0  # processed, never answered
+    try:
+        r = await add(client, alice, card_body())
+    finally:
+        network.config = config
+        network_simulator.config.timeout_rate = 0.0
+    assert r.status_code == 503 and r.json()["code"] == "network_timeout", r.text
+    assert await live_vault_cards(app, alice.user["id"]) == 0
+    rows = await sql(
+        app, "SELECT id FROM payment_methods.methods WHERE user_id = :u", u=alice.user["id"]
+    )
+    assert rows == []
+
+
+@pytest.fixture
+async def impatient(settings: Any, data_dir: Any) -> AsyncIterator[Any]:
+    """The API with a 300 ms lock timeout, on the test database and network simulator."""
+    quick = make_settings(
+        settings.database_url,
+        settings.redis_url,
+        data_dir,
+        secret_key=settings.secret_key,
+        network_address=settings.network_address,
+        db_lock_timeout_ms=300,
+    )
+    application = create_app(quick)
+    async with LifespanManager(application):
+        yield application
+
+
+async def test_a_removal_that_does_not_commit_keeps_the_card_in_the_vault(
+    impatient: Any, network_simulator: Any
+) -> None:
+    transport = httpx.ASGITransport(app=impatient)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        alice = await sign_up(client, name="Alice Removes")
+        card = await add_card(client, alice)
+        vault_card_id = (await method_row(impatient, card["id"])).vault_card_id
+        # An expired idempotency record of this key, held by someone else: the edge's save of
+        # the DELETE's answer waits for it, times out, and the request's transaction rolls back.
+        key = uuid.uuid4().hex
+        scope = f"user:{alice.user['id']}"
+        await sql(
+            impatient,
+            "INSERT INTO platform.idempotency_keys (scope, key, method, path, request_hash, "
+            "status_code, response_headers, response_body, created_at, expires_at) VALUES "
+            "(:s, :k, 'DELETE', '/x', 'h', 204, '[]', '\\x00', now() - interval '2 days', "
+            "now() - interval '1 day')",
+            s=scope,
+            k=key,
+        )
+        engine = impatient.state.resources.engine
+        path = f"/v1/payment-methods/{card['id']}"
+        async with engine.connect() as blocker:
+            await blocker.execute(
+                text(
+                    "SELECT 1 FROM platform.idempotency_keys WHERE scope = :s AND key = :k "
+                    "FOR UPDATE"
+                ),
+                {"s": scope, "k": key},
+            )
+            r = await client.delete(path, headers={**alice.headers, "Idempotency-Key": key})
+            assert r.status_code == 503, r.text
+            await blocker.rollback()
+        # Rolled back: still verified, and its card still in the vault (it can still pay).
+        assert (await client.get(path, headers=alice.headers)).json()["status"] == "verified"
+        assert (await impatient.state.vault.get_card(vault_card_id)).card_id == vault_card_id
+        r = await client.delete(path, headers={**alice.headers, "Idempotency-Key": key})
+        assert r.status_code == 204, r.text
+        with pytest.raises(CardNotFound):
+            await impatient.state.vault.get_card(vault_card_id)

@@ -154,9 +154,9 @@ async def verify_micro_deposits(
     responses=problem_responses(401, 403, 404),
 )
 async def remove_payment_method(method_id: MethodId, me: Me, uow: Uow, rt: Runtime) -> Response:
-    """A card's number and payment tokens are deleted in the vault; a removed default hands
-    over to your newest other verified method, if any."""
-    await service.remove(await uow.connection(), rt, method_id, me.user_id)
+    """A card's number and payment tokens are deleted in the vault (once the removal has
+    committed); a removed default hands over to your newest other verified method, if any."""
+    await service.remove(uow, rt, method_id, me.user_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

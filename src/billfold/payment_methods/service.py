@@ -53,7 +53,7 @@ from billfold.platform.db import UnitOfWork, unit_of_work
 from billfold.platform.errors import FieldError, Unprocessable
 from billfold.platform.ids import new_id
 from billfold.platform.observability import get_logger
-from billfold.vault import CardInput, CardNotFound, TokenDomain
+from billfold.vault import CardInput, CardNotFound, TokenDomain, VaultedCard
 
 log = get_logger("billfold.payment_methods")
 
@@ -234,11 +234,46 @@ async def _add_card(
     if await store.live_with_fingerprint(conn, user_id, vaulted.fingerprint):
         # The vault handed back the card it already keeps for this user: nothing to undo.
         raise PaymentMethodExists("You have already added this card")
+    # From here on the vault holds a card (and maybe a token) this transaction may never
+    # commit: any failure deletes it again, so no live number outlives a request that failed
+    # (a network timeout during verification, the insert, ...).
+    try:
+        return await _verify_card(conn, rt, principal, card, nickname, vaulted, brand)
+    except Exception as exc:
+        reason = (
+            "verification_attempts_exhausted"
+            if isinstance(exc, TooManyCardAttempts)
+            else "not_added"
+        )
+        await _discard(rt, vaulted.card_id, reason)
+        raise
+
+
+async def _discard(rt: PaymentMethodsRuntime, card_id: str, reason: str) -> None:
+    """Delete a vault card this service no longer keeps; one already gone is fine. A vault that
+    cannot be reached leaves it behind: logged (by id), never raised over the first error."""
+    try:
+        await rt.vault.delete_card(card_id, reason=reason)
+    except CardNotFound:
+        pass
+    except Exception:
+        log.exception("vault card left behind; delete it by id", vault_card_id=card_id)
+
+
+async def _verify_card(
+    conn: AsyncConnection,
+    rt: PaymentMethodsRuntime,
+    principal: Principal,
+    card: NewCard,
+    nickname: str | None,
+    vaulted: VaultedCard,
+    brand: str,
+) -> Row[Any]:
+    user_id = principal.user_id
     failures = await store.recent_failures(
         conn, user_id, vaulted.fingerprint, utcnow() - timedelta(days=1)
     )
     if failures >= MAX_CARD_FAILURES_PER_DAY:
-        await rt.vault.delete_card(vaulted.card_id, reason="verification_attempts_exhausted")
         raise TooManyCardAttempts(
             "This card failed verification too often today; try again tomorrow",
             headers={"Retry-After": str(24 * 3600)},
@@ -656,12 +691,11 @@ async def make_default(conn: AsyncConnection, method_id: str, user_id: str) -> R
     return await _refetch(conn, method_id, user_id)
 
 
-async def remove(
-    conn: AsyncConnection, rt: PaymentMethodsRuntime, method_id: str, user_id: str
-) -> None:
+async def remove(uow: UnitOfWork, rt: PaymentMethodsRuntime, method_id: str, user_id: str) -> None:
     """Remove a method: a card's PAN and every token of it are deleted in the vault, a bank
     account's sealed number is dropped. A removed default hands over to the newest other
     verified method, or to none."""
+    conn = await uow.connection()
     await store.lock_user(conn, user_id)
     row = await store.get(conn, method_id, user_id, for_update=True)
     if row is None:
@@ -686,12 +720,17 @@ async def remove(
             {"payment_method_id": successor, "previous_payment_method_id": method_id},
         )
     if row.type == "card" and row.status != "failed":
-        # Last, so a vault that cannot be reached leaves the method as it was (the request
-        # fails and rolls back). A failed card's number was deleted when it failed.
-        try:
-            await rt.vault.delete_card(row.vault_card_id, reason="removed_by_user")
-        except CardNotFound:
-            pass
+        # Only once the removal has committed: deleted first, a transaction that then rolled
+        # back would leave a live method whose card the vault no longer has. A vault that
+        # cannot be reached then leaves the number behind a removed method: logged by id (and
+        # no payment can reach it: the method is gone). A failed card's number was deleted
+        # when it failed.
+        card_id = row.vault_card_id
+
+        async def delete_in_vault() -> None:
+            await _discard(rt, card_id, "removed_by_user")
+
+        uow.after_commit(delete_in_vault)
 
 
 # --- spending ---------------------------------------------------------------------------------
