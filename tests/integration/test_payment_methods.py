@@ -263,6 +263,26 @@ async def test_a_card_that_keeps_failing_is_refused_for_a_day(
     assert "retry-after" in r.headers
 
 
+async def test_a_card_tested_across_many_accounts_is_refused_to_everyone_for_a_day(
+    client: httpx.AsyncClient, app: Any
+) -> None:
+    pan = new_pan()
+    testers = [await sign_up(client) for _ in range(3)]
+    # 2 + 2 + 1 guesses: under each account's own cap of 3, five for the card.
+    for who, guesses in zip(testers, (2, 2, 1), strict=True):
+        for _ in range(guesses):
+            r = await add(client, who, card_body(pan, cvv="000"))
+            assert r.json()["status"] == "failed", r.text
+    newcomer = await sign_up(client)
+    r = await add(client, newcomer, card_body(pan))
+    assert r.status_code == 429 and r.json()["code"] == "too_many_attempts", r.text
+    assert await live_vault_cards(app, newcomer.user["id"]) == 0
+    r = await add(client, testers[2], card_body(pan))
+    assert r.status_code == 429, r.text
+    # Another card is not affected.
+    assert (await add(client, newcomer, card_body(new_pan()))).json()["status"] == "verified"
+
+
 async def test_the_same_card_twice_is_409_until_it_is_removed(
     client: httpx.AsyncClient, alice: SignedIn, bob: SignedIn
 ) -> None:

@@ -60,6 +60,9 @@ log = get_logger("billfold.payment_methods")
 # A user may fail to verify the same card this many times a day (a CVV is 3-4 digits: without a
 # cap, adding the card again and again would guess it).
 MAX_CARD_FAILURES_PER_DAY = 3
+# And all users together this many times (card testing spreads the guesses over many accounts).
+# The price: someone failing on purpose with a stolen number locks its owner out for a day too.
+MAX_CARD_FAILURES_PER_DAY_ALL_USERS = 5
 MICRO_DEPOSITS_FAILED = "micro_deposits_failed"
 MICRO_DEPOSITS_EXPIRED = "micro_deposits_expired"
 
@@ -270,10 +273,10 @@ async def _verify_card(
     brand: str,
 ) -> Row[Any]:
     user_id = principal.user_id
-    failures = await store.recent_failures(
-        conn, user_id, vaulted.fingerprint, utcnow() - timedelta(days=1)
-    )
-    if failures >= MAX_CARD_FAILURES_PER_DAY:
+    since = utcnow() - timedelta(days=1)
+    mine = await store.recent_failures(conn, vaulted.fingerprint, since, user_id=user_id)
+    everyone = await store.recent_failures(conn, vaulted.fingerprint, since)
+    if mine >= MAX_CARD_FAILURES_PER_DAY or everyone >= MAX_CARD_FAILURES_PER_DAY_ALL_USERS:
         raise TooManyCardAttempts(
             "This card failed verification too often today; try again tomorrow",
             headers={"Retry-After": str(24 * 3600)},

@@ -125,10 +125,13 @@ async def live_with_fingerprint(conn: AsyncConnection, user_id: str, fingerprint
 
 
 async def recent_failures(
-    conn: AsyncConnection, user_id: str, fingerprint: str, since: datetime
+    conn: AsyncConnection, fingerprint: str, since: datetime, *, user_id: str | None = None
 ) -> int:
+    """Failed verifications of the card with this fingerprint since `since`: the user's, or
+    everyone's (the fingerprint is the same card for every owner)."""
     sql = text(
-        "SELECT count(*) FROM payment_methods.methods WHERE user_id = :u AND fingerprint = :f "
+        "SELECT count(*) FROM payment_methods.methods WHERE fingerprint = :f "
+        "AND (CAST(:u AS text) IS NULL OR user_id = :u) "
         "AND status IN ('failed', 'removed') AND failure_code IS NOT NULL AND created_at >= :since"
     )
     return int(

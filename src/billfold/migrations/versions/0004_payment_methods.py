@@ -66,6 +66,9 @@ CREATE UNIQUE INDEX methods_one_default ON payment_methods.methods (user_id) WHE
 CREATE UNIQUE INDEX methods_live_fingerprint ON payment_methods.methods (user_id, fingerprint)
     WHERE status IN ('pending_verification', 'verified');
 CREATE INDEX methods_user ON payment_methods.methods (user_id, id);
+-- Failed verifications of one card across all users (the card-testing cap).
+CREATE INDEX methods_failed_fingerprint ON payment_methods.methods (fingerprint, created_at)
+    WHERE failure_code IS NOT NULL;
 
 -- The two small deposits that prove a bank account is the user's (amounts in minor units).
 CREATE TABLE payment_methods.micro_deposits (
