@@ -72,6 +72,7 @@ def event_sink(
     """Where the relay delivers: the in-process consumers, then `downstream`."""
     consumers = [
         *p2p.consumers(p2p_runtime),
+        *payment_methods.consumers(),
         # Receipts go to the process's BlobStore (the one the users runtime holds).
         *transactions.receipt_consumers(p2p_runtime.users.blobs),
     ]

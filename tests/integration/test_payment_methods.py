@@ -18,7 +18,7 @@ from asgi_lifespan import LifespanManager
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
-from billfold import payment_methods
+from billfold import jobs, payment_methods
 from billfold.app import create_app
 from billfold.vault import CardNotFound
 from tests.conftest import SignedIn, device_key, make_settings, sign_up
@@ -36,7 +36,7 @@ from tests.integration.payment_methods_support import (
     us_bank_body,
     verify,
 )
-from tests.integration.transfer_support import sql
+from tests.integration.transfer_support import outbox_events, sql
 
 pytestmark = pytest.mark.usefixtures("hsm", "network_simulator")
 
@@ -888,3 +888,33 @@ async def test_a_removal_that_does_not_commit_keeps_the_card_in_the_vault(
         assert r.status_code == 204, r.text
         with pytest.raises(CardNotFound):
             await impatient.state.vault.get_card(vault_card_id)
+
+
+async def test_a_card_the_vault_reissues_shows_its_new_last4_and_expiry(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn
+) -> None:
+    card = await add_card(client, alice)
+    row = await method_row(app, card["id"])
+    new_number = new_pan()
+    await app.state.vault.update_card(
+        row.vault_card_id, pan=new_number, expiry_month=3, expiry_year=2034
+    )
+    found = await outbox_events(app, "billfold.vault.card.updated", row.vault_card_id)
+    assert len(found) == 1
+    sink = jobs.event_sink(app.state.resources.engine, app.state.p2p)
+    for _ in range(2):  # redelivered: one effect
+        await sink(found[0])
+    seen = (await client.get(f"/v1/payment-methods/{card['id']}", headers=alice.headers)).json()
+    assert (seen["card"]["last4"], seen["card"]["expiry_month"], seen["card"]["expiry_year"]) == (
+        new_number[-4:],
+        3,
+        2034,
+    )
+    assert seen["card"]["token_id"] == card["card"]["token_id"]  # the token stays as it was
+    updates = [e for e in await events_of(app, card["id"]) if e.type.endswith(".updated")]
+    assert len(updates) == 1
+    assert updates[0].data["changed"] == ["expiry_month", "expiry_year", "last4"]
+    assert new_number not in json.dumps(updates[0].data)
+    async with app.state.resources.engine.connect() as conn:
+        token = await payment_methods.card_token_for(conn, alice.user["id"], card["id"])
+    assert (token.last4, token.expiry_month, token.expiry_year) == (new_number[-4:], 3, 2034)

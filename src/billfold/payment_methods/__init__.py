@@ -4,7 +4,8 @@ and wallet funding (top-ups from them, withdrawals to bank accounts).
 Transactions spend a verified card through `card_token_for` (its payment token, never a number).
 The app builds a `PaymentMethodsRuntime` (the vault client, the payment network, the sealing
 key) and mounts `router` and `wallet_router`; the worker runs `expire_micro_deposits` and
-`recover_fundings` (card top-ups a crash left between the charge and the credit).
+`recover_fundings` (card top-ups a crash left between the charge and the credit) and the
+`consumers` (a card the vault reissued updates its methods' last4 and expiry).
 `micro_deposit_amounts` reads what the simulated ACH deposited (the demo and tests play the user
 reading their bank statement).
 """
@@ -20,6 +21,7 @@ from billfold.payment_methods.models import (
 from billfold.payment_methods.runtime import PaymentMethodsRuntime
 from billfold.payment_methods.service import (
     card_token_for,
+    consumers,
     expire_micro_deposits,
     micro_deposit_amounts,
 )
@@ -31,6 +33,7 @@ __all__ = [
     "PaymentMethodNotVerified",
     "PaymentMethodsRuntime",
     "card_token_for",
+    "consumers",
     "expire_micro_deposits",
     "micro_deposit_amounts",
     "recover_fundings",

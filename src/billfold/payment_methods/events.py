@@ -1,4 +1,5 @@
-"""Events the Payment Method Service publishes (`billfold.payment_methods.*`).
+"""Events the Payment Method Service publishes (`billfold.payment_methods.*`), and the one it
+consumes (`billfold.vault.card.updated`, see `service.card_updated`).
 
 None carries a card number, CVV or account number: a method is named by its id, type, brand and
 last four digits."""
@@ -22,6 +23,10 @@ DEFAULT_CHANGED = "billfold.payment_methods.default_changed"
 UPDATED = "billfold.payment_methods.updated"
 TOPUP_COMPLETED = "billfold.payment_methods.topup.completed"
 WITHDRAWAL_COMPLETED = "billfold.payment_methods.withdrawal.completed"
+
+# Consumed: a reissued card (new number and/or expiry) in the vault. By its type string: the
+# vault's public face exports no event names, and the envelope is the contract.
+VAULT_CARD_UPDATED = "billfold.vault.card.updated"
 
 
 async def publish(

@@ -48,6 +48,7 @@ from billfold.payment_methods.models import (
     UpdatePaymentMethod,
 )
 from billfold.payment_methods.runtime import PaymentMethodsRuntime
+from billfold.platform.bus.consumers import Consumer
 from billfold.platform.clock import rfc3339, utcnow
 from billfold.platform.db import UnitOfWork, unit_of_work
 from billfold.platform.errors import FieldError, Unprocessable
@@ -734,6 +735,49 @@ async def remove(uow: UnitOfWork, rt: PaymentMethodsRuntime, method_id: str, use
             await _discard(rt, card_id, "removed_by_user")
 
         uow.after_commit(delete_in_vault)
+
+
+async def card_updated(conn: AsyncConnection, data: dict[str, Any]) -> None:
+    """The vault reissued a card (`billfold.vault.card.updated`): its owner's live methods of
+    that card show the new last4 and expiry (and fingerprint, when the event carries one), with
+    an `updated` event each. Idempotent: a redelivered event finds nothing left to change."""
+    card_id, owner_id = data.get("card_id"), data.get("owner_id")
+    if not (isinstance(card_id, str) and isinstance(owner_id, str)):
+        return
+    new: dict[str, Any] = {}
+    last4, month, year = data.get("last4"), data.get("expiry_month"), data.get("expiry_year")
+    if isinstance(last4, str) and len(last4) == 4 and last4.isdigit():
+        new["last4"] = last4
+    if isinstance(month, int) and isinstance(year, int) and 1 <= month <= 12:
+        new |= {"expiry_month": month, "expiry_year": year}
+    fingerprint = data.get("fingerprint")
+    if isinstance(fingerprint, str) and fingerprint:
+        new["fingerprint"] = fingerprint
+    await store.lock_user(conn, owner_id)
+    for row in await store.live_of_vault_card(conn, card_id, owner_id):
+        changes = {k: v for k, v in new.items() if getattr(row, k) != v}
+        if not changes:
+            continue
+        await store.update(conn, row.id, changes)
+        fresh = await _refetch(conn, row.id, owner_id)
+        await events.publish(
+            conn,
+            events.UPDATED,
+            row.id,
+            owner_id,
+            {**_summary(fresh), "changed": sorted(changes), "reason": "card_reissued"},
+        )
+
+
+def consumers() -> list[Consumer]:
+    """The event consumers this service runs in the worker (`jobs.event_sink`)."""
+    return [
+        Consumer(
+            "payment_methods.card-updated",
+            frozenset({events.VAULT_CARD_UPDATED}),
+            lambda conn, event: card_updated(conn, event.get("data") or {}),
+        )
+    ]
 
 
 # --- spending ---------------------------------------------------------------------------------

@@ -116,6 +116,15 @@ async def list_for_user(
     return list((await conn.execute(text(sql), params)).all())
 
 
+async def live_of_vault_card(conn: AsyncConnection, card_id: str, user_id: str) -> list[Row[Any]]:
+    """The user's live methods of a vault card, locked."""
+    sql = text(
+        f"SELECT {COLUMNS} FROM {_FROM} WHERE m.vault_card_id = :c AND m.user_id = :u "
+        "AND m.status IN ('pending_verification', 'verified') FOR UPDATE OF m"
+    )
+    return list((await conn.execute(sql, {"c": card_id, "u": user_id})).all())
+
+
 async def live_with_fingerprint(conn: AsyncConnection, user_id: str, fingerprint: str) -> bool:
     sql = text(
         "SELECT 1 FROM payment_methods.methods WHERE user_id = :u AND fingerprint = :f "
