@@ -750,3 +750,36 @@ async def test_rotate_kek_command_rewraps_online_while_the_vault_serves(
         finally:
             await client.aclose()
     assert [p for p in USED_PANS if p in (tmp_path / "v.log").read_text()] == []
+
+
+@pytest.mark.parametrize("bad", ["\x00", "\x07", "\n", "\u2028"])
+async def test_control_characters_are_refused_not_a_500(vault: VaultClient, bad: str) -> None:
+    """A NUL (PostgreSQL text refuses it) or any control character in a reason, a domain, an
+    owner, a requester or an id is a 422 (an id: not found), on both clients, never a 500/503."""
+    owner = new_owner()
+    vaulted = await vault.vault_card(card(), owner_id=owner)
+    token = await vault.issue_token(vaulted.card_id, domain=TokenDomain())
+    refused: list[Callable[[], Awaitable[Any]]] = [
+        lambda: vault.vault_card(card(), owner_id=f"usr{bad}x"),
+        lambda: vault.issue_token(vaulted.card_id, domain=TokenDomain(device_id=f"d{bad}x")),
+        lambda: vault.issue_token(vaulted.card_id, domain=TokenDomain(merchant_id=f"m{bad}x")),
+        lambda: vault.suspend_token(token.token_id, reason=f"lo{bad}st"),
+        lambda: vault.delete_card(vaulted.card_id, reason=f"go{bad}ne"),
+        lambda: vault.detokenize(
+            card_id=vaulted.card_id, requester=f"pm{bad}x", purpose="account_verification"
+        ),
+        lambda: vault.vault_card(card(cardholder_name=f"Ada{bad}L"), owner_id=owner),
+    ]
+    for call in refused:
+        with pytest.raises(Unprocessable):
+            await call()
+    for lookup in (
+        lambda: vault.get_card(f"{vaulted.card_id}{bad}"),
+        lambda: vault.get_token(f"{token.token_id}{bad}"),
+    ):
+        with pytest.raises((CardNotFound, TokenNotFound)):
+            await lookup()
+    assert await vault.list_tokens(f"{vaulted.card_id}{bad}") == []
+    # Nothing changed.
+    assert (await vault.get_token(token.token_id)).status == "active"
+    assert await vault.get_card(vaulted.card_id) == vaulted

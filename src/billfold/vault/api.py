@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
-from pydantic import BaseModel, ConfigDict
 
 from billfold.platform.errors import Unauthorized, problem_responses
+from billfold.platform.validation import Strict
 from billfold.vault.client import VaultClient
 from billfold.vault.models import (
     CardInput,
@@ -34,11 +34,10 @@ PREFIX = "/internal/v1"
 router = APIRouter(prefix=PREFIX, tags=["vault"])
 
 
-class _Body(BaseModel):
-    """Types only: the vault's own rules (Luhn, expiry, lengths…) judge the values and answer
-    with the same problems as the in-process vault; the edge caps the body at 64 KiB."""
-
-    model_config = ConfigDict(extra="forbid")
+class _Body(Strict):
+    """Types only (and no NUL or non-finite number anywhere, which PostgreSQL would refuse with
+    a 500): the vault's own rules (Luhn, expiry, lengths, control characters…) judge the values
+    and answer with the same problems as the in-process vault; the edge caps the body at 64 KiB."""
 
 
 class VaultCardBody(_Body):

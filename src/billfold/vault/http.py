@@ -42,7 +42,7 @@ from billfold.vault.models import (
     TokenOnNetwork,
     VaultedCard,
 )
-from billfold.vault.service_auth import ServiceTokenSigner
+from billfold.vault.service_auth import ServiceTokenSigner, is_service_name
 
 log = get_logger("billfold.vault.http")
 
@@ -249,8 +249,8 @@ class HttpVault:
         purpose: DetokenizePurpose,
     ) -> CardSecret:
         # The requester is who the token says is calling: the vault audits the token's `sub`.
-        if not requester.strip() or len(requester.strip()) > 200:
-            raise Unprocessable("requester is required (at most 200 characters)")
+        if not requester.strip() or len(requester.strip()) > 200 or not is_service_name(requester):
+            raise Unprocessable("requester is required (a service name, at most 200 characters)")
         body = {"card_id": card_id, "token_id": token_id, "purpose": purpose}
         r = await self._call(
             "POST",

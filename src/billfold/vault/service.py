@@ -11,6 +11,7 @@ import asyncio
 import calendar
 import os
 import secrets
+import unicodedata
 from datetime import date, timedelta
 from typing import Any
 
@@ -126,8 +127,8 @@ class LocalVault:
     async def vault_card(self, card: CardInput, *, owner_id: str) -> VaultedCard:
         pan = _checked_pan(card.pan)
         _check_expiry(card.expiry_month, card.expiry_year)
-        if not owner_id or len(owner_id) > 64:
-            raise Unprocessable("owner_id is required")
+        if not owner_id or len(owner_id) > 64 or _has_control(owner_id):
+            raise Unprocessable("owner_id is required (1 to 64 characters, no control characters)")
         fingerprint = self._fingerprint(pan)
         key_id, key = await self._keys.current()
         card_id = new_id("card")
@@ -443,7 +444,7 @@ class LocalVault:
         if purpose not in _PURPOSES:
             raise Unprocessable("Unknown detokenisation purpose")
         requester = requester.strip()
-        if not requester or len(requester) > 200:
+        if not requester or len(requester) > 200 or _has_control(requester):
             raise Unprocessable("requester is required (at most 200 characters)")
         # A suspended token may still be refunded or updated on the network, never authorised.
         statuses = ("active",) if purpose == "authorization" else ("active", "suspended")
@@ -623,9 +624,20 @@ def _expired(month: int, year: int) -> bool:
 
 def _reason(reason: str) -> str:
     reason = reason.strip()
-    if not reason or len(reason) > _MAX_REASON:
-        raise Unprocessable(f"A reason is required (at most {_MAX_REASON} characters)")
+    if not reason or len(reason) > _MAX_REASON or _has_control(reason):
+        raise Unprocessable(
+            f"A reason is required (at most {_MAX_REASON} characters, no control characters)"
+        )
     return reason
+
+
+# Control characters, surrogates and line/paragraph separators: PostgreSQL text refuses a NUL
+# (a 500 if it reached the database), and the others have no business in an audit trail.
+_CONTROL = frozenset({"Cc", "Cs", "Zl", "Zp"})
+
+
+def _has_control(value: str) -> bool:
+    return any(unicodedata.category(ch) in _CONTROL for ch in value)
 
 
 def _present(sealed: bytes | None) -> bytes:
@@ -637,6 +649,8 @@ def _present(sealed: bytes | None) -> bytes:
 def _seal_name(key: AESGCM, card_id: str, name: str | None) -> bytes | None:
     if name is None or not name.strip():
         return None
+    if len(name) > 200 or _has_control(name):
+        raise Unprocessable("cardholder_name must be at most 200 characters, no control characters")
     return seal(key, name.strip().encode(), column_aad("cards", card_id, "name"))
 
 
@@ -645,8 +659,8 @@ def _checked_domain(domain: TokenDomain) -> TokenDomain:
     if not channels or not set(channels) <= _CHANNELS:
         raise Unprocessable("channels must be a non-empty subset of contactless, in_app, ecommerce")
     for name, value in (("device_id", domain.device_id), ("merchant_id", domain.merchant_id)):
-        if value is not None and not 0 < len(value) <= 64:
-            raise Unprocessable(f"{name} must be 1 to 64 characters")
+        if value is not None and (not 0 < len(value) <= 64 or _has_control(value)):
+            raise Unprocessable(f"{name} must be 1 to 64 characters, no control characters")
     return TokenDomain(domain.device_id, channels, domain.merchant_id)
 
 

@@ -36,7 +36,16 @@ MAX_TTL_SECONDS = 60
 LEEWAY_SECONDS = 5
 # The calling service's name, or the requester a detokenisation is audited under (at most 200
 # characters there): anything printable.
-_SUBJECT = re.compile(r"^[^\x00-\x1f\x7f]{1,200}$")
+# No control characters (C0, DEL, C1), line/paragraph separators or surrogates: the same
+# characters the vault refuses in any text it keeps (`service._has_control`).
+_SUBJECT = re.compile(r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]{1,200}$")
+
+
+def is_service_name(value: str) -> bool:
+    """Whether `value` may be a service token's `sub` (a service name or a requester)."""
+    return bool(_SUBJECT.match(value))
+
+
 _KEY_FILE = "vault-service.key"
 
 
