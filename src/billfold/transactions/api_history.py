@@ -34,6 +34,8 @@ Me = Annotated[Principal, Depends(require_scopes("wallet"))]
 TransactionId = Annotated[str, Path(max_length=64)]
 
 _DEFAULT_INDEX = PostgresSearchIndex()
+# A merchant id as the payment flow accepts it (`MerchantIn.id`).
+MERCHANT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
 
 
 def _in_utc(instant: datetime) -> datetime:
@@ -65,8 +67,11 @@ async def history_filters(
     created_to: Annotated[UtcInstant | None, Query(alias="to")] = None,
     status: Annotated[PaymentStatus | None, Query()] = None,
     category: Annotated[str | None, Query(pattern=r"^[a-z_]{1,32}$")] = None,
-    merchant_id: Annotated[str | None, Query(max_length=64)] = None,
-    merchant: Annotated[str | None, Query(min_length=1, max_length=100)] = None,
+    merchant_id: Annotated[str | None, Query(pattern=MERCHANT_ID_PATTERN)] = None,
+    # No control characters (a NUL would be a database error): a name as payments store it.
+    merchant: Annotated[
+        str | None, Query(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")
+    ] = None,
     amount_min: Annotated[int | None, Query(ge=0, le=MAX_AMOUNT)] = None,
     amount_max: Annotated[int | None, Query(ge=0, le=MAX_AMOUNT)] = None,
     currency: Annotated[Currency | None, Query()] = None,
@@ -90,6 +95,7 @@ async def history_filters(
 
 
 Filters = Annotated[HistoryFilters, Depends(history_filters)]
+# Free text is cut into words of letters and digits before it reaches the database.
 FreeText = Annotated[str | None, Query(max_length=MAX_QUERY_LENGTH)]
 
 
