@@ -113,6 +113,10 @@ async def test_the_dpan_is_luhn_valid_in_the_token_bin_and_stays_in_the_vault(
     assert found is not None and found.token == token and found.token_bin == settings.token_bin
     assert await local_vault.token_by_dpan(new_pan()) is None
     assert await local_vault.token_by_dpan("not a pan") is None
+    # Neither the DPAN nor the dynamic CVV shows in a repr (a log line, a traceback's locals).
+    shown = repr(cryptogram) + str(cryptogram) + repr(found)
+    assert cryptogram.dpan not in shown and f"'{cryptogram.dynamic_cvv}'" not in shown
+    assert cryptogram.arqc in shown  # the repr is there, only the secrets are left out
 
 
 async def test_one_issuer_master_key_per_bin_sealed_and_kept_by_each_token(

@@ -101,14 +101,14 @@ class Cryptogram:
 
     token_id: str
     token_reference_id: str
-    dpan: str
+    dpan: str = field(repr=False)
     expiry_month: int
     expiry_year: int
     atc: int  # 9F36: increments per cryptogram, never reused
     arqc: str  # 9F26, 16 hex digits
     cryptogram_version: str  # which EMV scheme computed `arqc` (e.g. "visa-cvn18")
     issuer_application_data: str  # 9F10, hex
-    dynamic_cvv: str  # 3 digits, for channels without a chip data field
+    dynamic_cvv: str = field(repr=False)  # 3 digits, for channels without a chip data field
     application_interchange_profile: str = "1980"  # 82
 
 
