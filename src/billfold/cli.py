@@ -12,7 +12,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -35,6 +35,15 @@ DataDir = Annotated[Path, typer.Option("--data-dir", help="Where embedded server
 def _settings(**overrides: object) -> Settings:
     values = {k: v for k, v in overrides.items() if v is not None}
     return Settings(**values)  # type: ignore[arg-type]
+
+
+def _refuse_unsafe_production(settings: Settings, process: Literal["api", "vault"]) -> None:
+    """Exit code 2 before anything starts when production settings would expose card data."""
+    errors = settings.production_errors(process)
+    for error in errors:
+        typer.echo(f"refusing to start: {error}", err=True)
+    if errors:
+        raise typer.Exit(2)
 
 
 def _require_urls(settings: Settings, *, redis: bool = True) -> None:
@@ -314,6 +323,7 @@ def serve(
     import uvicorn
 
     settings = _settings()
+    _refuse_unsafe_production(settings, "api")
     _require_urls(settings)
     uvicorn.run(
         "billfold.app:app_from_env",
@@ -333,6 +343,7 @@ def worker() -> None:
     from billfold.platform.observability import configure_logging
 
     settings = _settings()
+    _refuse_unsafe_production(settings, "api")
     _require_urls(settings)
     configure_logging(settings.log_level, settings.log_json)
     asyncio.run(_worker(settings))
@@ -582,6 +593,7 @@ def _vault_settings(*, service_key: bool = False) -> Settings:
     from billfold.vault.service_auth import resolve_service_key
 
     settings = _settings()
+    _refuse_unsafe_production(settings, "vault")
     _require_urls(settings, redis=False)
     try:
         settings = settings.model_copy(update={"secret_key": resolve_secret_key(settings)})

@@ -143,3 +143,33 @@ class Settings(BaseSettings):
     # A card payment still `authorizing` after this long was left by a crash between writing it
     # and recording the network's answer: the worker reverses it and marks it failed.
     payment_authorizing_deadline_seconds: int = Field(default=120, gt=0)
+
+    def production_errors(self, process: Literal["api", "vault"]) -> list[str]:
+        """Why this configuration must not run in production (empty outside production, or when
+        it is fine). `api` covers every process that calls the vault (`serve`, `worker`)."""
+        if self.environment != "production":
+            return []
+        errors: list[str] = []
+        if process == "api":
+            url = self.vault_url.strip().lower()
+            if not url:
+                errors.append(
+                    "BILLFOLD_VAULT_URL must be set in production: without it this process "
+                    "would open the HSM and keep card numbers itself"
+                )
+            elif not url.startswith("https://"):
+                errors.append(
+                    "BILLFOLD_VAULT_URL must be https:// in production: card numbers travel "
+                    "to the vault in its requests"
+                )
+            elif not (self.vault_client_cert_file and self.vault_client_key_file):
+                errors.append(
+                    "BILLFOLD_VAULT_CLIENT_CERT_FILE and BILLFOLD_VAULT_CLIENT_KEY_FILE must be "
+                    "set in production (the vault requires mTLS)"
+                )
+        if process == "vault" and self.vault_keystore == "software":
+            errors.append(
+                "BILLFOLD_VAULT_KEYSTORE=software is for demos without an HSM: production "
+                "keeps its keys in an HSM (pkcs11)"
+            )
+        return errors

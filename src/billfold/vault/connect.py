@@ -40,6 +40,9 @@ def vault_client(settings: Settings, *, service: str = API_SERVICE) -> VaultClie
             ServiceTokenSigner.from_settings(settings, subject=service),
             verify=vault_tls_context(settings) or True,
         )
+    if settings.environment == "production":
+        # The API would open the HSM and hold card numbers itself (settings.production_errors).
+        raise RuntimeError("BILLFOLD_VAULT_URL must be set in production")
     return InProcessVault(settings)
 
 

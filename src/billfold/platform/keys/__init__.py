@@ -37,6 +37,8 @@ def open_keystore(settings: Settings) -> KeyStore:
     use in the process). `software` needs the secret key (`settings.secret_key`, or in
     development the one kept in `data_dir/secret.key`)."""
     if settings.vault_keystore == "software":
+        if settings.environment == "production":
+            raise KeyStoreError("the software key store is for demos: production uses an HSM")
         secret = settings.secret_key
         # Development: the secret key the API generated into data_dir (see app.resolve_secret_key).
         dev_key = Path(settings.data_dir) / "secret.key"
