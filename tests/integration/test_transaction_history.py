@@ -191,6 +191,7 @@ async def test_typo_tolerant_search(app: Any, client: httpx.AsyncClient) -> None
     assert [h["id"] for h in await search("cornr")] == [corner]
     assert [h["id"] for h in await search("cafe zurich")] == [cafe]  # accents folded
     assert [h["id"] for h in await search("Café")] == [cafe]
+    assert [h["id"] for h in await search("\uff23\uff41\uff46\uff45")] == [cafe]  # full width
     assert [h["id"] for h in await search("lunch")] == [noted]  # the note
     assert [h["id"] for h in await search("4711")] == [noted]  # the description
     assert await search("tea") == []  # not a typo of "steam"

@@ -82,6 +82,7 @@ def test_search_terms_carry_no_query_syntax() -> None:
         "z",
     ]
     assert terms("Café Zürich") == ["Café", "Zürich"]
+    assert terms("\uff33\uff34\uff21\uff32 \ufb01sh") == ["STAR", "fish"]  # full width, ligature
     assert terms("!&|:*()' --") == []
     assert len(terms("a " * 50)) == MAX_TERMS
     assert prefix_tsquery(["coffe", "corn"]) == "coffe:* & corn:*"

