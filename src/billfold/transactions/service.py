@@ -94,20 +94,39 @@ CAPTURABLE = frozenset({"authorized", "partially_captured", "partially_refunded"
 @dataclass
 class Timer:
     """Milliseconds per step of one authorization (auth, token, fraud, network, db,
-    notify_enqueue): recorded in the payment's details and observed by the histograms."""
+    notify_enqueue): recorded in the payment's details and observed by the histograms.
+
+    Steps nest: the time of a step taken inside another (the risk check inside a transaction)
+    counts for the inner step only, so the steps add up to the request's own time."""
 
     ms: dict[str, float] = field(default_factory=dict)
+    _open: list[tuple[str, float, float]] = field(default_factory=list)
+    _nested: float = 0.0  # seconds of finished steps, for the enclosing step to leave out
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
         started = time.perf_counter()
+        self._open.append((name, started, self._nested))
         try:
             yield
         finally:
-            self.add(name, (time.perf_counter() - started) * 1000)
+            _, _, nested_before = self._open.pop()
+            elapsed = time.perf_counter() - started
+            self.add(name, (elapsed - (self._nested - nested_before)) * 1000)
+            self._nested = nested_before + elapsed
 
     def add(self, name: str, ms: float) -> None:
         self.ms[name] = round(self.ms.get(name, 0.0) + ms, 3)
+
+    def snapshot(self) -> dict[str, float]:
+        """The steps so far, with what the outermost open step (a transaction) took until
+        now: what a payment's details record before its transaction commits."""
+        out = dict(self.ms)
+        if len(self._open) == 1:
+            name, started, nested_before = self._open[0]
+            own = time.perf_counter() - started - (self._nested - nested_before)
+            out[name] = round(out.get(name, 0.0) + own * 1000, 3)
+        return out
 
 
 # --- shapes -----------------------------------------------------------------------------------
@@ -490,7 +509,7 @@ async def _begin(
         values |= await _hold_wallet(conn, rt, values, decision)
     else:
         values["status"] = "authorizing"
-    values["timings"] = timer.ms
+    values["timings"] = timer.snapshot()
     inserted = await store.insert(conn, values)
     assert inserted, "the advisory lock on the key admits one first request"
     row = await store.get(conn, txn_id)
@@ -614,7 +633,27 @@ async def _record_answer(
     """tx2: the network's answer on the payment, its details and its event."""
     timer = ctx.timer
     late = False
-    db_started = time.perf_counter()
+    with timer.step("db"):
+        row, late = await _write_answer(engine, txn_id, ctx, authorization, decline, failed, rt)
+    if late:
+        assert authorization is not None
+        await reverse_quietly(rt, authorization, authorization.amount, "late_answer", txn_id)
+        return row
+    _observe(rt, row, timer)
+    return row
+
+
+async def _write_answer(
+    engine: AsyncEngine,
+    txn_id: str,
+    ctx: _Context,
+    authorization: Authorization | None,
+    decline: declines.Decline | None,
+    failed: bool,
+    rt: TransactionsRuntime,
+) -> tuple[Row[Any], bool]:
+    timer = ctx.timer
+    late = False
     async with unit_of_work(engine) as uow:
         conn = await uow.connection()
         row = await store.get(conn, txn_id, for_update=True)
@@ -650,19 +689,13 @@ async def _record_answer(
                     "status": "failed" if failed else "declined",
                     "decline_code": decline.code,
                 }
-            timer.add("db", (time.perf_counter() - db_started) * 1000)
-            values["timings"] = timer.ms
+            values["timings"] = timer.snapshot()
             await store.update(conn, txn_id, values)
             row = await store.get(conn, txn_id)
             assert row is not None
             with timer.step("notify_enqueue"):
                 await publish(conn, events.STATUS_EVENTS[row.status], row)
-    if late:
-        assert authorization is not None
-        await reverse_quietly(rt, authorization, authorization.amount, "late_answer", txn_id)
-        return row
-    _observe(rt, row, timer)
-    return row
+    return row, late
 
 
 def _observe(rt: TransactionsRuntime, row: Row[Any], timer: Timer) -> None:
