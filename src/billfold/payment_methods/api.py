@@ -124,8 +124,8 @@ async def update_payment_method(
     responses=problem_responses(401, 403, 404, 409),
 )
 async def make_default(method_id: MethodId, me: Me, uow: Uow) -> PaymentMethod:
-    """Exactly one default per user (the database enforces it); the previous one stops being
-    the default in the same transaction."""
+    """At most one default per user (the database enforces that; a user with a verified method
+    has one); the previous one stops being the default in the same transaction."""
     row = await service.make_default(await uow.connection(), method_id, me.user_id)
     return service.view(row)
 

@@ -632,14 +632,21 @@ async def micro_deposit_amounts(
 async def _default_if_none(conn: AsyncConnection, user_id: str, method_id: str) -> None:
     """A user's first verified method becomes their default."""
     if await store.default_of(conn, user_id) is None:
-        await store.set_default(conn, user_id, method_id)
-        await events.publish(
-            conn,
-            events.DEFAULT_CHANGED,
-            method_id,
-            user_id,
-            {"payment_method_id": method_id, "previous_payment_method_id": None},
-        )
+        await _change_default(conn, user_id, method_id, None)
+
+
+async def _change_default(
+    conn: AsyncConnection, user_id: str, new: str | None, previous: str | None
+) -> None:
+    """Make `new` the user's default (None: no default any more) and say so."""
+    await store.set_default(conn, user_id, new)
+    await events.publish(
+        conn,
+        events.DEFAULT_CHANGED,
+        new or previous or user_id,
+        user_id,
+        {"payment_method_id": new, "previous_payment_method_id": previous},
+    )
 
 
 async def update(
@@ -684,14 +691,7 @@ async def make_default(conn: AsyncConnection, method_id: str, user_id: str) -> R
         )
     previous = await store.default_of(conn, user_id)
     if previous != method_id:
-        await store.set_default(conn, user_id, method_id)
-        await events.publish(
-            conn,
-            events.DEFAULT_CHANGED,
-            method_id,
-            user_id,
-            {"payment_method_id": method_id, "previous_payment_method_id": previous},
-        )
+        await _change_default(conn, user_id, method_id, previous)
     return await _refetch(conn, method_id, user_id)
 
 
@@ -714,15 +714,7 @@ async def remove(uow: UnitOfWork, rt: PaymentMethodsRuntime, method_id: str, use
     )
     if row.is_default:
         successor = await store.newest_verified(conn, user_id, excluding=method_id)
-        if successor is not None:
-            await store.set_default(conn, user_id, successor)
-        await events.publish(
-            conn,
-            events.DEFAULT_CHANGED,
-            successor or method_id,
-            user_id,
-            {"payment_method_id": successor, "previous_payment_method_id": method_id},
-        )
+        await _change_default(conn, user_id, successor, method_id)
     if row.type == "card" and row.status != "failed":
         # Only once the removal has committed: deleted first, a transaction that then rolled
         # back would leave a live method whose card the vault no longer has. A vault that

@@ -200,12 +200,6 @@ async def update(conn: AsyncConnection, method_id: str, values: dict[str, Any]) 
     await conn.execute(text(sql), params)
 
 
-async def account_sealed(conn: AsyncConnection, method_id: str) -> bytes | None:
-    sql = text("SELECT account_sealed FROM payment_methods.methods WHERE id = :id")
-    value = (await conn.execute(sql, {"id": method_id})).scalar_one_or_none()
-    return bytes(value) if value is not None else None
-
-
 # --- micro-deposits ---------------------------------------------------------------------------
 
 

@@ -60,7 +60,8 @@ CREATE TABLE payment_methods.methods (
     -- Only a verified method can be the default one.
     CONSTRAINT methods_default_verified CHECK (NOT is_default OR status = 'verified')
 );
--- Exactly one default per user, whatever the application does.
+-- At most one default per user, whatever the application does (that a user with a verified
+-- method has one is the service's rule, not the database's).
 CREATE UNIQUE INDEX methods_one_default ON payment_methods.methods (user_id) WHERE is_default;
 -- The same card or account once per user while it is live (failed or removed ones may return).
 CREATE UNIQUE INDEX methods_live_fingerprint ON payment_methods.methods (user_id, fingerprint)
