@@ -18,17 +18,21 @@ def test_nested_steps_are_left_out_of_the_enclosing_one() -> None:
         with timer.step("notify_enqueue"):
             time.sleep(0.01)
         partial = timer.snapshot()
+        snapshot_ms = (time.perf_counter() - started) * 1000
     with timer.step("network"):
         time.sleep(0.03)
     with timer.step("db"):
         time.sleep(0.01)
     total_ms = (time.perf_counter() - started) * 1000
     ms = timer.ms
-    assert 19 <= ms["fraud"] < 35 and 29 <= ms["network"] < 45
-    assert 19 <= ms["db"] < 35  # two transactions of ~10 ms, not the 40 ms the first one spanned
-    assert abs(sum(ms.values()) - total_ms) < 2
-    # Inside the first transaction the snapshot had its own time so far, not the nested steps'.
-    assert 9 <= partial["db"] < 20 and "network" not in partial
+    assert ms["fraud"] >= 20 and ms["notify_enqueue"] >= 10 and ms["network"] >= 30
+    assert ms["db"] >= 20
+    # Nothing counted twice: the steps never add up to more than the time that passed (the
+    # first transaction spanned the risk check and the outbox write: 40 ms, not 10).
+    assert sum(ms.values()) <= total_ms + 0.01
+    # Inside the first transaction the snapshot had its own time so far, without the nested.
+    assert partial["db"] >= 10 and "network" not in partial
+    assert partial["db"] + partial["fraud"] + partial["notify_enqueue"] <= snapshot_ms + 0.01
 
 
 def test_add_accumulates() -> None:
