@@ -117,3 +117,26 @@ def test_us_account_numbers_and_ibans() -> None:
     assert banks.check_bic("NWBK") is None
     assert banks.currency_of("DE") == "EUR" and banks.currency_of("US") == "USD"
     assert banks.currency_of("GB") == "GBP"
+
+
+def test_card_and_account_numbers_stay_out_of_reprs() -> None:
+    from billfold.payment_methods.models import NewBankAccount, NewCard, NewPaymentMethod
+
+    card = NewCard(
+        pan="4242424242424242",
+        expiry_month=12,
+        expiry_year=2031,
+        cvv="987",
+        cardholder_name="Alice Example",
+        billing_address={  # type: ignore[arg-type]
+            "line1": "1 Main St",
+            "city": "Springfield",
+            "postal_code": "12345",
+            "country": "US",
+        },
+    )
+    bank = NewBankAccount(iban="DE89370400440532013000", account_number="000123456789")
+    for shown in (repr(card), str(card), repr(NewPaymentMethod(card=card, bank_account=bank))):
+        for secret in ("4242424242424242", "987", "DE89370400440532013000", "000123456789"):
+            assert secret not in shown, shown
+    assert "Alice Example" in repr(card)

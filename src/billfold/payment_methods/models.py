@@ -61,10 +61,15 @@ class BillingAddress(Strict):
 # Lengths here only keep absurd input out; the service checks the numbers themselves (Luhn,
 # brand, ABA, IBAN) and answers with a code of its own.
 class NewCard(Strict):
-    pan: str = Field(max_length=32, description="The card number (spaces and dashes allowed)")
+    # repr=False: a request model shows up in tracebacks, debuggers and log lines by its repr.
+    pan: str = Field(
+        max_length=32, repr=False, description="The card number (spaces and dashes allowed)"
+    )
     expiry_month: StrictInt = Field(description="1-12")
     expiry_year: StrictInt = Field(description="Four digits, e.g. 2030")
-    cvv: str = Field(max_length=8, description="3 digits (4 for American Express); never stored")
+    cvv: str = Field(
+        max_length=8, repr=False, description="3 digits (4 for American Express); never stored"
+    )
     cardholder_name: Name
     billing_address: BillingAddress
 
@@ -74,9 +79,9 @@ class NewBankAccount(Strict):
     optional `bic`)."""
 
     routing_number: str | None = Field(default=None, max_length=32)
-    account_number: str | None = Field(default=None, max_length=32)
+    account_number: str | None = Field(default=None, max_length=32, repr=False)
     account_type: AccountType | None = None
-    iban: str | None = Field(default=None, max_length=64)
+    iban: str | None = Field(default=None, max_length=64, repr=False)
     bic: str | None = Field(default=None, max_length=16)
     currency: Currency | None = Field(
         default=None, description="Default: the currency of the bank's country"
