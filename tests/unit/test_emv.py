@@ -419,3 +419,13 @@ def test_billfold_emits_no_warnings() -> None:
         result = generate_cryptogram(TEST_IMK, PAN, "00", 1, DATA)
         assert verify_cryptogram(TEST_IMK, PAN, "00", 1, DATA, result.arqc)
         generate_dpan("489537")
+
+
+def test_odd_parity_is_one_function_and_keeps_the_key_bits() -> None:
+    from billfold.vault import service
+
+    for b in range(256):
+        (fixed,) = emv.odd_parity(bytes([b]))
+        assert fixed.bit_count() % 2 == 1 and fixed & 0xFE == b & 0xFE
+    # The vault makes its issuer master keys with the same function (no twin to drift).
+    assert not hasattr(service, "_odd_parity")

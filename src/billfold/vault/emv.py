@@ -54,6 +54,7 @@ __all__ = [
     "issuer_application_data",
     "luhn_check_digit",
     "luhn_valid",
+    "odd_parity",
     "verify_cryptogram",
     "verify_dynamic_cvv",
 ]
@@ -211,7 +212,7 @@ def derive_icc_master_key(imk: bytes, pan: str, psn: str = "00") -> bytes:
         # Too few digits: decimalise the letters a-f as 0-5, in order of appearance.
         letters = [str(int(c, 16) - 10) for c in digest if not c.isdigit()]
         block = bytes.fromhex("".join((decimal + letters)[:16]))
-    return _odd_parity(_tdes_ecb(imk, block + _complement(block)))
+    return odd_parity(_tdes_ecb(imk, block + _complement(block)))
 
 
 def derive_session_key(icc_master_key: bytes, atc: int) -> bytes:
@@ -220,11 +221,11 @@ def derive_session_key(icc_master_key: bytes, atc: int) -> bytes:
     r = _atc(atc) + bytes(6)
     left = r[:2] + b"\xf0" + r[3:]
     right = r[:2] + b"\x0f" + r[3:]
-    return _odd_parity(_tdes_ecb(icc_master_key, left + right))
+    return odd_parity(_tdes_ecb(icc_master_key, left + right))
 
 
 def _issuer_cvc3_key(imk: bytes) -> bytes:
-    return _odd_parity(_tdes_ecb(imk, _CVC3_KEY_LABEL + _complement(_CVC3_KEY_LABEL)))
+    return odd_parity(_tdes_ecb(imk, _CVC3_KEY_LABEL + _complement(_CVC3_KEY_LABEL)))
 
 
 def _cvc3(icc_key: bytes, track_template: bytes, atc: bytes, un: bytes) -> int:
@@ -283,7 +284,9 @@ def _tdes_ecb(key16: bytes, data: bytes) -> bytes:
     return cipher.encryptor().update(data)
 
 
-def _odd_parity(key: bytes) -> bytes:
+def odd_parity(key: bytes) -> bytes:
+    """DES key bytes with odd parity (ANSI X9.17): each byte's low bit set so it has an odd
+    number of ones; the 7 key bits are kept."""
     return bytes(b if b.bit_count() % 2 else b ^ 1 for b in key)
 
 

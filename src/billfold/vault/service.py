@@ -559,7 +559,7 @@ class LocalVault:
                         return row.id, imk
                     key_id, key = await self._keys.current()
                     imk_id = new_id("key")
-                    imk = _odd_parity(os.urandom(_IMK_BYTES))
+                    imk = emv.odd_parity(os.urandom(_IMK_BYTES))
                     sealed = seal(key, imk, column_aad("issuer_keys", imk_id, "imk"))
                     if await store.insert_issuer_key(
                         conn,
@@ -706,10 +706,6 @@ def _emv_data(request: CryptogramRequest, *, aip: str = "1980") -> emv.EmvData:
 def _token_reference_id() -> str:
     # Network token reference ids are 32 alphanumerics; random, so they reveal nothing.
     return "DNITHE" + secrets.token_hex(13).upper()
-
-
-def _odd_parity(key: bytes) -> bytes:
-    return bytes(b & 0xFE | (bin(b & 0xFE).count("1") + 1) % 2 for b in key)
 
 
 def _vaulted(row: store.CardRow) -> VaultedCard:

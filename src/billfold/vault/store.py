@@ -420,15 +420,6 @@ async def insert_issuer_key(
 
 # --- detokenisation audit ---------------------------------------------------------------------
 
-_AUDIT = text(
-    """
-    INSERT INTO vault.detokenizations (requester, purpose, card_id, token_id)
-    VALUES (:requester, :purpose, :card_id, :token_id)
-    RETURNING seq
-    """
-)
-
-
 # The audit row and the card it reveals in one statement: no row is read for revealing without
 # its audit row written by the same statement (and transaction). By token, the token must be in
 # one of `statuses`; nothing is written when the card or token does not qualify.
@@ -480,15 +471,3 @@ async def audited_card(
     values = dict(row._mapping)
     values.pop("seq")
     return CardRow(**values)
-
-
-async def audit_detokenization(
-    conn: AsyncConnection, *, requester: str, purpose: str, card_id: str, token_id: str | None
-) -> int:
-    row = (
-        await conn.execute(
-            _AUDIT,
-            {"requester": requester, "purpose": purpose, "card_id": card_id, "token_id": token_id},
-        )
-    ).one()
-    return int(row.seq)
