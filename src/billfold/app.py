@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -218,7 +218,12 @@ def create_app(settings: Settings) -> FastAPI:
     """The API with every service of this issue mounted; URLs must already be resolved."""
     if not settings.database_url or not settings.redis_url:
         raise RuntimeError("create_app needs database_url and redis_url (billfold up sets them)")
-    redis = Redis.from_url(settings.redis_url, decode_responses=False)
+    # A burst of requests waits (up to 5 s) for one of the pool's connections instead of failing:
+    # redis-py's default pool raises "Too many connections" past 100 in use, and 500 payments in
+    # flight (each checking the token denylist and the rate limit) reach that at once.
+    redis = Redis.from_pool(
+        BlockingConnectionPool.from_url(settings.redis_url, max_connections=200, timeout=5)
+    )
     # Its own tiny pool: a key reload must never wait for a connection that the request which
     # triggered it is holding.
     keys_engine = create_engine(settings.database_url, pool_size=1, max_overflow=1)
