@@ -7,12 +7,14 @@ it creates, in the same transaction, and a retry finds it there.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Request, Response, status
+from sqlalchemy.engine import Row
 
 from billfold.gateway import Principal, Uow, client_ip, require_idempotency_key, require_scopes
 from billfold.platform import idempotency
+from billfold.platform.db import UnitOfWork
 from billfold.platform.errors import problem_responses
 from billfold.transactions import operations, service
 from billfold.transactions.models import (
@@ -98,11 +100,13 @@ async def create_payment(
     return await _view(uow, outcome.row, children=outcome.replayed)
 
 
-async def _view(uow: Uow, row: object, *, children: bool = True) -> Payment:
+async def _view(uow: UnitOfWork, row: Row[Any], *, children: bool = True) -> Payment:
+    """The payment as answered; with `children`, its captures, refunds and increments, read on
+    a short connection of its own (the request holds none)."""
     if not children:
-        return await service.view(None, row)  # type: ignore[arg-type]
+        return await service.view(None, row)
     async with uow.engine.connect() as conn:
-        payment = await service.view(conn, row)  # type: ignore[arg-type]
+        payment = await service.view(conn, row)
         await conn.rollback()
     return payment
 
