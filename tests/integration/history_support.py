@@ -44,7 +44,7 @@ _REFUND = text(
     """
     INSERT INTO transactions.refunds (
         id, transaction_id, amount, status, idempotency_key, request_hash, created_at, updated_at)
-    VALUES (:id, :txn, :amount, 'succeeded', :key, 'test', :at, :at)
+    VALUES (:id, :txn, :amount, :status, :key, 'test', :at, :at)
     """
 )
 
@@ -67,6 +67,7 @@ async def add_transaction(
     city: str | None = "Seattle",
     country: str = "US",
     decline_code: str | None = None,
+    refund_status: str = "succeeded",
 ) -> str:
     """A transaction of `user_id` as the payment flow stores it, captured in full by default
     (with its capture row, and a refund row when `refunded`). Returns its id."""
@@ -127,6 +128,7 @@ async def add_transaction(
                     "id": new_id("ref"),
                     "txn": txn,
                     "amount": refunded,
+                    "status": refund_status,
                     "key": uuid.uuid4().hex,
                     "at": at,
                 },

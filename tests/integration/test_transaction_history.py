@@ -378,6 +378,17 @@ async def test_monthly_summary_by_category_currency_and_time_zone(
     await add_transaction(app, uid, status="declined", amount=9999, created_at=march)
     await add_transaction(app, uid, status="authorized", amount=9999, created_at=march)
     await add_transaction(app, uid, status="refunded", amount=9999, refunded=9999, created_at=march)
+    # A card refund still waiting for the network is not spending given back yet.
+    await add_transaction(
+        app,
+        uid,
+        merchant="Pending",
+        mcc="5411",
+        amount=600,
+        refunded=600,
+        refund_status="pending",
+        created_at=march,
+    )
     await add_transaction(app, other.user["id"], amount=12345, created_at=march)
 
     r = await client.get(f"{LIST}/summary", params={"month": "2026-03"}, headers=me.headers)
@@ -396,9 +407,9 @@ async def test_monthly_summary_by_category_currency_and_time_zone(
         },
         {
             "currency": "USD",
-            "total": 7500,
+            "total": 8100,
             "categories": [
-                {"category": "groceries", "label": "Groceries", "amount": 5000, "count": 2},
+                {"category": "groceries", "label": "Groceries", "amount": 5600, "count": 3},
                 {"category": "restaurants", "label": "Restaurants", "amount": 2500, "count": 1},
             ],
         },

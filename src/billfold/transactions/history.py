@@ -170,15 +170,20 @@ _RECEIPTS = text(
     "WHERE transaction_id = :id ORDER BY created_at, source_id"
 )
 # Spending of a month: what was captured and not refunded, of the transactions made in that
-# month (the list's `from`/`to` over the same month selects the same rows).
+# month (the list's `from`/`to` over the same month selects the same rows). Only succeeded
+# refunds count: `refunded_amount` also holds card refunds still waiting for the network.
 _SUMMARY = text(
     """
     SELECT t.currency, t.category, c.label, c.position,
-           sum(t.captured_amount - t.refunded_amount) AS amount, count(*) AS n
+           sum(t.captured_amount - r.refunded) AS amount, count(*) AS n
     FROM transactions.transactions t
     JOIN transactions.categories c ON c.category = t.category
+    CROSS JOIN LATERAL (
+        SELECT coalesce(sum(x.amount), 0) AS refunded FROM transactions.refunds x
+        WHERE x.transaction_id = t.id AND x.status = 'succeeded'
+    ) r
     WHERE t.user_id = :user_id AND t.created_at >= :start AND t.created_at < :end
-      AND t.captured_amount > t.refunded_amount
+      AND t.captured_amount > r.refunded
     GROUP BY t.currency, t.category, c.label, c.position
     ORDER BY t.currency, amount DESC, c.position
     """
