@@ -426,3 +426,39 @@ async def test_a_card_whose_token_is_suspended_or_deleted_or_that_expired_tops_u
     # One charge in all: the one top-up that was allowed.
     assert len(network_simulator.messages("0200")) == sent + 1
     assert before["usd"] + 500 == after_ok["usd"]
+
+
+async def test_one_top_up_the_recovery_job_cannot_credit_does_not_hold_up_the_others(
+    impatient: Any, network_simulator: Any
+) -> None:
+    transport = httpx.ASGITransport(app=impatient)
+    engine = impatient.state.resources.engine
+    settings = impatient.state.resources.settings
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        people = [await sign_up(client, name=f"Stuck {n}") for n in range(2)]
+        left: list[str] = []
+        for who in people:  # each leaves an approved top-up uncredited
+            card = await add_card(client, who)
+            assert (await topup(client, who, card["id"], 100)).status_code == 201
+            async with engine.connect() as blocker:
+                await hold_wallet(engine, blocker, who.user["id"])
+                r = await topup(client, who, card["id"], 300)
+                assert r.status_code == 503, r.text
+                await blocker.rollback()
+            (_, pending) = await funding_rows(impatient, who)
+            left.append(pending.id)
+        await sql(
+            impatient,
+            "UPDATE payment_methods.fundings SET updated_at = now() - interval '1 hour' "
+            "WHERE id = ANY(:ids)",
+            ids=left,
+        )
+        first, second = people
+        async with engine.connect() as blocker:
+            await hold_wallet(engine, blocker, first.user["id"])
+            assert await payment_methods.recover_fundings(engine, settings) == 1
+            await blocker.rollback()
+        assert (await balance(impatient, first.user["id"], "USD")).posted == 100
+        assert (await balance(impatient, second.user["id"], "USD")).posted == 400
+        assert await payment_methods.recover_fundings(engine, settings) == 1
+        assert (await balance(impatient, first.user["id"], "USD")).posted == 400

@@ -338,27 +338,36 @@ async def recover_fundings(
     """Finish top-ups a crash (or a lost database) left `pending` past the deadline (worker
     job): one the network approved is credited now; one without an answer is `failed`
     (`topup_interrupted`) and logged for reconciliation by its reference. One transaction each;
-    rows a request still holds are skipped."""
+    rows a request still holds are skipped, and one that fails is logged and left for the next
+    run (it does not hold up the others)."""
     done = 0
     skip: list[str] = []
     for _ in range(batch):
-        async with unit_of_work(engine) as uow:
-            conn = await uow.connection()
-            row = await store.lock_next_stuck_funding(conn, older_than_seconds, skip)
-            if row is None:
-                break
-            skip.append(row.id)
-            if row.response_code is not None:
-                await _complete(conn, settings, row.id)
-                log.warning("top-up credited by the recovery job", funding_id=row.id)
-            else:
-                await store.update_funding(
-                    conn, row.id, {"status": "failed", "failure_code": INTERRUPTED}
-                )
-                log.warning(
-                    "top-up interrupted at the payment network: reconcile by reference",
-                    funding_id=row.id,
-                )
+        current: str | None = None
+        try:
+            async with unit_of_work(engine) as uow:
+                conn = await uow.connection()
+                row = await store.lock_next_stuck_funding(conn, older_than_seconds, skip)
+                if row is None:
+                    break
+                current = row.id
+                skip.append(row.id)
+                if row.response_code is not None:
+                    await _complete(conn, settings, row.id)
+                    log.warning("top-up credited by the recovery job", funding_id=row.id)
+                else:
+                    await store.update_funding(
+                        conn, row.id, {"status": "failed", "failure_code": INTERRUPTED}
+                    )
+                    log.warning(
+                        "top-up interrupted at the payment network: reconcile by reference",
+                        funding_id=row.id,
+                    )
+        except Exception:
+            if current is None:  # could not even look: the database is the problem
+                raise
+            log.exception("could not recover a top-up; will retry", funding_id=current)
+            continue
         done += 1
     return done
 
