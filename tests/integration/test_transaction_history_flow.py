@@ -182,6 +182,20 @@ async def test_card_payment_receipt_names_brand_and_last4_only(
     # The card number is nowhere in it: only its last 4 digits.
     assert not re.search(r"\d{12,19}", body.replace(" ", ""))
 
+    # A refund through the network: its receipt carries the issuer's approval of the refund.
+    refund = await post(client, me, f"/v1/payments/{pid}/refunds", {"amount": 1_000})
+    assert refund["status"] == "succeeded", refund
+    assert await deliver_receipt_events(app, pid) == 2
+    async with app.state.resources.engine.connect() as conn:
+        refund_code = await conn.scalar(
+            text("SELECT auth_code FROM transactions.refunds WHERE id = :r"), {"r": refund["id"]}
+        )
+    body = pdf_text(
+        (await client.get(f"/v1/transactions/{pid}/receipt", headers=me.headers)).content
+    )
+    assert "Refund receipt" in body and "$10.00" in body and refund["id"] in body
+    assert refund_code and refund_code in body
+
 
 async def test_the_worker_makes_the_receipt_after_a_capture(
     app: Any, client: httpx.AsyncClient, settings: Any

@@ -113,7 +113,7 @@ def render_receipt(data: ReceiptData) -> bytes:
     pdf.setAuthor("billfold")
     y = height - 14 * mm
     pdf.setFont("Helvetica-Bold", 14)
-    pdf.drawString(10 * mm, y, f"billfold · {title}".replace("·", "-"))
+    pdf.drawString(10 * mm, y, f"billfold - {title}")
     y -= 10 * mm
     for label, value in receipt_lines(data):
         pdf.setFont("Helvetica", 7)
@@ -137,13 +137,16 @@ def blob_key(user_id: str, transaction_id: str, source_id: str) -> str:
 _SOURCE = text(
     """
     SELECT s.kind, s.id AS source_id, s.amount, s.created_at AS occurred_at,
-           t.id AS transaction_id, t.user_id, t.currency, t.merchant_name, t.auth_code,
+           t.id AS transaction_id, t.user_id, t.currency, t.merchant_name,
+           coalesce(s.auth_code, t.auth_code) AS auth_code,
            d.merchant_city, d.merchant_country, d.card_brand, d.card_last4
     FROM (
-        SELECT 'capture' AS kind, id, transaction_id, amount, created_at
+        SELECT 'capture' AS kind, id, transaction_id, amount, created_at,
+               CAST(NULL AS text) AS auth_code
         FROM transactions.captures WHERE id = :source_id
         UNION ALL
-        SELECT 'refund', id, transaction_id, amount, created_at
+        -- A card refund carries the issuer's own approval code.
+        SELECT 'refund', id, transaction_id, amount, created_at, auth_code
         FROM transactions.refunds WHERE id = :source_id AND status = 'succeeded'
     ) s
     JOIN transactions.transactions t ON t.id = s.transaction_id
