@@ -486,3 +486,22 @@ async def test_csv_export_leaves_the_edge_in_chunks(app: Any, client: httpx.Asyn
     assert len(chunks) >= 2  # the header row, then the rows, as separate messages
     assert chunks[0]["body"].startswith(b"id,created_at,") and chunks[0]["more_body"] is True
     assert b"Chunky" in chunks[1]["body"]
+
+
+async def test_the_app_searches_through_its_search_index(
+    app: Any, client: httpx.AsyncClient
+) -> None:
+    """Routes ask `app.state.search_index` (another adapter plugs in there); here the same
+    PostgreSQL index with a stricter typo threshold: one letter off no longer finds the name."""
+    from billfold.transactions.search import PostgresSearchIndex
+
+    me = await sign_up(client)
+    starbucks = await add_transaction(app, me.user["id"], merchant="Starbucks")
+    assert await _ids(client, me, q="starbuks") == [starbucks]
+    app.state.search_index = PostgresSearchIndex(threshold=0.9)
+    try:
+        assert await _ids(client, me, q="starbuks") == []
+        assert await _ids(client, me, q="starbucks") == [starbucks]
+    finally:
+        del app.state.search_index
+    assert await _ids(client, me, q="starbuks") == [starbucks]
