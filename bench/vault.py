@@ -133,8 +133,8 @@ def luhn_pan(prefix: str = "4", length: int = 16) -> str:
 def scenarios(
     signer: ServiceTokenSigner, cards: list[str], tokens: list[str]
 ) -> dict[str, Request]:
-    def auth(subject: str | None = None) -> dict[str, str]:
-        return {"Authorization": f"Bearer {signer.token(subject)}"}
+    def auth(method: str, path: str, requester: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {signer.token(method, path, requester=requester)}"}
 
     async def healthz(client: Any, i: int) -> Response:
         return await client.get("/healthz")  # type: ignore[no-any-return]
@@ -147,17 +147,23 @@ def scenarios(
             "expiry_year": 2031,
             "cardholder_name": "Bench User",
         }
-        vaulted: Response = await client.post_json("/internal/v1/cards", card, auth())
+        vaulted: Response = await client.post_json(
+            "/internal/v1/cards", card, auth("POST", "/internal/v1/cards")
+        )
         if not vaulted.is_success:
             return vaulted
         card_id = vaulted.json()["card_id"]
         return await client.post_json(  # type: ignore[no-any-return]
-            f"/internal/v1/cards/{card_id}/tokens", {"domain": {}}, auth()
+            f"/internal/v1/cards/{card_id}/tokens",
+            {"domain": {}},
+            auth("POST", f"/internal/v1/cards/{card_id}/tokens"),
         )
 
     async def detokenize(client: Any, i: int) -> Response:
         body = {"card_id": cards[i], "purpose": "authorization"}
-        return await client.post_json("/internal/v1/detokenize", body, auth("network"))  # type: ignore[no-any-return]
+        return await client.post_json(
+            "/internal/v1/detokenize", body, auth("POST", "/internal/v1/detokenize", "network")
+        )  # type: ignore[no-any-return]
 
     today = date.today().isoformat()
 
@@ -171,7 +177,9 @@ def scenarios(
             "unpredictable_number": secrets.token_hex(4).upper(),
             "channel": "ecommerce",
         }
-        return await client.post_json("/internal/v1/cryptograms", body, auth())  # type: ignore[no-any-return]
+        return await client.post_json(
+            "/internal/v1/cryptograms", body, auth("POST", "/internal/v1/cryptograms")
+        )  # type: ignore[no-any-return]
 
     return {
         "healthz": healthz,
@@ -275,7 +283,7 @@ async def _prepare(port: int, signer: ServiceTokenSigner, n: int) -> tuple[list[
     cards, tokens = [], []
     try:
         for _ in range(n):
-            auth = {"Authorization": f"Bearer {signer.token()}"}
+            auth = {"Authorization": f"Bearer {signer.token('POST', '/internal/v1/cards')}"}
             body = {
                 "owner_id": "usr_bench",
                 "pan": luhn_pan(),
@@ -286,7 +294,8 @@ async def _prepare(port: int, signer: ServiceTokenSigner, n: int) -> tuple[list[
             if r.status_code != 201:
                 raise SystemExit(f"vaulting a card failed: {r.status_code} {r.text}")
             cards.append(r.json()["card_id"])
-            auth = {"Authorization": f"Bearer {signer.token()}"}
+            path = f"/internal/v1/cards/{cards[-1]}/tokens"
+            auth = {"Authorization": f"Bearer {signer.token('POST', path)}"}
             t = await connection.post_json(
                 f"/internal/v1/cards/{cards[-1]}/tokens", {"domain": {}}, auth
             )

@@ -279,9 +279,12 @@ async def test_no_card_number_or_cvv_in_a_pg_dump_or_a_log(
         r = await pay(client, who, payment_body("card", method_id, amount=1_234))
         assert r.status_code in (200, 201), r.text
     # Token lifecycle and cryptograms straight on the vault process.
-    vault = HttpVault(
-        vault_process_for_api.url,
-        ServiceTokenSigner(vault_process_for_api.service_key, subject="billfold-api"),
+    vault, issuer = (
+        HttpVault(
+            vault_process_for_api.url,
+            ServiceTokenSigner(vault_process_for_api.service_key, subject=service),
+        )
+        for service in ("billfold-api", "billfold-network")
     )
     try:
         for _, method_id, _ in verified[6:9]:
@@ -292,13 +295,15 @@ async def test_no_card_number_or_cvv_in_a_pg_dump_or_a_log(
             await vault.suspend_token(token.token_id, reason="phone lost")
             await vault.resume_token(token.token_id, reason="phone found")
             cryptogram = await vault.cryptogram(purchase(token.token_id))
-            assert await vault.verify_cryptogram(cryptogram, purchase(token.token_id)) in (
+            assert await issuer.verify_cryptogram(cryptogram, purchase(token.token_id)) in (
                 True,
                 False,
             )
+            assert await issuer.token_by_dpan(cryptogram.dpan) is not None
             await vault.delete_token(token.token_id, reason="replaced")
     finally:
         await vault.aclose()
+        await issuer.aclose()
     # Removals.
     for who, method_id, _ in verified[-5:]:
         r = await client.delete(f"/v1/payment-methods/{method_id}", headers=who.headers)

@@ -107,11 +107,26 @@ async def vault(
     if request.param == "local":
         yield local_vault
         return
-    client = http_vault(vault_process)
+    api, network = http_vault(vault_process), http_vault(vault_process, "billfold-network")
     try:
-        yield client
+        yield _AsItsServices(api, network)  # type: ignore[misc]
     finally:
-        await client.aclose()
+        await api.aclose()
+        await network.aclose()
+
+
+class _AsItsServices:
+    """Both services' `HttpVault`s as one client, each method called as the service allowed to
+    call it (`service_auth.SERVICE_ROUTES`): the issuer side's as `billfold-network`, the rest
+    as `billfold-api`."""
+
+    _ISSUER_SIDE = frozenset({"token_by_dpan", "verify_cryptogram"})
+
+    def __init__(self, api: HttpVault, network: HttpVault) -> None:
+        self._api, self._network = api, network
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._network if name in self._ISSUER_SIDE else self._api, name)
 
 
 # --- every method -------------------------------------------------------------------------------
@@ -358,7 +373,8 @@ async def test_the_same_input_gets_the_same_answer_from_both(
             token_id=unknown_token, requester="network", purpose="refund"
         ),
     }
-    http = http_vault(vault_process)
+    api, network = http_vault(vault_process), http_vault(vault_process, "billfold-network")
+    http = _AsItsServices(api, network)
     try:
         for name, case in cases.items():
             answers = []
@@ -370,7 +386,8 @@ async def test_the_same_input_gets_the_same_answer_from_both(
             assert answers[0] == answers[1], name
             assert isinstance(answers[0], tuple) or answers[0] is False, (name, answers[0])
     finally:
-        await http.aclose()
+        await api.aclose()
+        await network.aclose()
     # None of those changed anything.
     assert [t.status for t in await local_vault.list_tokens(card_a.card_id)] == [
         "active",
@@ -408,12 +425,18 @@ async def _vault_rows(local_vault: LocalVault) -> dict[str, int]:
     return counts
 
 
-def _token(key: bytes, **overrides: Any) -> str:
+PFX = "/internal/v1"
+
+
+def _token(key: bytes, method: str = "GET", path: str = "/", **overrides: Any) -> str:
+    """A service token for `method` `path` (the full path the vault sees)."""
     now = int(time.time())
     claims: dict[str, Any] = {
         "iss": ISSUER,
         "aud": AUDIENCE,
         "sub": "billfold-api",
+        "htm": method,
+        "htu": path,
         "iat": now,
         "exp": now + 30,
         "jti": secrets.token_urlsafe(16),
@@ -424,8 +447,13 @@ def _token(key: bytes, **overrides: Any) -> str:
     return jwt.encode(claims, key, algorithm=algorithm)
 
 
-def _bad_credentials(key: bytes) -> dict[str, str | None]:
+def _bad_credentials(key: bytes, method: str, path: str) -> dict[str, str | None]:
+    """Credentials the vault must refuse for `method` `path`; each wrong in one way only."""
     now = int(time.time())
+
+    def _token(key: Any, **overrides: Any) -> str:
+        return _outer_token(key, method, path, **overrides)
+
     es256 = ec.generate_private_key(ec.SECP256R1())
     unsigned = jwt.encode(
         {"iss": ISSUER, "aud": AUDIENCE, "sub": "x", "iat": now, "exp": now + 30, "jti": "a" * 16},
@@ -448,7 +476,14 @@ def _bad_credentials(key: bytes) -> dict[str, str | None]:
         "no expiry": f"Bearer {_token(key, exp=None)}",
         "alg none": f"Bearer {unsigned}",
         "es256 (a user's kind)": f"Bearer {_token(es256, algorithm='ES256')}",
+        "another method": f"Bearer {_token(key, htm='DELETE' if method != 'DELETE' else 'GET')}",
+        "another path": f"Bearer {_token(key, htu=path + '/x')}",
+        "no method": f"Bearer {_token(key, htm=None)}",
+        "no path": f"Bearer {_token(key, htu=None)}",
     }
+
+
+_outer_token = _token
 
 
 async def test_calls_without_a_valid_service_token_are_refused_and_change_nothing(
@@ -466,9 +501,10 @@ async def test_calls_without_a_valid_service_token_are_refused_and_change_nothin
         ("POST", "/detokenize", {"card_id": existing.card_id, "purpose": "refund"}),
     ]
     async with httpx.AsyncClient(base_url=f"{vault_process.url}/internal/v1") as raw:
-        for name, authorization in _bad_credentials(vault_process.service_key).items():
-            headers = {"authorization": authorization} if authorization is not None else {}
-            for method, path, body in calls:
+        for method, path, body in calls:
+            bad = _bad_credentials(vault_process.service_key, method, f"/internal/v1{path}")
+            for name, authorization in bad.items():
+                headers = {"authorization": authorization} if authorization is not None else {}
                 r = await raw.request(method, path, json=body, headers=headers)
                 assert r.status_code == 401, (name, path, r.text)
                 assert r.headers["content-type"] == "application/problem+json"
@@ -476,9 +512,10 @@ async def test_calls_without_a_valid_service_token_are_refused_and_change_nothin
                 assert "billfold-vault" in r.headers["www-authenticate"]
                 assert pan not in r.text and existing.last4 not in r.text
         # A token is good once: the same one again is a replay.
-        once = {"authorization": f"Bearer {_token(vault_process.service_key)}"}
-        assert (await raw.get(f"/cards/{existing.card_id}", headers=once)).status_code == 200
-        replayed = await raw.post("/detokenize", json=calls[3][2], headers=once)
+        path = f"/cards/{existing.card_id}"
+        once = {"authorization": f"Bearer {_token(vault_process.service_key, 'GET', PFX + path)}"}
+        assert (await raw.get(path, headers=once)).status_code == 200
+        replayed = await raw.get(path, headers=once)
         assert replayed.status_code == 401 and "already used" in replayed.json()["detail"]
 
     assert await _vault_rows(local_vault) == before
@@ -499,23 +536,32 @@ async def test_calls_without_a_valid_service_token_are_refused_and_change_nothin
     assert await _vault_rows(local_vault) == before
 
 
-async def test_the_requester_is_the_token_subject_not_a_body_field(
+async def test_the_requester_is_a_token_claim_not_a_body_field(
     vault_process: VaultProcess, local_vault: LocalVault
 ) -> None:
     vaulted = await local_vault.vault_card(card(), owner_id=new_owner())
     key = vault_process.service_key
+
+    def signed(**claims: Any) -> dict[str, str]:
+        token = _token(key, "POST", f"{PFX}/detokenize", sub="billfold-network", **claims)
+        return {"authorization": f"Bearer {token}"}
+
     async with httpx.AsyncClient(base_url=f"{vault_process.url}/internal/v1") as raw:
         claimed = await raw.post(
             "/detokenize",
-            json={"card_id": vaulted.card_id, "purpose": "refund", "requester": "someone-else"},
-            headers={"authorization": f"Bearer {_token(key, sub='network')}"},
+            json={
+                "card_id": vaulted.card_id,
+                "purpose": "authorization",
+                "requester": "someone-else",
+            },
+            headers=signed(requester="issuer"),
         )
         assert claimed.status_code == 422, claimed.text
         assert claimed.json()["code"] == "validation_failed"
         ok = await raw.post(
             "/detokenize",
-            json={"card_id": vaulted.card_id, "purpose": "refund"},
-            headers={"authorization": f"Bearer {_token(key, sub='network')}"},
+            json={"card_id": vaulted.card_id, "purpose": "authorization"},
+            headers=signed(requester="issuer"),
         )
         assert ok.status_code == 200, ok.text
     rows = await sql(
@@ -523,7 +569,7 @@ async def test_the_requester_is_the_token_subject_not_a_body_field(
         "SELECT requester, purpose FROM vault.detokenizations WHERE card_id = :c",
         c=vaulted.card_id,
     )
-    assert rows == [{"requester": "network", "purpose": "refund"}]
+    assert rows == [{"requester": "issuer", "purpose": "authorization"}]
 
 
 async def test_the_edge_answers_ops_without_a_token_and_refuses_big_bodies(
@@ -533,12 +579,14 @@ async def test_the_edge_answers_ops_without_a_token_and_refuses_big_bodies(
         ready = await raw.get("/readyz")
         assert ready.json() == {"status": "ok", "checks": {"database": "ok", "keystore": "ok"}}
         assert (await raw.get("/healthz")).status_code == 200
-        headers = {"authorization": f"Bearer {_token(vault_process.service_key)}"}
+        token = _token(vault_process.service_key, "POST", f"{PFX}/cards")
+        headers = {"authorization": f"Bearer {token}"}
         big = await raw.post(
             "/internal/v1/cards", content=b"{" + b" " * 70_000 + b"}", headers=headers
         )
         assert big.status_code == 413 and big.json()["code"] == "payload_too_large"
-        headers = {"authorization": f"Bearer {_token(vault_process.service_key)}"}
+        token = _token(vault_process.service_key, "GET", f"{PFX}/nowhere")
+        headers = {"authorization": f"Bearer {token}"}
         nowhere = await raw.get("/internal/v1/nowhere", headers=headers)
         assert nowhere.status_code == 404 and nowhere.json()["code"] == "not_found"
 
@@ -554,7 +602,9 @@ async def test_no_card_number_in_the_vault_process_log(
     """Runs last in this module: the log holds every call above, plus these, made to put a
     card number in front of every logger (validation errors, refusals, wrong fields)."""
     pan = new_pan()
-    headers = {"authorization": f"Bearer {_token(vault_process.service_key)}"}
+    headers = {
+        "authorization": f"Bearer {_token(vault_process.service_key, 'POST', PFX + '/cards')}"
+    }
     http = http_vault(vault_process)
     try:
         vaulted = await http.vault_card(card(pan), owner_id=new_owner())
@@ -576,7 +626,10 @@ async def test_no_card_number_in_the_vault_process_log(
             ):
                 r = await raw.post("/cards", json=body, headers=dict(headers))
                 assert r.status_code == 422 and pan not in r.text, r.text
-                headers = {"authorization": f"Bearer {_token(vault_process.service_key)}"}
+                token = _token(vault_process.service_key, "POST", f"{PFX}/cards")
+                headers = {"authorization": f"Bearer {token}"}
+            token = _token(vault_process.service_key, "GET", f"{PFX}/cards/{pan}")
+            headers = {"authorization": f"Bearer {token}"}
             r = await raw.get(f"/cards/{pan}", headers=headers)
             assert r.status_code == 404 and pan not in r.text
             r = await raw.post("/cards", json={"pan": pan})  # no token at all
@@ -588,7 +641,7 @@ async def test_no_card_number_in_the_vault_process_log(
     log = vault_process.log.read_text()
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert any(line.get("event") == "vault request" for line in lines)
-    assert any(line.get("caller") == "network" for line in lines)
+    assert any(line.get("caller") == "billfold-api" for line in lines)
     assert any(
         line.get("request_id") == "req_trace_from_the_api"
         and line.get("route") == "/internal/v1/cards/{card_id}"
@@ -703,7 +756,7 @@ async def test_rotate_kek_command_rewraps_online_while_the_vault_serves(
         return out.decode()
 
     with run_vault_process(own_database, data_dir, settings.secret_key, tmp_path / "v.log") as vp:
-        client = http_vault(vp, subject="payment_methods")
+        client = http_vault(vp)
         try:
             pans = [new_pan() for _ in range(3)]
             cards = [await client.vault_card(card(p), owner_id=new_owner()) for p in pans]
@@ -783,3 +836,91 @@ async def test_control_characters_are_refused_not_a_500(vault: VaultClient, bad:
     # Nothing changed.
     assert (await vault.get_token(token.token_id)).status == "active"
     assert await vault.get_card(vaulted.card_id) == vaulted
+
+
+# --- who may call what; replays across replicas ----------------------------------------------
+
+
+async def test_each_service_may_call_only_its_own_routes_and_purposes(
+    vault_process: VaultProcess, local_vault: LocalVault
+) -> None:
+    vaulted = await local_vault.vault_card(card(), owner_id=new_owner())
+    token = await local_vault.issue_token(vaulted.card_id, domain=TokenDomain())
+    key = vault_process.service_key
+    async with httpx.AsyncClient(base_url=f"{vault_process.url}/internal/v1") as raw:
+
+        async def call(
+            sub: str, method: str, path: str, body: dict[str, Any] | None = None
+        ) -> httpx.Response:
+            signed = _token(key, method, PFX + path, sub=sub)
+            return await raw.request(
+                method, path, json=body, headers={"authorization": f"Bearer {signed}"}
+            )
+
+        card_body = {"owner_id": new_owner(), "pan": new_pan(), "expiry_month": 1}
+        refused = [
+            ("billfold-network", "POST", "/cards", {**card_body, "expiry_year": 2030}),
+            ("billfold-network", "POST", f"/tokens/{token.token_id}/suspend", {"reason": "x"}),
+            (
+                "billfold-network",
+                "POST",
+                "/detokenize",
+                {"card_id": vaulted.card_id, "purpose": "account_verification"},
+            ),
+            ("billfold-api", "POST", "/tokens/by-dpan", {"dpan": new_pan()}),
+            (
+                "billfold-api",
+                "POST",
+                "/detokenize",
+                {"card_id": vaulted.card_id, "purpose": "network_token_update"},
+            ),
+            ("someone-else", "GET", f"/cards/{vaulted.card_id}", None),
+        ]
+        for sub, method, path, body in refused:
+            r = await call(sub, method, path, body)
+            assert r.status_code == 403 and r.json()["code"] == "forbidden", (sub, path, r.text)
+        assert (
+            await call("billfold-network", "POST", "/tokens/by-dpan", {"dpan": new_pan()})
+        ).json()["token"] is None
+        assert (await call("billfold-api", "GET", f"/cards/{vaulted.card_id}")).status_code == 200
+    assert (await local_vault.get_token(token.token_id)).status == "active"
+    audited = await sql(
+        local_vault, "SELECT 1 FROM vault.detokenizations WHERE card_id = :c", c=vaulted.card_id
+    )
+    assert audited == []
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["redis", "in-process"])
+async def test_a_token_replayed_to_another_replica_is_refused_when_they_share_redis(
+    settings: Settings, local_vault: LocalVault, shared: bool
+) -> None:
+    import contextlib
+
+    from asgi_lifespan import LifespanManager
+
+    from billfold.vault.server import create_vault_app
+    from billfold.vault.service_auth import resolve_service_key
+
+    @contextlib.asynccontextmanager
+    async def the_test_vault(_: Settings, __: Any) -> AsyncIterator[VaultClient]:
+        yield local_vault
+
+    replica_settings = settings if shared else settings.model_copy(update={"redis_url": ""})
+    replicas = [create_vault_app(replica_settings, open_vault=the_test_vault) for _ in range(2)]
+    vaulted = await local_vault.vault_card(card(), owner_id=new_owner())
+    signer = ServiceTokenSigner(resolve_service_key(settings), subject="billfold-api")
+    path = f"{PFX}/cards/{vaulted.card_id}"
+    headers = {"authorization": f"Bearer {signer.token('GET', path)}"}
+    async with LifespanManager(replicas[0]), LifespanManager(replicas[1]):
+        first, second = (
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://vault")
+            for app in replicas
+        )
+        async with first, second:
+            assert (await first.get(path, headers=headers)).status_code == 200
+            assert (await first.get(path, headers=headers)).status_code == 401
+            replayed = await second.get(path, headers=headers)
+    if shared:
+        assert replayed.status_code == 401 and "already used" in replayed.json()["detail"]
+    else:  # documented: without Redis each replica only knows its own tokens
+        assert replayed.status_code == 200

@@ -3,8 +3,9 @@
 Only `HttpVault` calls these, with a service token that `server.VaultEdge` has verified before a
 route runs. Bodies are the contract's own types (pydantic validates the dataclasses of
 `vault.models`), so the HTTP and in-process implementations cannot drift apart. Errors are the
-vault's own problem codes; the requester of a detokenisation is the verified token's `sub`, never
-something the body claims. A card number appears in two answers only (`detokenize`, and the DPAN
+vault's own problem codes; the requester of a detokenisation is the verified token's `requester`
+claim (else its `sub`), never something the body claims, and the `sub` must be allowed the
+purpose (`service_auth.SERVICE_PURPOSES`). A card number appears in two answers only (`detokenize`, and the DPAN
 of a cryptogram) and in no error and no log line.
 """
 
@@ -14,7 +15,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from billfold.platform.errors import Unauthorized, problem_responses
+from billfold.platform.errors import Forbidden, Unauthorized, problem_responses
 from billfold.platform.validation import Strict
 from billfold.vault.client import VaultClient
 from billfold.vault.models import (
@@ -28,7 +29,7 @@ from billfold.vault.models import (
     TokenOnNetwork,
     VaultedCard,
 )
-from billfold.vault.service_auth import ServiceCaller
+from billfold.vault.service_auth import ServiceCaller, may_detokenize
 
 PREFIX = "/internal/v1"
 router = APIRouter(prefix=PREFIX, tags=["vault"])
@@ -90,7 +91,7 @@ class Verification(_Body):
 
 
 class DetokenizeBody(_Body):
-    """By card or by token (exactly one); no `requester`: that is the service token's `sub`."""
+    """By card or by token (exactly one); no `requester`: that is in the service token."""
 
     card_id: str | None = None
     token_id: str | None = None
@@ -213,6 +214,8 @@ async def token_by_dpan(body: DpanBody, v: Vault, _: Caller) -> TokenByDpan:
     summary="The clear card number, for the payment network path (audited)",
 )
 async def detokenize(body: DetokenizeBody, v: Vault, who: Caller) -> CardSecret:
+    if not may_detokenize(who.service, body.purpose):
+        raise Forbidden(f"The service {who.service!r} may not detokenise for {body.purpose}")
     return await v.detokenize(
-        card_id=body.card_id, token_id=body.token_id, requester=who.service, purpose=body.purpose
+        card_id=body.card_id, token_id=body.token_id, requester=who.requester, purpose=body.purpose
     )

@@ -105,8 +105,9 @@ def _segment(value: str, missing: type[ProblemError]) -> str:
 
 
 class HttpVault:
-    """`VaultClient` over HTTP. `signer` names this process (the token's `sub`); a
-    detokenisation is signed for its `requester`, which the vault audits. For mTLS pass an
+    """`VaultClient` over HTTP. `signer` names this process (the token's `sub`, which decides
+    what it may call); each token is bound to its method and path, and a detokenisation's carries
+    its `requester`, which the vault audits. For mTLS pass an
     `ssl.SSLContext` with the vault's CA and this process's client certificate as `verify`."""
 
     def __init__(
@@ -134,6 +135,8 @@ class HttpVault:
             follow_redirects=False,
         )
         self._errors = _vault_errors()
+        # The path the vault sees (and checks a token's `htu` against) is under its prefix.
+        self._path_prefix = "/internal/v1"
 
     # --- cards -----------------------------------------------------------------------------
 
@@ -248,15 +251,15 @@ class HttpVault:
         requester: str,
         purpose: DetokenizePurpose,
     ) -> CardSecret:
-        # The requester is who the token says is calling: the vault audits the token's `sub`.
+        # The requester travels in the signed token (`requester`); the vault audits it.
         if not requester.strip() or len(requester.strip()) > 200 or not is_service_name(requester):
-            raise Unprocessable("requester is required (a service name, at most 200 characters)")
+            raise Unprocessable("requester is required (at most 200 characters)")
         body = {"card_id": card_id, "token_id": token_id, "purpose": purpose}
         r = await self._call(
             "POST",
             "/detokenize",
             json=body,
-            subject=requester,
+            requester=requester,
             missing=TokenNotFound if token_id is not None else CardNotFound,
         )
         return self._parse(_SECRET, r)
@@ -272,10 +275,12 @@ class HttpVault:
         path: str,
         *,
         json: dict[str, Any] | None = None,
-        subject: str | None = None,
+        requester: str | None = None,
         missing: type[ProblemError] | None = None,
     ) -> httpx.Response:
-        headers = {"authorization": f"Bearer {self._signer.token(subject)}"}
+        # Bound to this one method and path (`htm`/`htu`): a token seen in flight opens nothing else.
+        token = self._signer.token(method, self._path_prefix + path, requester=requester)
+        headers = {"authorization": f"Bearer {token}"}
         rid = request_id_var.get()
         if rid is not None:
             headers["x-request-id"] = rid  # one request id across both processes' logs

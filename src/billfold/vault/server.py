@@ -26,12 +26,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from billfold.config import Settings
 from billfold.gateway import install_error_handlers
 from billfold.platform.db import create_engine
-from billfold.platform.errors import PROBLEM_CONTENT_TYPE, ProblemError
+from billfold.platform.errors import PROBLEM_CONTENT_TYPE, Forbidden, ProblemError
 from billfold.platform.ids import new_id
 from billfold.platform.observability import Metrics, get_logger, request_id_var
-from billfold.vault.api import router
+from billfold.vault.api import PREFIX, router
 from billfold.vault.client import VaultClient
-from billfold.vault.service_auth import ServiceTokenRejected, ServiceTokenVerifier
+from billfold.vault.service_auth import ServiceTokenRejected, ServiceTokenVerifier, may_call
 
 log = get_logger("billfold.vault")
 
@@ -60,7 +60,13 @@ def create_vault_app(settings: Settings, *, open_vault: OpenVault = open_local_v
     `/internal/v1/*` route needs a service token signed with `BILLFOLD_VAULT_SERVICE_KEY`."""
     if not settings.database_url:
         raise RuntimeError("the vault needs BILLFOLD_DATABASE_URL")
-    verifier = ServiceTokenVerifier.from_settings(settings)
+    redis = None
+    if settings.redis_url:
+        from redis.asyncio import Redis
+
+        # Service token ids, shared by every replica so a token replayed to another is caught.
+        redis = Redis.from_url(settings.redis_url)
+    verifier = ServiceTokenVerifier.from_settings(settings, redis=redis)
     metrics = Metrics()
 
     @asynccontextmanager
@@ -74,6 +80,8 @@ def create_vault_app(settings: Settings, *, open_vault: OpenVault = open_local_v
                 yield
         finally:
             await engine.dispose()
+            if redis is not None:
+                await redis.aclose()
 
     app = FastAPI(
         title="billfold vault (internal)",
@@ -212,7 +220,17 @@ class VaultEdge:
                             "A service token is required",
                             headers={"WWW-Authenticate": 'Bearer realm="billfold-vault"'},
                         )
-                    state["service_caller"] = self.verifier.verify(credential.strip())
+                    # `htu` is the path as sent (percent-encoded ids stay encoded).
+                    sent_path = (scope.get("raw_path") or path.encode()).decode("latin-1")
+                    verified = await self.verifier.verify(
+                        credential.strip(), method=method, path=sent_path
+                    )
+                    state["service_caller"] = verified
+                    template = _route_template(scope, self.routes)
+                    if template.startswith(PREFIX + "/") and not may_call(
+                        verified.service, method, template.removeprefix(PREFIX)
+                    ):
+                        raise Forbidden(f"The service {verified.service!r} may not call this route")
                 except ProblemError as exc:
                     await _problem(send_logged, exc, path, rid)
                     return

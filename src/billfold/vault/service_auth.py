@@ -1,12 +1,14 @@
 """Service-to-service authentication between the API processes and the vault process.
 
 Every request to the vault carries a short-lived service token: an HS256 JWT under
-`BILLFOLD_VAULT_SERVICE_KEY`, with `iss`, `aud` (the vault), `sub` (the calling service, which the
-vault records as the requester of a detokenisation), `iat`, `exp` (at most 60 s later) and a
-random `jti`. A client signs a fresh token for every request, so the vault refuses any `jti` it
-has already seen (a captured token cannot be replayed to the same vault process). The algorithm
-is pinned: a user's ES256 access token, or `alg: none`, never passes. In production the channel
-is also mTLS (docs/architecture.md, "Token Vault").
+`BILLFOLD_VAULT_SERVICE_KEY`, with `iss`, `aud` (the vault), `sub` (the calling service: fixed per
+signer, and what `SERVICE_ROUTES`/`SERVICE_PURPOSES` allow), `htm` and `htu` (the one method and
+path it is good for), `iat`, `exp` (at most 60 s later), a random `jti` and, for a
+detokenisation, `requester` (who inside the service asks; the audit row records it). A client
+signs a fresh token for every request, so the vault refuses any `jti` it has already seen: in
+Redis (SET NX EX, shared by every replica) when the vault has `BILLFOLD_REDIS_URL`, otherwise in
+the process. The algorithm is pinned: a user's ES256 access token, or `alg: none`, never passes.
+In production the channel is also mTLS (docs/architecture.md, "Token Vault").
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import jwt
 
 from billfold.config import Settings
-from billfold.platform.errors import Unauthorized
+from billfold.platform.errors import ServiceUnavailable, Unauthorized
 
 ISSUER = "billfold"
 AUDIENCE = "billfold-vault"
@@ -105,21 +108,25 @@ class ServiceTokenSigner:
         self._audience = audience
         self._ttl = ttl_seconds
 
-    def token(self, subject: str | None = None) -> str:
-        """A fresh token for one request; `subject` names the calling service when it is not
-        this signer's default (the requester of a detokenisation)."""
-        sub = self.subject if subject is None else subject
-        if not _SUBJECT.match(sub):
-            raise ValueError("invalid service name")
+    def token(self, method: str, path: str, *, requester: str | None = None) -> str:
+        """A fresh token for one request: `method` and `path` (as the vault sees it, e.g.
+        `/internal/v1/cards`) are the only ones it is good for; `requester` names who inside
+        this service asks for a detokenisation (the audit records it)."""
+        if requester is not None and not _SUBJECT.match(requester):
+            raise ValueError("invalid requester")
         now = int(time.time())
-        claims = {
+        claims: dict[str, object] = {
             "iss": self._issuer,
             "aud": self._audience,
-            "sub": sub,
+            "sub": self.subject,
+            "htm": method.upper(),
+            "htu": path,
             "iat": now,
             "exp": now + self._ttl,
             "jti": secrets.token_urlsafe(16),
         }
+        if requester is not None:
+            claims["requester"] = requester
         return jwt.encode(claims, self._key, algorithm=ALGORITHM)
 
     @classmethod
@@ -133,6 +140,11 @@ class ServiceCaller:
 
     service: str  # the token's `sub`
     token_id: str  # its `jti`
+    requester: str = ""  # its `requester` claim, else the service
+
+    def __post_init__(self) -> None:
+        if not self.requester:
+            object.__setattr__(self, "requester", self.service)
 
 
 @dataclass
@@ -145,10 +157,13 @@ class ServiceTokenVerifier:
     audience: str = AUDIENCE
     max_ttl_seconds: int = MAX_TTL_SECONDS
     leeway_seconds: int = LEEWAY_SECONDS
+    # Replays are caught across replicas when set (`SET jti NX EX`), per process otherwise.
+    redis: Any = None
+    redis_prefix: str = ""
     _seen: dict[str, float] = field(default_factory=dict, init=False, repr=False)
     _next_purge: float = field(default=0.0, init=False, repr=False)
 
-    def verify(self, token: str) -> ServiceCaller:
+    async def verify(self, token: str, *, method: str, path: str) -> ServiceCaller:
         try:
             claims = jwt.decode(
                 token,
@@ -157,7 +172,7 @@ class ServiceTokenVerifier:
                 audience=self.audience,
                 issuer=self.issuer,
                 leeway=self.leeway_seconds,
-                options={"require": ["iss", "aud", "sub", "iat", "exp", "jti"]},
+                options={"require": ["iss", "aud", "sub", "iat", "exp", "jti", "htm", "htu"]},
             )
         except jwt.ExpiredSignatureError:
             raise _rejected("The service token has expired") from None
@@ -175,8 +190,32 @@ class ServiceTokenVerifier:
             raise _rejected(f"A service token may live at most {self.max_ttl_seconds} s")
         if iat > now + self.leeway_seconds:
             raise _rejected("The service token was issued in the future")
-        self._remember(jti, exp + self.leeway_seconds, now)
-        return ServiceCaller(sub, jti)
+        if claims["htm"] != method.upper() or claims["htu"] != path:
+            raise _rejected("The service token is for another request")
+        requester = claims.get("requester")
+        if requester is not None and not (isinstance(requester, str) and _SUBJECT.match(requester)):
+            raise _rejected("The service token names no valid requester")
+        until = exp + self.leeway_seconds
+        if self.redis is not None:
+            await self._remember_shared(jti, until, now)
+        else:
+            self._remember(jti, until, now)
+        return ServiceCaller(sub, jti, requester or sub)
+
+    async def _remember_shared(self, jti: str, until: float, now: float) -> None:
+        try:
+            fresh = await self.redis.set(
+                f"{self.redis_prefix}vault:jti:{jti}",
+                b"1",
+                nx=True,
+                ex=max(1, int(until - now) + 1),
+            )
+        except Exception:  # fail closed: an unchecked token could be a replay
+            raise ServiceUnavailable(
+                "The vault cannot check service tokens right now", code="service_unavailable"
+            ) from None
+        if not fresh:
+            raise _rejected("The service token was already used")
 
     def _remember(self, jti: str, until: float, now: float) -> None:
         if now >= self._next_purge:
@@ -187,8 +226,55 @@ class ServiceTokenVerifier:
         self._seen[jti] = until
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ServiceTokenVerifier:
-        return cls(resolve_service_key(settings))
+    def from_settings(cls, settings: Settings, redis: Any = None) -> ServiceTokenVerifier:
+        return cls(resolve_service_key(settings), redis=redis, redis_prefix=settings.redis_prefix)
+
+
+# What each calling service may do (`sub` → route templates under /internal/v1, and the purposes
+# it may detokenise for). Any other `sub` may do nothing. The API vaults cards, manages tokens,
+# makes cryptograms and reveals a card to verify it or authorise with it; the network (the issuer
+# side) finds a token by its DPAN, verifies cryptograms and reveals the card behind a DPAN to
+# authorise. Neither does the other's part.
+_API_ROUTES = frozenset(
+    {
+        ("POST", "/cards"),
+        ("GET", "/cards/{card_id}"),
+        ("PATCH", "/cards/{card_id}"),
+        ("POST", "/cards/{card_id}/delete"),
+        ("POST", "/cards/{card_id}/tokens"),
+        ("GET", "/cards/{card_id}/tokens"),
+        ("GET", "/tokens/{token_id}"),
+        ("POST", "/tokens/{token_id}/suspend"),
+        ("POST", "/tokens/{token_id}/resume"),
+        ("POST", "/tokens/{token_id}/delete"),
+        ("POST", "/cryptograms"),
+        ("POST", "/detokenize"),
+    }
+)
+SERVICE_ROUTES: dict[str, frozenset[tuple[str, str]]] = {
+    "billfold-api": _API_ROUTES,
+    "billfold-network": frozenset(
+        {
+            ("POST", "/tokens/by-dpan"),
+            ("POST", "/cryptograms/verify"),
+            ("GET", "/tokens/{token_id}"),
+            ("POST", "/detokenize"),
+        }
+    ),
+}
+SERVICE_PURPOSES: dict[str, frozenset[str]] = {
+    "billfold-api": frozenset({"account_verification", "authorization", "refund"}),
+    "billfold-network": frozenset({"authorization"}),
+}
+
+
+def may_call(service: str, method: str, route: str) -> bool:
+    """Whether `service` may call the vault route `route` (its template under /internal/v1)."""
+    return (method.upper(), route) in SERVICE_ROUTES.get(service, frozenset())
+
+
+def may_detokenize(service: str, purpose: str) -> bool:
+    return purpose in SERVICE_PURPOSES.get(service, frozenset())
 
 
 def _rejected(detail: str) -> ServiceTokenRejected:
