@@ -429,3 +429,15 @@ def test_odd_parity_is_one_function_and_keeps_the_key_bits() -> None:
         assert fixed.bit_count() % 2 == 1 and fixed & 0xFE == b & 0xFE
     # The vault makes its issuer master keys with the same function (no twin to drift).
     assert not hasattr(service, "_odd_parity")
+
+
+def test_luhn_is_one_implementation_everywhere() -> None:
+    """The vault, the log redactor and the API's input check share platform.cards.luhn_valid,
+    so they cannot disagree on which numbers are card numbers."""
+    import inspect as _inspect
+
+    from billfold.platform import cards, observability
+
+    assert observability.luhn_valid is cards.luhn_valid
+    assert "cards.luhn_valid" in _inspect.getsource(emv.luhn_valid)
+    assert "% 10" not in _inspect.getsource(emv.luhn_valid)

@@ -42,6 +42,8 @@ from datetime import date
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
+from billfold.platform import cards
+
 __all__ = [
     "CRYPTOGRAM_VERSION",
     "EmvData",
@@ -80,10 +82,9 @@ _DPAN_LENGTHS = range(13, 20)
 
 
 def luhn_valid(number: str) -> bool:
-    """True if `number` is all digits (at least two) and its last digit is its Luhn check digit."""
-    if len(number) < 2 or not number.isascii() or not number.isdigit():
-        return False
-    return luhn_check_digit(number[:-1]) == number[-1]
+    """True if `number` is all digits (at least two: a body and its check digit) and passes the
+    Luhn check (`platform.cards.luhn_valid`, the one implementation every part shares)."""
+    return len(number) >= 2 and cards.luhn_valid(number)
 
 
 def luhn_check_digit(body: str) -> str:
