@@ -56,6 +56,8 @@ from billfold.vault.service_auth import (
 )
 from tests.integration.vault_support import (
     VaultProcess,
+    _AsItsServices,
+    http_vault,
     issue_tls,
     new_owner,
     purchase,
@@ -83,50 +85,6 @@ def card(pan: str | None = None, **overrides: Any) -> CardInput:
     }
     values.update(overrides)
     return CardInput(**values)
-
-
-@pytest.fixture(scope="module")
-def vault_process(
-    settings: Settings, data_dir: Path, hsm: Any, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[VaultProcess]:
-    """The vault process on this worker's database and SoftHSM2 token (`hsm` made its keys)."""
-    log = tmp_path_factory.mktemp("vault-process") / "vault.log"
-    with run_vault_process(settings.database_url, data_dir, settings.secret_key, log) as vp:
-        yield vp
-
-
-def http_vault(vp: VaultProcess, subject: str = "billfold-api", **kwargs: Any) -> HttpVault:
-    return HttpVault(vp.url, ServiceTokenSigner(vp.service_key, subject=subject), **kwargs)
-
-
-@pytest.fixture(params=["local", "http"])
-async def vault(
-    request: pytest.FixtureRequest, local_vault: LocalVault, vault_process: VaultProcess
-) -> AsyncIterator[VaultClient]:
-    """Each test below runs once on each implementation."""
-    if request.param == "local":
-        yield local_vault
-        return
-    api, network = http_vault(vault_process), http_vault(vault_process, "billfold-network")
-    try:
-        yield _AsItsServices(api, network)  # type: ignore[misc]
-    finally:
-        await api.aclose()
-        await network.aclose()
-
-
-class _AsItsServices:
-    """Both services' `HttpVault`s as one client, each method called as the service allowed to
-    call it (`service_auth.SERVICE_ROUTES`): the issuer side's as `billfold-network`, the rest
-    as `billfold-api`."""
-
-    _ISSUER_SIDE = frozenset({"token_by_dpan", "verify_cryptogram"})
-
-    def __init__(self, api: HttpVault, network: HttpVault) -> None:
-        self._api, self._network = api, network
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._network if name in self._ISSUER_SIDE else self._api, name)
 
 
 # --- every method -------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from billfold.vault import (
     TokenDomain,
     TokenDomainViolation,
     TokenNotActive,
+    VaultClient,
 )
 from billfold.vault.emv import CRYPTOGRAM_VERSION, luhn_valid
 from tests.integration.vault_support import new_owner, new_pan, purchase, sql, sql_exec
@@ -27,7 +28,7 @@ from tests.integration.vault_support import new_owner, new_pan, purchase, sql, s
 pytestmark = pytest.mark.filterwarnings("ignore::cryptography.utils.CryptographyDeprecationWarning")
 
 
-async def _token(vault: LocalVault, domain: TokenDomain | None = None) -> PaymentToken:
+async def _token(vault: VaultClient, domain: TokenDomain | None = None) -> PaymentToken:
     card = await vault.vault_card(CardInput(new_pan(), 12, 2030), owner_id=new_owner())
     return await vault.issue_token(card.card_id, domain=domain or TokenDomain())
 
@@ -152,32 +153,31 @@ async def test_the_atc_increments_on_every_cryptogram_even_concurrently(
 
 
 async def test_a_cryptogram_verifies_once_and_a_replay_or_older_atc_is_refused(
+    vault: VaultClient,
     local_vault: LocalVault,
 ) -> None:
-    token = await _token(local_vault)
+    token = await _token(vault)
     r1, r2, r3 = (purchase(token.token_id, amount=a) for a in (100, 200, 300))
-    c1, c2, c3 = [await local_vault.cryptogram(r) for r in (r1, r2, r3)]
+    c1, c2, c3 = [await vault.cryptogram(r) for r in (r1, r2, r3)]
 
-    assert await local_vault.verify_cryptogram(c2, r2) is True
-    assert await local_vault.verify_cryptogram(c2, r2) is False  # replay
-    assert await local_vault.verify_cryptogram(c1, r1) is False  # older than one accepted
+    assert await vault.verify_cryptogram(c2, r2) is True
+    assert await vault.verify_cryptogram(c2, r2) is False  # replay
+    assert await vault.verify_cryptogram(c1, r1) is False  # older than one accepted
     # Altered transaction data or cryptogram: refused, and the ATC is not used up by it.
-    assert await local_vault.verify_cryptogram(c3, replace(r3, amount=301)) is False
-    assert await local_vault.verify_cryptogram(replace(c3, arqc="00" * 8), r3) is False
-    assert await local_vault.verify_cryptogram(replace(c3, arqc="zz"), r3) is False
-    assert await local_vault.verify_cryptogram(replace(c3, dpan=new_pan()), r3) is False
-    assert await local_vault.verify_cryptogram(replace(c3, atc=c3.atc + 1), r3) is False
+    assert await vault.verify_cryptogram(c3, replace(r3, amount=301)) is False
+    assert await vault.verify_cryptogram(replace(c3, arqc="00" * 8), r3) is False
+    assert await vault.verify_cryptogram(replace(c3, arqc="zz"), r3) is False
+    assert await vault.verify_cryptogram(replace(c3, dpan=new_pan()), r3) is False
+    assert await vault.verify_cryptogram(replace(c3, atc=c3.atc + 1), r3) is False
     wrong_cvv = f"{(int(c3.dynamic_cvv) + 1) % 1000:03d}"
-    assert await local_vault.verify_cryptogram(replace(c3, dynamic_cvv=wrong_cvv), r3) is False
-    assert await local_vault.verify_cryptogram(replace(c3, dynamic_cvv="12a"), r3) is False
+    assert await vault.verify_cryptogram(replace(c3, dynamic_cvv=wrong_cvv), r3) is False
+    assert await vault.verify_cryptogram(replace(c3, dynamic_cvv="12a"), r3) is False
     assert (
-        await local_vault.verify_cryptogram(
-            replace(c3, issuer_application_data="06011203A00001"), r3
-        )
+        await vault.verify_cryptogram(replace(c3, issuer_application_data="06011203A00001"), r3)
         is False
     )
-    assert await local_vault.verify_cryptogram(replace(c3, cryptogram_version="x"), r3) is False
-    assert await local_vault.verify_cryptogram(c3, r3) is True
+    assert await vault.verify_cryptogram(replace(c3, cryptogram_version="x"), r3) is False
+    assert await vault.verify_cryptogram(c3, r3) is True
     [row] = await sql(
         local_vault,
         "SELECT atc, last_verified_atc FROM vault.tokens WHERE id = :id",
@@ -187,20 +187,22 @@ async def test_a_cryptogram_verifies_once_and_a_replay_or_older_atc_is_refused(
 
 
 async def test_two_verifications_of_one_cryptogram_at_once_accept_it_once(
-    local_vault: LocalVault,
+    vault: VaultClient,
 ) -> None:
-    token = await _token(local_vault)
+    token = await _token(vault)
     request = purchase(token.token_id)
-    cryptogram = await local_vault.cryptogram(request)
+    cryptogram = await vault.cryptogram(request)
     results = await asyncio.gather(
-        *(local_vault.verify_cryptogram(cryptogram, request) for _ in range(6))
+        *(vault.verify_cryptogram(cryptogram, request) for _ in range(6))
     )
     assert sorted(results) == [False] * 5 + [True]
 
 
-async def test_a_token_is_used_only_within_its_domain(local_vault: LocalVault) -> None:
+async def test_a_token_is_used_only_within_its_domain(
+    vault: VaultClient,
+) -> None:
     token = await _token(
-        local_vault,
+        vault,
         TokenDomain(device_id="dev_a", channels=("contactless", "in_app"), merchant_id="mrc_1"),
     )
     ok = purchase(token.token_id, channel="in_app", device_id="dev_a", merchant_id="mrc_1")
@@ -212,32 +214,33 @@ async def test_a_token_is_used_only_within_its_domain(local_vault: LocalVault) -
         replace(ok, merchant_id=None),
     ):
         with pytest.raises(TokenDomainViolation):
-            await local_vault.cryptogram(bad)
+            await vault.cryptogram(bad)
     # Refusals consume no ATC; a cryptogram made in-domain fails verification out of domain.
-    cryptogram = await local_vault.cryptogram(ok)
+    cryptogram = await vault.cryptogram(ok)
     assert cryptogram.atc == 1
-    assert await local_vault.verify_cryptogram(cryptogram, replace(ok, device_id="dev_b")) is False
-    assert await local_vault.verify_cryptogram(cryptogram, ok) is True
+    assert await vault.verify_cryptogram(cryptogram, replace(ok, device_id="dev_b")) is False
+    assert await vault.verify_cryptogram(cryptogram, ok) is True
 
     # An unrestricted token works on any device and merchant, on its channels.
-    free = await _token(local_vault, TokenDomain(channels=("ecommerce",)))
-    await local_vault.cryptogram(purchase(free.token_id, device_id="x", merchant_id="y"))
+    free = await _token(vault, TokenDomain(channels=("ecommerce",)))
+    await vault.cryptogram(purchase(free.token_id, device_id="x", merchant_id="y"))
     with pytest.raises(TokenDomainViolation):
-        await local_vault.cryptogram(purchase(free.token_id, channel="contactless"))
+        await vault.cryptogram(purchase(free.token_id, channel="contactless"))
 
 
 async def test_only_active_unexpired_tokens_make_or_pass_cryptograms(
+    vault: VaultClient,
     local_vault: LocalVault,
 ) -> None:
-    token = await _token(local_vault)
+    token = await _token(vault)
     request = purchase(token.token_id)
-    cryptogram = await local_vault.cryptogram(request)
-    await local_vault.suspend_token(token.token_id, reason="fraud check")
+    cryptogram = await vault.cryptogram(request)
+    await vault.suspend_token(token.token_id, reason="fraud check")
     with pytest.raises(TokenNotActive):
-        await local_vault.cryptogram(purchase(token.token_id))
-    assert await local_vault.verify_cryptogram(cryptogram, request) is False
-    await local_vault.resume_token(token.token_id, reason="cleared")
-    assert await local_vault.verify_cryptogram(cryptogram, request) is True
+        await vault.cryptogram(purchase(token.token_id))
+    assert await vault.verify_cryptogram(cryptogram, request) is False
+    await vault.resume_token(token.token_id, reason="cleared")
+    assert await vault.verify_cryptogram(cryptogram, request) is True
 
     await sql_exec(
         local_vault,
@@ -245,12 +248,12 @@ async def test_only_active_unexpired_tokens_make_or_pass_cryptograms(
         id=token.token_id,
     )
     with pytest.raises(TokenNotActive):
-        await local_vault.cryptogram(purchase(token.token_id))
+        await vault.cryptogram(purchase(token.token_id))
 
-    gone = await _token(local_vault)
-    await local_vault.delete_token(gone.token_id, reason="removed")
+    gone = await _token(vault)
+    await vault.delete_token(gone.token_id, reason="removed")
     with pytest.raises(TokenNotActive):
-        await local_vault.cryptogram(purchase(gone.token_id))
+        await vault.cryptogram(purchase(gone.token_id))
 
 
 async def test_the_atc_never_wraps(local_vault: LocalVault) -> None:

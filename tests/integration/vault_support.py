@@ -14,22 +14,26 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlalchemy import text
 
-from billfold.vault import CryptogramRequest, LocalVault
+from billfold.config import Settings
+from billfold.vault import CryptogramRequest, LocalVault, VaultClient
+from billfold.vault.connect import InProcessVault
 from billfold.vault.emv import luhn_check_digit
-from billfold.vault.service_auth import generate_service_key
+from billfold.vault.http import HttpVault
+from billfold.vault.service_auth import ServiceTokenSigner, generate_service_key
 
 
 def new_pan(prefix: str = "4", length: int = 16) -> str:
@@ -225,3 +229,59 @@ def run_vault_process(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def vault_process(
+    settings: Settings, data_dir: Path, hsm: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[VaultProcess]:
+    """The vault process on this worker's database and SoftHSM2 token (`hsm` made its keys)."""
+    log = tmp_path_factory.mktemp("vault-process") / "vault.log"
+    with run_vault_process(settings.database_url, data_dir, settings.secret_key, log) as vp:
+        yield vp
+
+
+def http_vault(vp: VaultProcess, subject: str = "billfold-api", **kwargs: Any) -> HttpVault:
+    return HttpVault(vp.url, ServiceTokenSigner(vp.service_key, subject=subject), **kwargs)
+
+
+@pytest.fixture(params=["local", "inprocess", "http"])
+async def vault(
+    request: pytest.FixtureRequest,
+    local_vault: LocalVault,
+    settings: Settings,
+    vault_process: VaultProcess,
+) -> AsyncIterator[VaultClient]:
+    """A test taking `vault` runs once on each `VaultClient`: `LocalVault`, `InProcessVault`
+    (what the API uses without BILLFOLD_VAULT_URL: opened on first use, its own pool and HSM
+    session) and `HttpVault` on the vault process. Import it with `vault_process` into a module."""
+    if request.param == "local":
+        yield local_vault
+        return
+    if request.param == "inprocess":
+        in_process = InProcessVault(settings)
+        try:
+            yield in_process
+        finally:
+            await in_process.aclose()
+        return
+    api, network = http_vault(vault_process), http_vault(vault_process, "billfold-network")
+    try:
+        yield _AsItsServices(api, network)  # type: ignore[misc]
+    finally:
+        await api.aclose()
+        await network.aclose()
+
+
+class _AsItsServices:
+    """Both services' `HttpVault`s as one client, each method called as the service allowed to
+    call it (`service_auth.SERVICE_ROUTES`): the issuer side's as `billfold-network`, the rest
+    as `billfold-api`."""
+
+    _ISSUER_SIDE = frozenset({"token_by_dpan", "verify_cryptogram"})
+
+    def __init__(self, api: HttpVault, network: HttpVault) -> None:
+        self._api, self._network = api, network
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._network if name in self._ISSUER_SIDE else self._api, name)
