@@ -27,6 +27,7 @@ from billfold.vault import (
     TokenDomain,
     TokenNotActive,
     TokenNotFound,
+    VaultClient,
 )
 from tests.integration.vault_support import (
     events_of,
@@ -289,35 +290,37 @@ async def test_deleting_a_card_wipes_its_pan_and_deletes_its_tokens(
 # --- token lifecycle --------------------------------------------------------------------------
 
 
-async def test_token_lifecycle_transitions_and_their_events(local_vault: LocalVault) -> None:
-    card = await local_vault.vault_card(CardInput(new_pan(), 8, 2030), owner_id=new_owner())
+async def test_token_lifecycle_transitions_and_their_events(
+    vault: VaultClient, local_vault: LocalVault
+) -> None:
+    card = await vault.vault_card(CardInput(new_pan(), 8, 2030), owner_id=new_owner())
     domain = TokenDomain(device_id="dev_phone", channels=("contactless", "in_app"))
-    token = await local_vault.issue_token(card.card_id, domain=domain)
+    token = await vault.issue_token(card.card_id, domain=domain)
     assert token.status == "active" and token.domain == domain
     assert token.card_id == card.card_id and token.owner_id == card.owner_id
     assert len(token.token_reference_id) == 32 and len(token.dpan_last4) == 4
-    assert await local_vault.list_tokens(card.card_id) == [token]
+    assert await vault.list_tokens(card.card_id) == [token]
 
-    suspended = await local_vault.suspend_token(token.token_id, reason="lost phone")
+    suspended = await vault.suspend_token(token.token_id, reason="lost phone")
     assert suspended.status == "suspended"
     with pytest.raises(InvalidTokenTransition):
-        await local_vault.suspend_token(token.token_id, reason="again")
+        await vault.suspend_token(token.token_id, reason="again")
     with pytest.raises(TokenNotActive):
-        await local_vault.cryptogram(
+        await vault.cryptogram(
             purchase(token.token_id, channel="contactless", device_id="dev_phone")
         )
-    resumed = await local_vault.resume_token(token.token_id, reason="found it")
+    resumed = await vault.resume_token(token.token_id, reason="found it")
     assert resumed.status == "active"
     with pytest.raises(InvalidTokenTransition):
-        await local_vault.resume_token(token.token_id, reason="again")
-    deleted = await local_vault.delete_token(token.token_id, reason="user removed")
+        await vault.resume_token(token.token_id, reason="again")
+    deleted = await vault.delete_token(token.token_id, reason="user removed")
     assert deleted.status == "deleted"
-    for change in (local_vault.resume_token, local_vault.suspend_token, local_vault.delete_token):
+    for change in (vault.resume_token, vault.suspend_token, vault.delete_token):
         with pytest.raises(InvalidTokenTransition):
             await change(token.token_id, reason="too late")
     with pytest.raises(Unprocessable):
-        await local_vault.suspend_token(
-            (await local_vault.issue_token(card.card_id, domain=TokenDomain())).token_id,
+        await vault.suspend_token(
+            (await vault.issue_token(card.card_id, domain=TokenDomain())).token_id,
             reason=" ",
         )
 
@@ -334,8 +337,8 @@ async def test_token_lifecycle_transitions_and_their_events(local_vault: LocalVa
     assert events[0]["data"]["token_reference_id"] == token.token_reference_id
 
 
-async def test_token_domains_are_validated(local_vault: LocalVault) -> None:
-    card = await local_vault.vault_card(CardInput(new_pan(), 8, 2030), owner_id=new_owner())
+async def test_token_domains_are_validated(vault: VaultClient) -> None:
+    card = await vault.vault_card(CardInput(new_pan(), 8, 2030), owner_id=new_owner())
     for domain in (
         TokenDomain(channels=()),
         TokenDomain(channels=("atm",)),  # type: ignore[arg-type]
@@ -343,23 +346,23 @@ async def test_token_domains_are_validated(local_vault: LocalVault) -> None:
         TokenDomain(merchant_id="m" * 65),
     ):
         with pytest.raises(Unprocessable):
-            await local_vault.issue_token(card.card_id, domain=domain)
-    assert await local_vault.list_tokens(card.card_id) == []
+            await vault.issue_token(card.card_id, domain=domain)
+    assert await vault.list_tokens(card.card_id) == []
 
 
 # --- detokenisation audit ---------------------------------------------------------------------
 
 
-async def test_every_detokenisation_is_audited_first(local_vault: LocalVault) -> None:
+async def test_every_detokenisation_is_audited_first(
+    vault: VaultClient, local_vault: LocalVault
+) -> None:
     pan = new_pan()
-    card = await local_vault.vault_card(
-        CardInput(pan, 8, 2030, "Grace Hopper"), owner_id=new_owner()
-    )
-    token = await local_vault.issue_token(card.card_id, domain=TokenDomain())
-    by_card = await local_vault.detokenize(
+    card = await vault.vault_card(CardInput(pan, 8, 2030, "Grace Hopper"), owner_id=new_owner())
+    token = await vault.issue_token(card.card_id, domain=TokenDomain())
+    by_card = await vault.detokenize(
         card_id=card.card_id, requester="payment_methods", purpose="account_verification"
     )
-    by_token = await local_vault.detokenize(
+    by_token = await vault.detokenize(
         token_id=token.token_id, requester="network", purpose="authorization"
     )
     assert by_card.pan == by_token.pan == pan
@@ -379,23 +382,21 @@ async def test_every_detokenisation_is_audited_first(local_vault: LocalVault) ->
     assert rows[0]["at"] <= rows[1]["at"]
 
     # Refused requests leave no row and no PAN.
-    await local_vault.suspend_token(token.token_id, reason="fraud check")
+    await vault.suspend_token(token.token_id, reason="fraud check")
     with pytest.raises(TokenNotActive):
-        await local_vault.detokenize(
-            token_id=token.token_id, requester="n", purpose="authorization"
-        )
-    refund = await local_vault.detokenize(token_id=token.token_id, requester="n", purpose="refund")
+        await vault.detokenize(token_id=token.token_id, requester="n", purpose="authorization")
+    refund = await vault.detokenize(token_id=token.token_id, requester="n", purpose="refund")
     assert refund.pan == pan
     with pytest.raises(Unprocessable):
-        await local_vault.detokenize(card_id=card.card_id, requester=" ", purpose="refund")
+        await vault.detokenize(card_id=card.card_id, requester=" ", purpose="refund")
     with pytest.raises(Unprocessable):
-        await local_vault.detokenize(requester="n", purpose="refund")
+        await vault.detokenize(requester="n", purpose="refund")
     with pytest.raises(Unprocessable):
-        await local_vault.detokenize(
+        await vault.detokenize(
             card_id=card.card_id, token_id=token.token_id, requester="n", purpose="refund"
         )
     with pytest.raises(Unprocessable):
-        await local_vault.detokenize(card_id=card.card_id, requester="n", purpose="curiosity")  # type: ignore[arg-type]
+        await vault.detokenize(card_id=card.card_id, requester="n", purpose="curiosity")  # type: ignore[arg-type]
     count = await sql(
         local_vault,
         "SELECT count(*) AS n FROM vault.detokenizations WHERE card_id = :c",
