@@ -28,8 +28,10 @@ import asyncio
 import os
 import platform
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -204,7 +206,14 @@ async def bench(args: argparse.Namespace, admin_url: str, redis_url: str, tmp: P
                 procs.append(proc)
                 await wait_ready(f"http://127.0.0.1:{port}", proc, log)
                 apis[name] = (proc, port)
-            return await _measure(args, apis, pg_version, redis_version)
+            code = await _measure(args, apis, pg_version, redis_version)
+            if code:
+                keep = (
+                    Path(tempfile.gettempdir()) / f"billfold-authorize-logs-{uuid.uuid4().hex[:6]}"
+                )
+                shutil.copytree(tmp, keep, ignore=shutil.ignore_patterns("data", "postgres*"))
+                print(f"the processes' logs: {keep}", file=sys.stderr)
+            return code
     finally:
         for proc in reversed(procs):
             stop(proc)
