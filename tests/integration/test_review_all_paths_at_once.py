@@ -41,7 +41,7 @@ class ReviewSome:
 
 
 async def test_every_money_path_at_once_never_deadlocks_nor_answers_5xx(
-    client: httpx.AsyncClient, app: Any, hsm: Any
+    client: httpx.AsyncClient, app: Any, hsm: Any, network_simulator: Any
 ) -> None:
     seed = random.randrange(2**32)
     rng = random.Random(seed)
