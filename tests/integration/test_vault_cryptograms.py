@@ -152,7 +152,7 @@ async def test_the_atc_increments_on_every_cryptogram_even_concurrently(
     assert len({c.arqc for c in [first, second, *burst]}) == 14
 
 
-async def test_a_cryptogram_verifies_once_and_a_replay_or_older_atc_is_refused(
+async def test_a_cryptogram_verifies_once_and_a_replay_is_refused_even_out_of_order(
     vault: VaultClient,
     local_vault: LocalVault,
 ) -> None:
@@ -162,7 +162,9 @@ async def test_a_cryptogram_verifies_once_and_a_replay_or_older_atc_is_refused(
 
     assert await vault.verify_cryptogram(c2, r2) is True
     assert await vault.verify_cryptogram(c2, r2) is False  # replay
-    assert await vault.verify_cryptogram(c1, r1) is False  # older than one accepted
+    # Two payments at once reach the issuer out of order: the older, unused ATC still counts…
+    assert await vault.verify_cryptogram(c1, r1) is True
+    assert await vault.verify_cryptogram(c1, r1) is False  # …once
     # Altered transaction data or cryptogram: refused, and the ATC is not used up by it.
     assert await vault.verify_cryptogram(c3, replace(r3, amount=301)) is False
     assert await vault.verify_cryptogram(replace(c3, arqc="00" * 8), r3) is False
@@ -184,6 +186,21 @@ async def test_a_cryptogram_verifies_once_and_a_replay_or_older_atc_is_refused(
         id=token.token_id,
     )
     assert row == {"atc": 3, "last_verified_atc": 3}
+
+
+async def test_an_atc_further_back_than_the_window_is_refused(vault: VaultClient) -> None:
+    from billfold.vault.store import ATC_WINDOW
+
+    token = await _token(vault)
+    requests = [purchase(token.token_id, amount=a) for a in range(1, ATC_WINDOW + 2)]
+    made = [await vault.cryptogram(r) for r in requests]
+    oldest, inside, newest = made[0], made[1], made[-1]
+    assert await vault.verify_cryptogram(newest, requests[-1]) is True
+    # 64 below the newest: just outside the window, refused; 63 below: inside, accepted once.
+    assert (newest.atc - oldest.atc, newest.atc - inside.atc) == (ATC_WINDOW, ATC_WINDOW - 1)
+    assert await vault.verify_cryptogram(oldest, requests[0]) is False
+    assert await vault.verify_cryptogram(inside, requests[1]) is True
+    assert await vault.verify_cryptogram(inside, requests[1]) is False
 
 
 async def test_two_verifications_of_one_cryptogram_at_once_accept_it_once(

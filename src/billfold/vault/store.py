@@ -272,10 +272,23 @@ _NEXT_ATC = text(
     """
 )
 # Accepts an ATC only above every one accepted before (and one that was really issued).
+# An ATC the vault issued is accepted once: above the highest accepted (the window slides up), or
+# below it by less than ATC_WINDOW and not yet accepted (the bit says so). Atomic: of two
+# verifications of one ATC, one sets the bit.
+ATC_WINDOW = 64
 _ACCEPT_ATC = text(
     """
-    UPDATE vault.tokens SET last_verified_atc = :atc
-    WHERE id = :id AND last_verified_atc < :atc AND :atc <= atc
+    UPDATE vault.tokens SET
+        verified_atcs = CASE
+            WHEN :atc > last_verified_atc THEN
+                CASE WHEN :atc - last_verified_atc >= 64 THEN 1::bigint
+                     ELSE (verified_atcs << (:atc - last_verified_atc)) | 1::bigint END
+            ELSE verified_atcs | (1::bigint << (last_verified_atc - :atc)) END,
+        last_verified_atc = greatest(last_verified_atc, :atc)
+    WHERE id = :id AND :atc BETWEEN 1 AND atc
+      AND (:atc > last_verified_atc
+           OR (last_verified_atc - :atc < 64
+               AND verified_atcs & (1::bigint << (last_verified_atc - :atc)) = 0))
     RETURNING id
     """
 )

@@ -98,8 +98,11 @@ CREATE TABLE vault.tokens (
     merchant_id        text,
     -- Application transaction counter (9F36, two bytes): one per cryptogram, never reused.
     atc                integer NOT NULL DEFAULT 0 CHECK (atc BETWEEN 0 AND 65535),
-    -- The highest ATC the issuer side accepted: an ATC at or below it is a replay.
+    -- The highest ATC the issuer side accepted, and which of the 64 ATCs up to it were accepted
+    -- (bit i: last_verified_atc - i). Cryptograms may reach the issuer out of order (two payments
+    -- at once); an unused ATC within that window is accepted once, anything else is a replay.
     last_verified_atc  integer NOT NULL DEFAULT 0 CHECK (last_verified_atc BETWEEN 0 AND 65535),
+    verified_atcs      bigint NOT NULL DEFAULT 0,
     created_at         timestamptz NOT NULL DEFAULT now(),
     updated_at         timestamptz NOT NULL DEFAULT now(),
     deleted_at         timestamptz,
