@@ -194,7 +194,15 @@ def test_empty_secret_values_stay_visible():
 
 
 @pytest.fixture
-def json_logging():
+def json_logging(monkeypatch):
+    # Loggers must not cache this configuration: the edge's module-level logger, first used
+    # here, would otherwise keep writing to this test's handler for the rest of the session.
+    configure = structlog.configure
+    monkeypatch.setattr(
+        structlog,
+        "configure",
+        lambda **kw: configure(**{**kw, "cache_logger_on_first_use": False}),
+    )
     root = logging.getLogger()
     saved = (list(root.handlers), root.level, logging.getLogger("uvicorn.access").disabled)
     yield
