@@ -95,8 +95,8 @@ def transient_problem(exc: BaseException) -> ProblemError | None:
     else:
         return None
     return ProblemError(
-        "billfold is busy with other changes to the same data; nothing was changed. "
-        "Retry the request (with the same Idempotency-Key).",
+        "billfold is busy with other changes to the same data and could not finish this "
+        "request. Retry it with the same Idempotency-Key: it is never applied twice.",
         status=503,
         code="database_busy",
         title="Busy, retry shortly",
