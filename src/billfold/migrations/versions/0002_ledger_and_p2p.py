@@ -6,6 +6,8 @@ Revises: 0001
 
 from alembic import op
 
+from billfold.migrations.sql_script import run_script
+
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
@@ -326,28 +328,9 @@ CREATE TABLE p2p.transfer_limits (
 """
 
 
-def _run(script: str) -> None:
-    # One statement at a time (asyncpg prepares each); function bodies are $$-quoted and may
-    # contain ";\n", so those are split on the blank line that ends each CREATE FUNCTION.
-    for chunk in script.split("\n$$;\n"):
-        if "$$" in chunk:
-            head, _, body = chunk.partition("CREATE FUNCTION")
-            _plain(head)
-            op.execute("CREATE FUNCTION" + body + "\n$$")
-        else:
-            _plain(chunk)
-
-
-def _plain(script: str) -> None:
-    for statement in script.split(";\n"):
-        code = [line for line in statement.splitlines() if not line.lstrip().startswith("--")]
-        if "".join(code).strip():
-            op.execute(statement)
-
-
 def upgrade() -> None:
-    _run(LEDGER)
-    _run(P2P)
+    run_script(LEDGER)
+    run_script(P2P)
 
 
 def downgrade() -> None:

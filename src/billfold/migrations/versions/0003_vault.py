@@ -6,6 +6,8 @@ Revises: 0002
 
 from alembic import op
 
+from billfold.migrations.sql_script import run_script
+
 revision = "0003"
 down_revision = "0002"
 branch_labels = None
@@ -142,27 +144,8 @@ CREATE TRIGGER detokenizations_no_truncate
 """
 
 
-def _run(script: str) -> None:
-    # One statement at a time (asyncpg prepares each); the trigger function's body is
-    # $$-quoted, so it is split off on the "$$;" line that ends it.
-    for chunk in script.split("\n$$;\n"):
-        if "$$" in chunk:
-            head, _, body = chunk.partition("CREATE FUNCTION")
-            _plain(head)
-            op.execute("CREATE FUNCTION" + body + "\n$$")
-        else:
-            _plain(chunk)
-
-
-def _plain(script: str) -> None:
-    for statement in script.split(";\n"):
-        code = [line for line in statement.splitlines() if not line.lstrip().startswith("--")]
-        if "".join(code).strip():
-            op.execute(statement)
-
-
 def upgrade() -> None:
-    _run(VAULT)
+    run_script(VAULT)
 
 
 def downgrade() -> None:

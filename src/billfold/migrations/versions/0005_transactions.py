@@ -7,6 +7,8 @@ Revises: 0004
 
 from alembic import op
 
+from billfold.migrations.sql_script import run_script
+
 revision = "0005"
 down_revision = "0004"
 branch_labels = None
@@ -224,27 +226,8 @@ CREATE INDEX increments_transaction ON transactions.increments (transaction_id, 
 """
 
 
-def _run(script: str) -> None:
-    # One statement at a time (asyncpg prepares each); the function body is $$-quoted and may
-    # contain ";\n", so it is split on the "$$;" that ends the CREATE FUNCTION.
-    for chunk in script.split("\n$$;\n"):
-        if "$$" in chunk:
-            head, _, body = chunk.partition("CREATE FUNCTION")
-            _plain(head)
-            op.execute("CREATE FUNCTION" + body + "\n$$")
-        else:
-            _plain(chunk)
-
-
-def _plain(script: str) -> None:
-    for statement in script.split(";\n"):
-        code = [line for line in statement.splitlines() if not line.lstrip().startswith("--")]
-        if "".join(code).strip():
-            op.execute(statement)
-
-
 def upgrade() -> None:
-    _run(SCHEMA)
+    run_script(SCHEMA)
 
 
 def downgrade() -> None:
