@@ -8,7 +8,6 @@ import base64
 import contextlib
 import json
 import logging
-import os
 import re
 import secrets
 import shutil
@@ -140,10 +139,8 @@ def _pg_dump_binary(server_version_num: int) -> str | None:
 
 def _pg_dump(database_url: str, server_version_num: int) -> str:
     binary = _pg_dump_binary(server_version_num)
-    if binary is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("pg_dump (at least as new as the server) is required in CI")
-        pytest.skip("no pg_dump as new as the server")
+    if binary is None:  # pgserver ships pg_dump 18, so `make install` always provides one
+        pytest.fail("pg_dump (at least as new as the server) is required: run `make install`")
     url = make_url(database_url).set(drivername="postgresql")
     done = subprocess.run(
         [binary, "--data-only", "--no-owner", "--dbname", url.render_as_string(False)],
