@@ -47,6 +47,7 @@ from datetime import datetime
 
 from billfold.network import wire
 from billfold.network.models import CryptogramCheck, IssuerCard, TokenService
+from billfold.platform.cards import luhn_valid
 from billfold.platform.clock import utcnow
 from billfold.platform.observability import get_logger
 
@@ -564,15 +565,7 @@ class NetworkSimulator:
 
 
 def _luhn_ok(pan: str) -> bool:
-    if not (pan.isascii() and pan.isdigit()) or not 12 <= len(pan) <= 19:
-        return False
-    total = 0
-    for i, ch in enumerate(reversed(pan)):
-        d = int(ch)
-        if i % 2:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
+    return 12 <= len(pan) <= 19 and luhn_valid(pan)
 
 
 def _expired(month: int, year: int) -> bool:

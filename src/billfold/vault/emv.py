@@ -91,16 +91,8 @@ def luhn_check_digit(body: str) -> str:
     """The Luhn (ISO/IEC 7812-1) check digit to append to `body`, a non-empty string of digits."""
     if not body or not body.isascii() or not body.isdigit():
         raise ValueError("a Luhn body must be a non-empty string of digits")
-    total = 0
-    # Doubling starts at the rightmost body digit: it sits next to the check digit.
-    for position, char in enumerate(reversed(body)):
-        digit = int(char)
-        if position % 2 == 0:
-            digit *= 2
-            if digit > 9:
-                digit -= 9
-        total += digit
-    return str((10 - total % 10) % 10)
+    # Exactly one of the ten digits completes a Luhn-valid number: the shared check finds it.
+    return next(d for d in "0123456789" if cards.luhn_valid(body + d))
 
 
 def generate_dpan(token_bin: str, length: int = 16) -> str:
