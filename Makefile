@@ -15,8 +15,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Debian packages the project needs (SoftHSM2: the PKCS#11 HSM used in development and CI).
-DEB_PACKAGES ?= softhsm2
+# Debian packages the project needs (SoftHSM2: the PKCS#11 HSM used in development and CI;
+# libgomp1: the OpenMP runtime LightGBM's wheel links against, for the fraud model).
+DEB_PACKAGES ?= softhsm2 libgomp1
 # Where uv goes when it is missing and pip cannot install it next to $(PYTHON).
 UV_BOOTSTRAP ?= $(HOME)/.cache/billfold/uv-bootstrap
 PYTEST_WORKERS ?= auto

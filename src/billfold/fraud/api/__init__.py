@@ -1,0 +1,1 @@
+"""Fraud admin and user routes (being built)."""

@@ -1,0 +1,1 @@
+"""Fraud: cases (being built)."""

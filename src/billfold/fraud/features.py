@@ -1,0 +1,1 @@
+"""Fraud: features (being built)."""

@@ -1,0 +1,1 @@
+"""Fraud: lists (being built)."""

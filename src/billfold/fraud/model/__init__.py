@@ -1,0 +1,1 @@
+"""The fraud model: synthetic data, training, scoring (being built)."""

@@ -1,0 +1,1 @@
+"""Fraud: service (being built)."""

@@ -1,0 +1,1 @@
+"""Fraud SQL (being built)."""
