@@ -121,6 +121,40 @@ FEATURES: tuple[FeatureSpec, ...] = (
 FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
 MODEL_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.model and f.kind != "str")
 
+# The `mcc_risk` feature: one table for the live features and the synthetic training data, so
+# the model learns the very numbers it is fed. Ranges are inclusive; the first match wins.
+MCC_RISK: tuple[tuple[int, int, float], ...] = (
+    (7800, 7802, 0.9),  # lotteries, horse/dog racing
+    (7995, 7995, 0.9),  # betting, casino gambling
+    (6051, 6051, 0.85),  # quasi-cash: crypto, money orders, foreign currency
+    (4829, 4829, 0.85),  # money transfer / wire
+    (6540, 6540, 0.75),  # stored value card load
+    (6010, 6012, 0.6),  # cash disbursement, financial institutions
+    (7273, 7273, 0.6),  # dating and escort services
+    (5944, 5944, 0.5),  # jewelry, watches
+    (5815, 5818, 0.45),  # digital goods, games
+    (5732, 5732, 0.4),  # electronics
+    (5947, 5947, 0.35),  # gift cards and novelties
+    (4722, 4722, 0.3),  # travel agencies
+    (5999, 5999, 0.25),  # miscellaneous retail
+)
+MCC_RISK_DEFAULT = 0.1  # any other valid MCC
+MCC_RISK_LOW = 0.05  # everyday spending
+
+
+def mcc_risk(mcc: str | None) -> float:
+    """0..1 risk of a merchant category code: high for gambling, quasi-cash and wires, low for
+    groceries, fuel, transport and restaurants; 0 for no MCC (a transfer)."""
+    if not mcc or not mcc.isdigit():
+        return 0.0
+    code = int(mcc)
+    for low, high, risk in MCC_RISK:
+        if low <= code <= high:
+            return risk
+    if code in (5411, 5541, 5542, 4111, 4121, 4131, 5812, 5814, 5912):
+        return MCC_RISK_LOW
+    return MCC_RISK_DEFAULT
+
 
 class FeatureSource(Protocol):
     async def snapshot(
