@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,12 @@ def _stop_postmaster(server: Any) -> None:
     killed earlier leaves a stale entry behind, so make sure the server we used is down."""
     info = getattr(server, "_postmaster_info", None)
     if info is None or not info.process.is_running():
+        return
+    if not (Path(server.pgdata) / "postmaster.pid").exists():
+        # Already shutting down (Ctrl-C reached the whole process group, or pgserver's own
+        # cleanup stopped it): pg_ctl would fail with "Is server running?"; just let it finish.
+        with contextlib.suppress(Exception):
+            info.process.wait(10)
         return
     from pgserver._commands import pg_ctl  # type: ignore[attr-defined]  # made at import time
 
