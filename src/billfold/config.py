@@ -144,6 +144,27 @@ class Settings(BaseSettings):
     # and recording the network's answer: the worker reverses it and marks it failed.
     payment_authorizing_deadline_seconds: int = Field(default=120, gt=0)
 
+    # Fraud Detection Service: every payment and transfer is checked when enabled (off: the
+    # payments' and transfers' own allow-all hook).
+    fraud_enabled: bool = True
+    # Time budget of the live features (Redis) inside one check; past it the check falls back
+    # to PostgreSQL-derived features with stricter thresholds.
+    fraud_check_budget_ms: int = Field(default=50, gt=0)
+    # Score bands (0-1000) of challenge, review and block.
+    fraud_threshold_challenge: int = Field(default=500, ge=0, le=1000)
+    fraud_threshold_review: int = Field(default=700, ge=0, le=1000)
+    fraud_threshold_block: int = Field(default=900, ge=0, le=1000)
+    # How much lower every band is when features come from the fallback, and when the model is
+    # unavailable (rules only): a check that sees less is stricter.
+    fraud_degraded_shift: int = Field(default=150, ge=0, le=1000)
+    fraud_model_missing_shift: int = Field(default=100, ge=0, le=1000)
+    # What a check answers when it fails unexpectedly (never an error to the caller).
+    fraud_error_action: Literal["allow", "challenge", "review", "block"] = "challenge"
+    # Lock policy: this many blocked checks of one user within the window request a lock
+    # (event `billfold.fraud.user.lock_requested`); 0 disables it.
+    fraud_lock_after_blocks: int = Field(default=3, ge=0)
+    fraud_lock_window_seconds: int = Field(default=24 * 3600, gt=0)
+
     def production_errors(self, process: Literal["api", "vault"]) -> list[str]:
         """Why this configuration must not run in production (empty outside production, or when
         it is fine). `api` covers every process that calls the vault (`serve`, `worker`)."""
