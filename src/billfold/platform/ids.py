@@ -36,6 +36,7 @@ PREFIXES = frozenset(
         "cap",  # a capture of a card or wallet payment
         "inc",  # an incremental authorization of a payment
         "dec",  # a fraud risk check's decision
+        "dlv",  # one delivery of a notification on one channel
     }
 )
 

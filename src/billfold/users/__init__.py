@@ -6,7 +6,15 @@ Public face: the app builds `KeyRing`, `AccessTokens` (the gateway's token verif
 a user is (`Party`), and `Email`, `Phone`, `Handle` validate contacts the same way everywhere.
 """
 
-from billfold.users.directory import ContactKind, Party, find_counterparty, get_party
+from billfold.users.directory import (
+    ContactKind,
+    Party,
+    PushDevice,
+    find_counterparty,
+    forget_push_token,
+    get_party,
+    push_devices,
+)
 from billfold.users.mfa import StepUpClaims, step_up_required, verify_step_up
 from billfold.users.models import Email, Handle, Phone, mask_email, mask_phone
 from billfold.users.runtime import UsersRuntime
@@ -20,12 +28,15 @@ __all__ = [
     "KeyRing",
     "Party",
     "Phone",
+    "PushDevice",
     "StepUpClaims",
     "UsersRuntime",
     "find_counterparty",
+    "forget_push_token",
     "get_party",
     "mask_email",
     "mask_phone",
+    "push_devices",
     "step_up_required",
     "verify_step_up",
 ]

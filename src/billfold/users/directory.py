@@ -8,6 +8,7 @@ from typing import Any, Literal
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billfold.users.store import accounts as store
+from billfold.users.store import sessions as session_store
 
 ContactKind = Literal["user_id", "email", "phone", "handle"]
 
@@ -67,3 +68,24 @@ async def find_counterparty(
     subject = next((_party(r) for r in rows if r.is_subject), None)
     other = next((_party(r) for r in rows if r.is_match), None)
     return subject, other
+
+
+@dataclass(frozen=True, slots=True)
+class PushDevice:
+    """A live device that can receive push notifications (`platform` picks APNs or FCM)."""
+
+    device_id: str
+    platform: str
+    push_token: str
+
+
+async def push_devices(conn: AsyncConnection, user_id: str) -> list[PushDevice]:
+    """The user's live devices with a push token (the notification service's push targets)."""
+    rows = await session_store.push_devices(conn, user_id)
+    return [PushDevice(r.id, r.platform, r.push_token) for r in rows]
+
+
+async def forget_push_token(conn: AsyncConnection, device_id: str, push_token: str) -> bool:
+    """The push provider said `push_token` is no longer valid (APNs 410 Unregistered, FCM
+    UNREGISTERED): stop using it. A token the device has replaced meanwhile is left alone."""
+    return await session_store.forget_push_token(conn, device_id, push_token)

@@ -208,3 +208,27 @@ async def revoke_device(conn: AsyncConnection, device_id: str, now: datetime) ->
         text("UPDATE users.devices SET revoked_at = :now WHERE id = :id AND revoked_at IS NULL"),
         {"id": device_id, "now": now},
     )
+
+
+async def push_devices(conn: AsyncConnection, user_id: str) -> list[Row[Any]]:
+    """The user's live devices that registered a push token, oldest first."""
+    result = await conn.execute(
+        text(
+            "SELECT id, platform, push_token FROM users.devices WHERE user_id = :uid "
+            "AND revoked_at IS NULL AND push_token IS NOT NULL ORDER BY id"
+        ),
+        {"uid": user_id},
+    )
+    return list(result.all())
+
+
+async def forget_push_token(conn: AsyncConnection, device_id: str, push_token: str) -> bool:
+    """Clear a device's push token if it is still `push_token` (a newer one is kept)."""
+    result = await conn.execute(
+        text(
+            "UPDATE users.devices SET push_token = NULL WHERE id = :id AND push_token = :token "
+            "RETURNING id"
+        ),
+        {"id": device_id, "token": push_token},
+    )
+    return result.first() is not None
