@@ -165,6 +165,29 @@ class Settings(BaseSettings):
     fraud_lock_after_blocks: int = Field(default=3, ge=0)
     fraud_lock_window_seconds: int = Field(default=24 * 3600, gt=0)
 
+    # Event bus. Empty: the embedded bus (the relay reads the outbox on LISTEN/NOTIFY and runs
+    # the consumers itself). `host:port[,host:port…]`: the relay publishes the outbox to Kafka
+    # and the worker's consumers read it in consumer groups (docs/architecture.md, "Event bus").
+    kafka_bootstrap: str = ""
+    # Topics are `<prefix><service>` (the event type's second segment), plus
+    # `<prefix>dead-letters`; consumer groups are `<group prefix><consumer name>`.
+    kafka_topic_prefix: str = "billfold."
+    kafka_group_prefix: str = "billfold."
+    kafka_client_id: str = "billfold"
+    # The idempotent producer (no duplicates from the producer's own retries). Kafka supports
+    # it; brokers that refuse InitProducerId (tansu, in tests) need it off. Consumers dedupe by
+    # their inbox either way.
+    kafka_enable_idempotence: bool = True
+    # Missing topics are created with these (production usually creates them beforehand).
+    kafka_topic_partitions: int = Field(default=6, gt=0)
+    kafka_replication_factor: int = Field(default=1, gt=0)
+    # TLS to the brokers: the CA file that signed their certificates (empty: plaintext).
+    kafka_ssl_cafile: str = ""
+    # A consumer tries one event this often (backoff doubling from the first) before parking it
+    # as a dead letter.
+    consumer_attempts: int = Field(default=3, gt=0)
+    consumer_backoff_seconds: float = Field(default=0.2, ge=0)
+
     def production_errors(self, process: Literal["api", "vault"]) -> list[str]:
         """Why this configuration must not run in production (empty outside production, or when
         it is fine). `api` covers every process that calls the vault (`serve`, `worker`)."""
