@@ -165,6 +165,42 @@ class Settings(BaseSettings):
     fraud_lock_after_blocks: int = Field(default=3, ge=0)
     fraud_lock_window_seconds: int = Field(default=24 * 3600, gt=0)
 
+    # Notification Service. A channel whose provider is not configured is not used (in-app
+    # always is). FCM HTTP v1: the service-account JSON (project_id, client_email, private_key,
+    # token_uri); the endpoint is overridable for tests.
+    fcm_service_account_file: str = ""
+    fcm_endpoint: str = "https://fcm.googleapis.com"
+    # APNs HTTP/2 provider token: the .p8 key (ES256), its key id, the team id, the app's bundle
+    # id (apns-topic). apns_ca_file: extra CA to trust (the test server's); empty = system CAs.
+    apns_key_file: str = ""
+    apns_key_id: str = ""
+    apns_team_id: str = ""
+    apns_topic: str = ""
+    apns_endpoint: str = "https://api.push.apple.com"
+    apns_ca_file: str = ""
+    # E-mail: `smtp` (aiosmtplib; STARTTLS unless turned off) or `ses` (Amazon SES v2).
+    email_provider: Literal["none", "smtp", "ses"] = "none"
+    email_from: str = "billfold <no-reply@billfold.example>"
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 587
+    smtp_username: str = ""
+    smtp_password: str = ""
+    smtp_starttls: bool = True
+    ses_region: str = "eu-west-1"
+    ses_endpoint_url: str | None = None
+    # SMS: Twilio's REST Messages API (account SID + auth token, a sender number).
+    twilio_account_sid: str = ""
+    twilio_auth_token: str = ""
+    twilio_from: str = ""
+    twilio_endpoint: str = "https://api.twilio.com"
+    # Deliveries: attempts before a delivery fails for good, the first retry's delay (doubling),
+    # how many outside-channel messages (push/e-mail/SMS) one user gets per hour beyond
+    # security alerts, and the available balance (minor units) under which the user is told.
+    notifications_max_attempts: int = Field(default=5, gt=0)
+    notifications_retry_base_seconds: float = Field(default=30.0, gt=0)
+    notifications_rate_limit_per_hour: int = Field(default=30, gt=0)
+    notifications_low_balance_threshold: int = Field(default=1_000, ge=0)
+
     # Event bus. Empty: the embedded bus (the relay reads the outbox on LISTEN/NOTIFY and runs
     # the consumers itself). `host:port[,host:port…]`: the relay publishes the outbox to Kafka
     # and the worker's consumers read it in consumer groups (docs/architecture.md, "Event bus").
