@@ -1,1 +1,391 @@
-"""Fraud: service (being built)."""
+"""The risk check: features (live, or the PostgreSQL fallback), rules, model, `combine`, and the
+decision stored with its snapshot and versions, in the payment's/transfer's own transaction.
+
+Fallback policy (docs/fraud.md, "Decisions, cases and fallback"):
+- Redis unavailable or past `fraud_check_budget_ms`: features from PostgreSQL, `degraded`, every
+  score band `fraud_degraded_shift` lower.
+- Model not loaded or failing: rules only, every band `fraud_model_missing_shift` lower.
+- Anything else unexpected: `fraud_error_action` (default `challenge`), never an exception to the
+  payment or transfer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from billfold import p2p, transactions
+from billfold.fraud import events
+from billfold.fraud.models import (
+    FEATURE_NAMES,
+    Assessment,
+    FeaturesUnavailable,
+    FeatureValue,
+    ModelScore,
+    RiskSubject,
+    RuleHit,
+)
+from billfold.fraud.runtime import FraudRuntime, shifted
+from billfold.fraud.scoring import combine
+from billfold.fraud.store import cases as case_store
+from billfold.fraud.store import decisions as store
+from billfold.platform.clock import utcnow
+from billfold.platform.events import record_event
+from billfold.platform.ids import new_id
+from billfold.platform.observability import get_logger
+
+log = get_logger(__name__)
+
+ERROR_REASON = "fraud_check_error"
+MODEL_UNAVAILABLE = "model_unavailable"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Decision:
+    """A stored check: its id, the assessment, and the case it opened (review)."""
+
+    id: str
+    assessment: Assessment
+    case_id: str | None = None
+    fallback: str | None = None
+
+
+def payment_subject(payment: transactions.PaymentRisk) -> RiskSubject:
+    """A payment about to be authorized, as the fraud service sees it."""
+    return RiskSubject(
+        kind="payment",
+        subject_id=payment.transaction_id,
+        user_id=payment.user_id,
+        amount=payment.money.amount,
+        currency=payment.money.currency,
+        at=utcnow(),
+        device_id=payment.device_id or payment.session_device_id,
+        ip=payment.ip,
+        stepped_up=payment.stepped_up,
+        source=payment.source,
+        payment_method_id=payment.payment_method_id,
+        # `PaymentRisk` carries no card fingerprint: the payment method (one user's card) keys
+        # the card windows until it does.
+        card_fingerprint=payment.payment_method_id,
+        merchant_id=payment.merchant_id,
+        merchant_name=payment.merchant_name,
+        mcc=payment.mcc,
+        category=payment.category,
+        merchant_country=payment.merchant_country,
+        latitude=payment.latitude,
+        longitude=payment.longitude,
+        channel=payment.channel,
+    )
+
+
+def transfer_subject(transfer: p2p.TransferRisk) -> RiskSubject:
+    """A transfer about to be made, as the fraud service sees it."""
+    return RiskSubject(
+        kind="transfer",
+        subject_id=transfer.transfer_id,
+        user_id=transfer.sender_id,
+        amount=transfer.money.amount,
+        currency=transfer.money.currency,
+        at=utcnow(),
+        device_id=transfer.device_id,
+        ip=transfer.ip,
+        stepped_up=transfer.stepped_up,
+        channel="p2p",
+        recipient_id=transfer.recipient_id,
+        recipient_key=transfer.recipient_id,
+    )
+
+
+async def check(
+    rt: FraudRuntime,
+    conn: AsyncConnection,
+    subject: RiskSubject,
+    *,
+    out_of_band: frozenset[str] = frozenset(),
+) -> Decision:
+    """Assess `subject` and store the decision with `conn`, atomic with the payment/transfer;
+    an action in `out_of_band` (one its caller answers with an error, rolling `conn` back) is
+    stored in its own transaction instead. Never raises: a failure gives the documented
+    fallback decision."""
+    started = time.perf_counter()
+    fallback: str | None = None
+    features: dict[str, FeatureValue] = {}
+    try:
+        features, degraded = await _features(rt, conn, subject)
+        fallback = "features" if degraded else None
+        hits = rt.rules.evaluate(features)
+        model = _score(rt, features)
+        thresholds = rt.thresholds
+        if model is None:
+            thresholds = shifted(thresholds, rt.settings.fraud_model_missing_shift)
+            fallback = fallback or "model"
+        assessment = combine(
+            hits,
+            model,
+            thresholds,
+            features=features,
+            rule_version=rt.rules.version,
+            degraded=degraded,
+        )
+        if model is None:
+            assessment = dataclasses.replace(
+                assessment,
+                reasons=(*assessment.reasons, MODEL_UNAVAILABLE),
+                explanations=(
+                    *assessment.explanations,
+                    "The model was unavailable; rules alone decided, with stricter thresholds",
+                ),
+            )
+    except Exception:
+        log.exception("fraud check failed; fallback action", subject_id=subject.subject_id)
+        fallback = "error"
+        action = rt.settings.fraud_error_action
+        assessment = Assessment(
+            action=action,
+            score=0,
+            reasons=(ERROR_REASON,),
+            explanations=(f"The risk check failed; the fallback action ({action}) applied",),
+            features={**features, "kind": subject.kind, "amount": subject.amount},
+            degraded=True,
+        )
+    decision = Decision(new_id("dec"), assessment, fallback=fallback)
+    own = assessment.action in out_of_band
+    decision = await _store(rt, conn, subject, decision, started, out_of_band=own)
+    if rt.metrics is not None:
+        rt.metrics.checks.labels(assessment.action).observe(time.perf_counter() - started)
+        if fallback is not None:
+            rt.metrics.fallbacks.labels(fallback).inc()
+    return decision
+
+
+async def _features(
+    rt: FraudRuntime, conn: AsyncConnection, subject: RiskSubject
+) -> tuple[dict[str, FeatureValue], bool]:
+    """The live features, or the fallback's (True) when the live store cannot answer in time.
+    The live source enforces its own budget (it must never be cancelled while it uses `conn`)."""
+    try:
+        return await rt.features.snapshot(conn, subject), False
+    except FeaturesUnavailable:
+        pass
+    except Exception:
+        log.exception("live features failed; using the fallback", subject_id=subject.subject_id)
+    # A savepoint: a failing fallback query must not abort the payment's transaction.
+    async with conn.begin_nested():
+        features = await rt.fallback.snapshot(conn, subject)
+    return {**features, "degraded": True}, True
+
+
+def _score(rt: FraudRuntime, features: dict[str, FeatureValue]) -> ModelScore | None:
+    if rt.scorer is None:
+        return None
+    try:
+        return rt.scorer.score(features)
+    except Exception:
+        log.exception("model scoring failed; rules only")
+        return None
+
+
+def _hit(h: RuleHit) -> dict[str, Any]:
+    return {
+        "rule_id": h.rule_id,
+        "version": h.version,
+        "reason_code": h.reason_code,
+        "description": h.description,
+        "score": h.score,
+        "action": h.action,
+        "shadow": h.shadow,
+    }
+
+
+def _model(m: ModelScore) -> dict[str, Any]:
+    return {
+        "version": m.version,
+        "probability": m.probability,
+        "anomaly": m.anomaly,
+        "contributions": [
+            {"feature": c.feature, "value": c.value, "weight": c.weight} for c in m.contributions
+        ],
+    }
+
+
+def _row(subject: RiskSubject, decision: Decision, duration_ms: float) -> dict[str, Any]:
+    a = decision.assessment
+    model = a.model
+    snapshot = {k: a.features[k] for k in FEATURE_NAMES if k in a.features}
+    return {
+        "id": decision.id,
+        "subject_kind": subject.kind,
+        "subject_id": subject.subject_id,
+        "user_id": subject.user_id,
+        "amount": subject.amount,
+        "currency": subject.currency,
+        "action": a.action,
+        "score": a.score,
+        "reasons": list(a.reasons),
+        "explanations": list(a.explanations),
+        "hits": [_hit(h) for h in a.hits],
+        "features": snapshot,
+        "rule_version": a.rule_version,
+        "model_version": model.version if model else None,
+        "model_probability": model.probability if model else None,
+        "model_anomaly": model.anomaly if model else None,
+        "challenger": _model(model.challenger) if model and model.challenger else None,
+        "degraded": a.degraded,
+        "fallback": decision.fallback,
+        "stepped_up": subject.stepped_up,
+        "duration_ms": round(duration_ms, 3),
+    }
+
+
+def _event_data(subject: RiskSubject, decision: Decision) -> dict[str, Any]:
+    a = decision.assessment
+    return {
+        "decision_id": decision.id,
+        "subject_kind": subject.kind,
+        "subject_id": subject.subject_id,
+        "user_id": subject.user_id,
+        "amount": subject.amount,
+        "currency": subject.currency,
+        "action": a.action,
+        "score": a.score,
+        "reasons": list(a.reasons),
+        "rule_version": a.rule_version,
+        "model_version": a.model.version if a.model else None,
+        "degraded": a.degraded,
+        "fallback": decision.fallback,
+        "stepped_up": subject.stepped_up,
+    }
+
+
+async def _store(
+    rt: FraudRuntime,
+    conn: AsyncConnection,
+    subject: RiskSubject,
+    decision: Decision,
+    started: float,
+    *,
+    out_of_band: bool,
+) -> Decision:
+    """Write the decision, its event, and (review) a case; (block) apply the lock policy. A
+    failed write is logged and the decision still returned: the payment must not fail."""
+    duration_ms = (time.perf_counter() - started) * 1000
+    try:
+        if out_of_band:
+            async with conn.engine.begin() as own:
+                return await _write(rt, own, subject, decision, duration_ms)
+        # A savepoint: a failed write must not abort the payment's/transfer's transaction.
+        async with conn.begin_nested():
+            return await _write(rt, conn, subject, decision, duration_ms)
+    except Exception:
+        log.exception("fraud decision not stored", subject_id=subject.subject_id)
+        return decision
+
+
+async def _write(
+    rt: FraudRuntime,
+    conn: AsyncConnection,
+    subject: RiskSubject,
+    decision: Decision,
+    duration_ms: float,
+) -> Decision:
+    a = decision.assessment
+    await store.insert(
+        conn,
+        _row(subject, decision, duration_ms),
+        events.event(events.DECISION_MADE, subject.subject_id, _event_data(subject, decision)),
+    )
+    if a.action == "review":
+        case_id = new_id("case")
+        values = {
+            "id": case_id,
+            "decision_id": decision.id,
+            "subject_kind": subject.kind,
+            "subject_id": subject.subject_id,
+            "user_id": subject.user_id,
+            "amount": subject.amount,
+            "currency": subject.currency,
+            "score": a.score,
+            "reasons": list(a.reasons),
+        }
+        data = {k: v for k, v in values.items() if k != "id"} | {"case_id": case_id}
+        if await case_store.open_case(
+            conn, values, events.event(events.CASE_OPENED, case_id, data)
+        ):
+            decision = dataclasses.replace(decision, case_id=case_id)
+    elif a.action == "block":
+        await _lock_policy(rt, conn, subject)
+    return decision
+
+
+async def _lock_policy(rt: FraudRuntime, conn: AsyncConnection, subject: RiskSubject) -> None:
+    """N blocked checks within the window request a lock of the account, once per crossing (the
+    users service has no lock on its public face yet: the event is the request)."""
+    limit = rt.settings.fraud_lock_after_blocks
+    if limit <= 0:
+        return
+    since = utcnow() - timedelta(seconds=rt.settings.fraud_lock_window_seconds)
+    blocks = await store.blocks_since(conn, subject.user_id, since)
+    if blocks == limit:
+        await record_event(
+            conn,
+            events.event(
+                events.USER_LOCK_REQUESTED,
+                subject.user_id,
+                {
+                    "user_id": subject.user_id,
+                    "blocks": blocks,
+                    "window_seconds": rt.settings.fraud_lock_window_seconds,
+                    "last_subject_id": subject.subject_id,
+                },
+            ),
+        )
+
+
+_BLOCK = frozenset({"block"})
+_TRANSFER_ERRORS = frozenset({"block", "challenge"})
+
+
+class PaymentRiskCheck:
+    """The payments' `PaymentRiskCheck` on the fraud service."""
+
+    def __init__(self, rt: FraudRuntime) -> None:
+        self.rt = rt
+
+    async def assess(
+        self, conn: AsyncConnection, payment: transactions.PaymentRisk
+    ) -> transactions.RiskDecision:
+        # Every outcome of a payment's first transaction commits (a block is a declined row, a
+        # challenge a `challenge_required` one): the decision goes with it.
+        decision = await check(self.rt, conn, payment_subject(payment))
+        a = decision.assessment
+        return transactions.RiskDecision(a.action, a.score, a.reasons)
+
+
+class TransferRiskCheck:
+    """The transfers' `RiskCheck` on the fraud service."""
+
+    def __init__(self, rt: FraudRuntime) -> None:
+        self.rt = rt
+
+    async def assess(self, conn: AsyncConnection, transfer: p2p.TransferRisk) -> p2p.RiskDecision:
+        # The transfer answers a block (and a challenge before step-up) with an error, which
+        # rolls its transaction back: those decisions are stored in their own transaction, so
+        # every block and challenge stays on record.
+        rolled_back = _TRANSFER_ERRORS if not transfer.stepped_up else _BLOCK
+        decision = await check(self.rt, conn, transfer_subject(transfer), out_of_band=rolled_back)
+        a = decision.assessment
+        return p2p.RiskDecision(a.action, a.score, a.reasons)
+
+
+class FraudRiskCheck:
+    """Both hooks on one runtime: `payments` for `TransactionsRuntime.risk`, `transfers` for
+    `P2PRuntime.risk`."""
+
+    def __init__(self, rt: FraudRuntime) -> None:
+        self.rt = rt
+        self.payments = PaymentRiskCheck(rt)
+        self.transfers = TransferRiskCheck(rt)

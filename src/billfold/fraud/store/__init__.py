@@ -1,1 +1,1 @@
-"""Fraud SQL (being built)."""
+"""The fraud schema's SQL: decisions and cases here; rules and lists in `store.rules`."""
