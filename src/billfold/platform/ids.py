@@ -35,6 +35,7 @@ PREFIXES = frozenset(
         "wdl",  # a withdrawal to a bank account
         "cap",  # a capture of a card or wallet payment
         "inc",  # an incremental authorization of a payment
+        "lst",  # an entry of a fraud block/allow list
         "dec",  # a fraud risk check's decision
         "dlv",  # one delivery of a notification on one channel
     }
