@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -15,7 +15,7 @@ from billfold import ledger, p2p, payment_methods, transactions
 from billfold.app import build_runtimes, network_client, vault_client
 from billfold.config import Settings
 from billfold.platform import idempotency
-from billfold.platform.bus.consumers import ConsumerSink
+from billfold.platform.bus.consumers import ConsumerSink, select_consumers
 from billfold.platform.bus.postgres import OutboxRelay, Sink, dev_log_sink
 from billfold.platform.db import unit_of_work
 from billfold.platform.observability import Metrics, get_logger
@@ -96,9 +96,16 @@ async def run_background(
     metrics: Metrics | None = None,
     p2p_runtime: p2p.P2PRuntime | None = None,
     payments: transactions.TransactionsRuntime | None = None,
+    consumers: Sequence[str] = (),
 ) -> None:
     """Relay, consumers and jobs until `stop` is set. `billfold up` passes its API's P2P
-    runtime (and may pass its payments runtime); the worker builds its own (and closes them)."""
+    runtime (and may pass its payments runtime); the worker builds its own (and closes them).
+    `consumers` selects consumers by name or service (`select_consumers`; empty: all); only the
+    Kafka bus can split them across workers."""
+    if consumers and not settings.kafka_bootstrap:
+        # The embedded relay marks an event published once its own consumers have it: a worker
+        # running some consumers would take events from the others.
+        raise ValueError("selecting consumers needs the Kafka bus (BILLFOLD_KAFKA_BOOTSTRAP)")
     async with contextlib.AsyncExitStack() as owned:
         if p2p_runtime is None:
             redis = Redis.from_url(settings.redis_url, decode_responses=False)
@@ -120,7 +127,7 @@ async def run_background(
             )
             owned.push_async_callback(payments.vault.aclose)
             owned.push_async_callback(payments.network.aclose)  # type: ignore[attr-defined]
-        await _run(engine, settings, stop, metrics, p2p_runtime, payments)
+        await _run(engine, settings, stop, metrics, p2p_runtime, payments, consumers)
 
 
 async def _run(
@@ -130,9 +137,19 @@ async def _run(
     metrics: Metrics | None,
     p2p_runtime: p2p.P2PRuntime,
     payments: transactions.TransactionsRuntime,
+    consumers: Sequence[str] = (),
 ) -> None:
-    relay = OutboxRelay(engine, settings.database_url, event_sink(engine, p2p_runtime), metrics)
-    tasks = [asyncio.create_task(relay.run(), name="outbox-relay")]
+    sink = event_sink(engine, p2p_runtime)
+    relay: OutboxRelay | None = None
+    if settings.kafka_bootstrap:
+        from billfold.platform.bus.kafka import KafkaBus
+
+        # The relay publishes to Kafka; each consumer reads it in a group of its own.
+        bus = KafkaBus(engine, settings, select_consumers(sink.consumers, consumers), metrics)
+        tasks = [asyncio.create_task(bus.run(stop), name="kafka-bus")]
+    else:
+        relay = OutboxRelay(engine, settings.database_url, sink, metrics)
+        tasks = [asyncio.create_task(relay.run(), name="outbox-relay")]
     tasks += [
         asyncio.create_task(_every(job, stop), name=job.name)
         for job in scheduled_jobs(engine, settings, payments)
@@ -140,9 +157,10 @@ async def _run(
     try:
         await stop.wait()
     finally:
-        relay.stop()
+        if relay is not None:
+            relay.stop()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(tasks[0], 5)
+            await asyncio.wait_for(tasks[0], 15)
         for t in tasks[1:]:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

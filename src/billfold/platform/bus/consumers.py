@@ -73,8 +73,22 @@ class ConsumerSink:
         if self._downstream is not None:
             await self._downstream(event)
 
+    @property
+    def consumers(self) -> list[Consumer]:
+        """The consumers this sink delivers to (the Kafka bus runs each in its own group)."""
+        return list(self._consumers)
+
     async def deliver(self, consumer: Consumer, event: dict[str, Any]) -> bool:
         """Run one consumer on one event, at most once; False if it was dead-lettered."""
+        error = await self.attempt(consumer, event)
+        if error is None:
+            return True
+        await self.dead_letter(consumer, event, error)
+        return False
+
+    async def attempt(self, consumer: Consumer, event: dict[str, Any]) -> str | None:
+        """Run `consumer` on `event` with retries and backoff: None once its effect and inbox row
+        are committed (or it had handled the event before), else the last error."""
         error = ""
         for attempt in range(1, self._attempts + 1):
             try:
@@ -83,23 +97,49 @@ class ConsumerSink:
                     params = {"consumer": consumer.name, "event_id": event["id"]}
                     if (await conn.execute(_CLAIM, params)).first() is not None:
                         await consumer.handle(conn, event)
-                return True
+                return None
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"[:2000]
                 log.warning(
                     "consumer failed", consumer=consumer.name, event_id=event["id"], attempt=attempt
                 )
-                await asyncio.sleep(self._backoff * 2 ** (attempt - 1))
+                if attempt < self._attempts:
+                    await asyncio.sleep(self._backoff * 2 ** (attempt - 1))
+        return error
+
+    async def dead_letter(
+        self, consumer: Consumer, event: dict[str, Any], error: str, *, event_id: str | None = None
+    ) -> None:
+        """Park `event` in `platform.dead_letters` with the error that stopped `consumer`."""
         async with unit_of_work(self._engine) as uow:
             await (await uow.connection()).execute(
                 _DEAD_LETTER,
                 {
                     "consumer": consumer.name,
-                    "event_id": event["id"],
+                    "event_id": event_id or event["id"],
                     "event": json.dumps(event, default=str),
                     "error": error,
                     "attempts": self._attempts,
                 },
             )
-        log.error("consumer gave up; event dead-lettered", consumer=consumer.name, id=event["id"])
-        return False
+        log.error(
+            "consumer gave up; event dead-lettered",
+            consumer=consumer.name,
+            id=event_id or event["id"],
+        )
+
+
+def select_consumers(consumers: Sequence[Consumer], names: Sequence[str]) -> list[Consumer]:
+    """The consumers that `names` select: a consumer's full name (`p2p.claims`) or its service
+    (`p2p` selects every `p2p.*`). An empty selection is all of them; a name that selects
+    nothing is a ValueError (a typo would otherwise run a worker that consumes nothing)."""
+    if not names:
+        return list(consumers)
+    chosen: list[Consumer] = []
+    for name in names:
+        matched = [c for c in consumers if c.name == name or c.name.startswith(f"{name}.")]
+        if not matched:
+            known = ", ".join(sorted(c.name for c in consumers))
+            raise ValueError(f"no consumer is called {name!r} (known: {known})")
+        chosen += [c for c in matched if c not in chosen]
+    return chosen
