@@ -28,6 +28,8 @@ vault_app = typer.Typer(
     invoke_without_command=True,
 )
 app.add_typer(vault_app, name="vault")
+events_app = typer.Typer(help="The event bus: re-delivery of past events")
+app.add_typer(events_app, name="events")
 
 DataDir = Annotated[Path, typer.Option("--data-dir", help="Where embedded servers keep their data")]
 
@@ -338,18 +340,38 @@ def serve(
 
 
 @app.command()
-def worker() -> None:
+def worker(
+    consumers: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated consumers or services to run (e.g. notifications,loyalty); "
+            "default all. Needs the Kafka bus (BILLFOLD_KAFKA_BOOTSTRAP)",
+        ),
+    ] = "",
+) -> None:
     """Production worker: outbox relay, event consumers and scheduled jobs (expiries)."""
     from billfold.platform.observability import configure_logging
 
     settings = _settings()
     _refuse_unsafe_production(settings, "api")
     _require_urls(settings)
+    selected = [c.strip() for c in consumers.split(",") if c.strip()]
+    if selected and not settings.kafka_bootstrap:
+        typer.echo(
+            "--consumers needs the Kafka bus (BILLFOLD_KAFKA_BOOTSTRAP): on the embedded bus one "
+            "worker runs every consumer",
+            err=True,
+        )
+        raise typer.Exit(2)
     configure_logging(settings.log_level, settings.log_json)
-    asyncio.run(_worker(settings))
+    try:
+        asyncio.run(_worker(settings, selected))
+    except ValueError as exc:  # an unknown consumer name
+        typer.echo(f"billfold worker: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
-async def _worker(settings: Settings) -> None:
+async def _worker(settings: Settings, consumers: list[str] | None = None) -> None:
     from billfold.jobs import run_background
     from billfold.platform.db import create_engine
 
@@ -359,7 +381,7 @@ async def _worker(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await run_background(engine, settings, stop)
+        await run_background(engine, settings, stop, consumers=consumers or ())
     finally:
         await engine.dispose()
 
@@ -631,6 +653,84 @@ def vault_rotate_kek(
             typer.echo(f"  KEK v{version}: {count} data key(s)")
 
     asyncio.run(run())
+
+
+@events_app.command("replay")
+def events_replay(
+    start: Annotated[
+        str,
+        typer.Option(
+            "--from",
+            help="Where to start: an event id (evt_…, included) or an ISO 8601 time (UTC if "
+            "it names no offset)",
+        ),
+    ],
+    types: Annotated[
+        list[str] | None,
+        typer.Option("--type", help="Only this event type (repeatable; `billfold.p2p.*` ok)"),
+    ] = None,
+    consumers: Annotated[
+        list[str] | None,
+        typer.Option("--consumer", help="With --force: the consumer whose inbox is cleared"),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Clear the named consumers' inbox rows for these events, so they handle them "
+            "again (only for consumers whose effects are safe to repeat)"
+        ),
+    ] = False,
+    dry_run: Annotated[bool, typer.Option(help="Count, change nothing")] = False,
+) -> None:
+    """Re-deliver published events from the outbox through the running relay (either bus).
+    Consumers that handled an event skip it (inbox); dead-lettered ones get it again."""
+    from datetime import UTC, datetime
+
+    from billfold.platform.bus.replay import ReplayError, replay
+    from billfold.platform.db import create_engine, unit_of_work
+
+    settings = _settings()
+    _require_urls(settings, redis=False)
+    from_event: str | None = None
+    since: datetime | None = None
+    if start.startswith("evt_"):
+        from_event = start
+    else:
+        try:
+            since = datetime.fromisoformat(start)
+        except ValueError:
+            typer.echo(f"--from {start!r} is neither an event id nor an ISO 8601 time", err=True)
+            raise typer.Exit(2) from None
+        if since.tzinfo is None:
+            since = since.replace(tzinfo=UTC)
+
+    async def run() -> None:
+        engine = create_engine(settings.database_url, pool_size=1, max_overflow=0)
+        try:
+            async with unit_of_work(engine) as uow:
+                result = await replay(
+                    await uow.connection(),
+                    from_event=from_event,
+                    since=since,
+                    types=types or (),
+                    consumers=consumers or (),
+                    force=force,
+                    dry_run=dry_run,
+                )
+        finally:
+            await engine.dispose()
+        verb = "would re-deliver" if dry_run else "re-delivering"
+        typer.echo(f"{verb} {result.events} event(s)")
+        if force:
+            typer.echo(
+                f"{'would clear' if dry_run else 'cleared'} {result.inbox_cleared} inbox row(s)"
+            )
+
+    try:
+        asyncio.run(run())
+    except ReplayError as exc:
+        typer.echo(f"billfold events replay: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":
