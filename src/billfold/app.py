@@ -20,8 +20,19 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billfold import network, p2p, payment_methods, transactions, users, vault
+from billfold import (
+    fraud,
+    network,
+    notifications,
+    p2p,
+    payment_methods,
+    transactions,
+    users,
+    vault,
+)
 from billfold.config import Settings
+from billfold.fraud.api import cases_router as fraud_cases_router
+from billfold.fraud.api import rules_router as fraud_rules_router
 from billfold.gateway.errors import install_error_handlers
 from billfold.gateway.middleware import Edge, EdgeConfig
 from billfold.ledger.api import router as wallet_router
@@ -277,6 +288,9 @@ def create_app(settings: Settings) -> FastAPI:
             {"name": "transfer-requests", "description": "Asking someone for money"},
             {"name": "payments", "description": "Pay merchants: authorize, capture, refund"},
             {"name": "transactions", "description": "History, search, export, summary, receipts"},
+            {"name": "fraud", "description": "The fraud review queue (administrators)"},
+            {"name": "fraud rules", "description": "Fraud rules, backtests, block/allow lists"},
+            {"name": "notifications", "description": "Inbox, live stream, preferences"},
             {"name": "ops", "description": "Health and metrics"},
         ],
     )
@@ -290,6 +304,20 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.transactions = runtimes.transactions
     # Per-step payment latency histograms on this app's `/metrics`.
     runtimes.transactions.metrics = transactions.PaymentMetrics(metrics.registry)
+    # The Fraud Service checks every payment and transfer (unless disabled) and decides the
+    # reviews it opens through the same two runtimes.
+    fraud_rt = fraud.build_runtime(
+        settings,
+        redis,
+        p2p_runtime=runtimes.p2p,
+        transactions_runtime=runtimes.transactions,
+        registry=metrics.registry,
+    )
+    if settings.fraud_enabled:
+        check = fraud.FraudRiskCheck(fraud_rt)
+        runtimes.p2p.risk = check.transfers
+        runtimes.transactions.risk = check.payments
+    app.state.fraud = fraud_rt
     install_error_handlers(app)
     app.include_router(users_router)
     app.include_router(wallet_router)
@@ -298,6 +326,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(p2p_router)
     app.include_router(transactions.router)
     app.include_router(history_router)
+    app.include_router(notifications.router)
+    app.include_router(fraud_cases_router)
+    app.include_router(fraud_rules_router)
     _ops_routes(app)
     _document_problems(app)
     limiter = RateLimiter(redis, settings.redis_prefix) if settings.rate_limits_enabled else None

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billfold import ledger, p2p, payment_methods, transactions
+from billfold import fraud, ledger, notifications, p2p, payment_methods, transactions
 from billfold.app import build_runtimes, network_client, vault_client
 from billfold.config import Settings
 from billfold.platform import idempotency
@@ -75,8 +75,18 @@ def event_sink(
         *payment_methods.consumers(),
         # Receipts go to the process's BlobStore (the one the users runtime holds).
         *transactions.receipt_consumers(p2p_runtime.users.blobs),
+        *notifications.consumers(notifications_runtime(p2p_runtime)),
     ]
+    if p2p_runtime.settings.fraud_enabled:
+        # The live fraud features learn outcomes (completed, declined, devices) from events.
+        consumers += fraud.consumers(p2p_runtime.users.redis, p2p_runtime.settings)
     return ConsumerSink(engine, consumers, downstream)
+
+
+def notifications_runtime(p2p_runtime: p2p.P2PRuntime) -> notifications.NotificationsRuntime:
+    """The notification service's runtime on the same settings and sealed box as the API's (the
+    box seals one-time codes until they are sent)."""
+    return notifications.NotificationsRuntime(p2p_runtime.settings, p2p_runtime.users.sealed)
 
 
 async def _every(job: Job, stop: asyncio.Event) -> None:
@@ -149,10 +159,18 @@ async def _run(
         tasks = [asyncio.create_task(bus.run(stop), name="kafka-bus")]
     else:
         relay = OutboxRelay(engine, settings.database_url, sink, metrics)
-        tasks = [asyncio.create_task(relay.run(), name="outbox-relay")]
+        # Notifications are sent outside the consumers' transactions, by this job (retries wait
+    # for their time in the deliveries table).
+    dispatcher = notifications.build_dispatcher(
+        engine, notifications_runtime(p2p_runtime), p2p_runtime.users.redis
+    )
+    tasks = [asyncio.create_task(relay.run(), name="outbox-relay")]
     tasks += [
         asyncio.create_task(_every(job, stop), name=job.name)
-        for job in scheduled_jobs(engine, settings, payments)
+        for job in [
+            *scheduled_jobs(engine, settings, payments),
+            Job("dispatch-notifications", 1, dispatcher.drain),
+        ]
     ]
     try:
         await stop.wait()
@@ -164,3 +182,5 @@ async def _run(
         for t in tasks[1:]:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await dispatcher.aclose()
+        await dispatcher.aclose()

@@ -19,7 +19,7 @@ from sqlalchemy import text
 from billfold import p2p, transactions
 from billfold.config import Settings
 from billfold.fraud import FEATURE_NAMES, FeaturesUnavailable, ModelScore, RiskSubject, RuleHit
-from billfold.fraud.runtime import FraudRuntime, thresholds_from
+from billfold.fraud.runtime import FixedRules, FraudRuntime, thresholds_from
 from billfold.fraud.service import FraudRiskCheck
 from billfold.platform.money import Money
 
@@ -52,7 +52,7 @@ class Rules:
     shadow: bool = False
     version: str = "rules-test-1"
 
-    def evaluate(self, features: Any) -> list[RuleHit]:
+    def evaluate(self, features: Any, subject: Any = None) -> list[RuleHit]:
         if int(features["amount"]) < self.at:
             return []
         return [
@@ -97,7 +97,7 @@ def make_runtime(
         settings=s,
         features=features or StaticFeatures(),
         fallback=fallback or StaticFeatures(),
-        rules=rules or Rules(),
+        rules=FixedRules(rules or Rules()),
         scorer=None if no_model else (model or Model()),
         thresholds=thresholds_from(s),
         p2p=app.state.p2p,
@@ -180,7 +180,7 @@ async def test_allow_is_stored_with_snapshot_versions_and_event(
     (event,) = await rows(
         engine,
         "SELECT data FROM platform.outbox WHERE type = 'billfold.fraud.decision.made' "
-        "AND subject = :s",
+        "AND data->>'subject_id' = :s",
         s=p.transaction_id,
     )
     assert event.data["decision_id"] == row.id and event.data["action"] == "allow"
@@ -203,7 +203,11 @@ async def test_decision_rolls_back_with_its_payment(
         == []
     )
     assert (
-        await rows(engine, "SELECT 1 FROM platform.outbox WHERE subject = :s", s=p.transaction_id)
+        await rows(
+            engine,
+            "SELECT 1 FROM platform.outbox WHERE data->>'subject_id' = :s",
+            s=p.transaction_id,
+        )
         == []
     )
 
@@ -418,7 +422,7 @@ async def test_subject_carries_what_features_need(
         await check.payments.assess(conn, p)
         await check.transfers.assess(conn, t)
     ps, ts = features.asked
-    assert (ps.kind, ps.subject_id, ps.device_id, ps.card_fingerprint) == (
+    assert (ps.kind, ps.subject_id, ps.device_id, ps.payment_method_id) == (
         "payment",
         p.transaction_id,
         "dev_1",

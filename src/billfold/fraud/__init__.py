@@ -16,7 +16,10 @@ from billfold.fraud.models import (
     RuleHit,
     Thresholds,
 )
+from billfold.fraud.runtime import FixedRules, FraudRuntime
 from billfold.fraud.scoring import combine
+from billfold.fraud.service import FraudRiskCheck
+from billfold.fraud.setup import build_runtime, consumers
 
 __all__ = [
     "FEATURES",
@@ -26,9 +29,14 @@ __all__ = [
     "Assessment",
     "Features",
     "FeaturesUnavailable",
+    "FixedRules",
+    "FraudRiskCheck",
+    "FraudRuntime",
     "ModelScore",
     "RiskSubject",
     "RuleHit",
     "Thresholds",
+    "build_runtime",
     "combine",
+    "consumers",
 ]

@@ -5,12 +5,46 @@ runtimes of the payments and transfers whose reviews it decides."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billfold import p2p, transactions
 from billfold.config import Settings
-from billfold.fraud.models import FeatureSource, RuleEvaluator, Scorer, Thresholds
+from billfold.fraud.models import (
+    Features,
+    FeatureSource,
+    RiskSubject,
+    RuleHit,
+    Scorer,
+    Thresholds,
+)
+
+
+class RuleSet(Protocol):
+    """A `RuleEvaluator` that may also check the subject itself (the block/allow lists)."""
+
+    version: str
+
+    def evaluate(self, features: Features, subject: RiskSubject | None = None) -> list[RuleHit]: ...
+
+
+class RuleSource(Protocol):
+    """Where the current rule set comes from (the rules' `RuleBook`: cached, refreshed when the
+    stored set changes, possibly reading with the check's connection)."""
+
+    async def current(self, conn: AsyncConnection) -> RuleSet: ...
+
+
+@dataclass(frozen=True)
+class FixedRules:
+    """A `RuleSource` that always answers one rule set (offline evaluation, tests, bench)."""
+
+    rules: RuleSet
+
+    async def current(self, conn: AsyncConnection) -> RuleSet:
+        return self.rules
 
 
 class FraudMetrics:
@@ -57,7 +91,7 @@ class FraudRuntime:
     settings: Settings
     features: FeatureSource  # live features (Redis), raising FeaturesUnavailable past the budget
     fallback: FeatureSource  # PostgreSQL-derived features (degraded)
-    rules: RuleEvaluator  # the current rule set (refreshed by its owner)
+    rules: RuleSource  # the current rule set (cached and refreshed by its owner)
     scorer: Scorer | None  # None: not loaded; rules only with stricter bands
     thresholds: Thresholds
     # Case decisions complete or refuse what was held: the transfers' and the payments' runtimes.

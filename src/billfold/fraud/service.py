@@ -68,9 +68,9 @@ def payment_subject(payment: transactions.PaymentRisk) -> RiskSubject:
         stepped_up=payment.stepped_up,
         source=payment.source,
         payment_method_id=payment.payment_method_id,
-        # `PaymentRisk` carries no card fingerprint: the payment method (one user's card) keys
-        # the card windows until it does.
-        card_fingerprint=payment.payment_method_id,
+        # `PaymentRisk` carries no card fingerprint: the features key the card windows by the
+        # payment method (one user's card) until it does.
+        card_fingerprint=None,
         merchant_id=payment.merchant_id,
         merchant_name=payment.merchant_name,
         mcc=payment.mcc,
@@ -117,7 +117,8 @@ async def check(
     try:
         features, degraded = await _features(rt, conn, subject)
         fallback = "features" if degraded else None
-        hits = rt.rules.evaluate(features)
+        rules = await rt.rules.current(conn)
+        hits = rules.evaluate(features, subject)
         model = _score(rt, features)
         thresholds = rt.thresholds
         if model is None:
@@ -128,7 +129,7 @@ async def check(
             model,
             thresholds,
             features=features,
-            rule_version=rt.rules.version,
+            rule_version=rules.version,
             degraded=degraded,
         )
         if model is None:
@@ -296,7 +297,8 @@ async def _write(
     await store.insert(
         conn,
         _row(subject, decision, duration_ms),
-        events.event(events.DECISION_MADE, subject.subject_id, _event_data(subject, decision)),
+        # Keyed by the decision: the payment's/transfer's own events stay theirs alone.
+        events.event(events.DECISION_MADE, decision.id, _event_data(subject, decision)),
     )
     if a.action == "review":
         case_id = new_id("case")

@@ -1,0 +1,42 @@
+"""Building the Fraud Service for a process: live features on Redis with the PostgreSQL
+fallback, the rule book (rules and lists, refreshed when they change), the model, the bands."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+
+from billfold import p2p, transactions
+from billfold.config import Settings
+from billfold.fraud.features import PostgresFeatures, RedisFeatures, feature_consumers
+from billfold.fraud.lists import load_lists
+from billfold.fraud.rules import RuleBook
+from billfold.fraud.runtime import FraudMetrics, FraudRuntime, thresholds_from
+from billfold.platform.bus.consumers import Consumer
+
+
+def build_runtime(
+    settings: Settings,
+    redis: Redis,
+    *,
+    p2p_runtime: p2p.P2PRuntime | None = None,
+    transactions_runtime: transactions.TransactionsRuntime | None = None,
+    registry: CollectorRegistry | None = None,
+) -> FraudRuntime:
+    """The process's fraud runtime; connects to nothing until the first check."""
+    return FraudRuntime(
+        settings=settings,
+        features=RedisFeatures.from_settings(redis, settings),
+        fallback=PostgresFeatures(),
+        rules=RuleBook(lists=load_lists),
+        scorer=None,
+        thresholds=thresholds_from(settings),
+        p2p=p2p_runtime,
+        transactions=transactions_runtime,
+        metrics=FraudMetrics(registry) if registry is not None else None,
+    )
+
+
+def consumers(redis: Redis, settings: Settings) -> list[Consumer]:
+    """The fraud consumers of the worker: the live features' outcome updates."""
+    return feature_consumers(redis, settings)
