@@ -30,6 +30,8 @@ vault_app = typer.Typer(
 app.add_typer(vault_app, name="vault")
 events_app = typer.Typer(help="The event bus: re-delivery of past events")
 app.add_typer(events_app, name="events")
+fraud_app = typer.Typer(help="The Fraud Detection Service: features, model")
+app.add_typer(fraud_app, name="fraud")
 
 DataDir = Annotated[Path, typer.Option("--data-dir", help="Where embedded servers keep their data")]
 
@@ -451,6 +453,31 @@ def rotate_jwt() -> None:
         await api.state.resources.engine.dispose()
         await api.state.resources.keys_engine.dispose()
         await api.state.resources.redis.aclose()
+
+    asyncio.run(run())
+
+
+@fraud_app.command("rebuild-features")
+def fraud_rebuild_features() -> None:
+    """Rebuild the live fraud features in Redis from PostgreSQL (after Redis lost them): the
+    completed history, the last 24 hours' windows, locations and devices."""
+    from redis.asyncio import Redis
+
+    from billfold.fraud.features import RedisFeatures, rebuild
+    from billfold.platform.db import create_engine
+
+    settings = _settings()
+    _require_urls(settings)
+
+    async def run() -> None:
+        engine = create_engine(settings.database_url, pool_size=1, max_overflow=0)
+        redis = Redis.from_url(settings.redis_url)
+        try:
+            report = await rebuild(engine, RedisFeatures.from_settings(redis, settings))
+        finally:
+            await redis.aclose()
+            await engine.dispose()
+        typer.echo(report.render())
 
     asyncio.run(run())
 
