@@ -92,9 +92,10 @@ class InvalidRuleExpression(ProblemError):
 def _invalid(message: str, pointer: str = "#/expression") -> InvalidRuleExpression:
     # The compiler's message quotes the caller's own expression: useful, and not a secret.
     message = message.strip()[:500]
-    return InvalidRuleExpression(
-        message, errors=[FieldError(pointer=pointer, detail=message, code="invalid_expression")]
-    )
+    return InvalidRuleExpression(message, errors=[FieldError(pointer=pointer, detail=message)])
+
+
+_ALWAYS_FAILS = ("Undefined variable or function", "not a valid regex")
 
 
 @lru_cache(maxsize=4096)
@@ -124,7 +125,13 @@ def compile_expression(expression: str, pointer: str = "#/expression") -> cel.Pr
         result = program.execute(cel.Context(NEUTRAL))
     except TypeError as exc:
         raise _invalid(str(exc), pointer) from None
-    except (ArithmeticError, ValueError, RuntimeError):
+    except RuntimeError as exc:
+        # An unknown function or a malformed constant regex fails whatever the values; a
+        # conversion such as int(mcc) may fail on neutral values only.
+        if any(words in str(exc) for words in _ALWAYS_FAILS):
+            raise _invalid(str(exc), pointer) from None
+        return program
+    except Exception:  # a division by zero, an index: may hold on real values
         return program
     if not isinstance(result, bool):
         raise _invalid(
@@ -155,6 +162,22 @@ def typed(features: Features) -> dict[str, Any]:
         except (TypeError, ValueError):
             out[name] = value
     return out
+
+
+def _context(features: Features) -> cel.Context:
+    """The CEL variables; a value CEL cannot hold (not a JSON scalar) is left out, so only the
+    rules that use it miss."""
+    values = typed(features)
+    try:
+        return cel.Context(values)
+    except Exception:
+        context = cel.Context()
+        for name, value in values.items():
+            try:
+                context.add_variable(name, value)
+            except Exception:
+                log.warning("fraud_feature_unusable", feature=name, kind=type(value).__name__)
+        return context
 
 
 # --- the compiled set ---------------------------------------------------------------------------
@@ -221,7 +244,7 @@ class CompiledRules:
     def evaluate(self, features: Features, subject: RiskSubject | None = None) -> list[RuleHit]:
         """The hits of every live rule on `features` (shadow ones with `shadow=True`), then, when
         `subject` is given, the block/allow list hits. Never raises for a rule's sake."""
-        context = cel.Context(typed(features))
+        context = _context(features)
         hits: list[RuleHit] = []
         for rule in self._rules:
             spec = rule.spec
@@ -904,7 +927,7 @@ def try_expression(body: ExpressionTrial) -> TrialResult:
     program = compile_expression(body.expression)
     features = {**NEUTRAL, **body.features}
     try:
-        result = program.execute(cel.Context(typed(features)))
+        result = program.execute(_context(features))
     except Exception as exc:  # reported to the caller, as the live path counts it
         return TrialResult(matched=False, error=str(exc)[:300], features_used=features)
     if not isinstance(result, bool):
@@ -927,7 +950,7 @@ async def backtest(conn: AsyncConnection, body: BacktestRequest) -> BacktestResu
     for row in rows:
         snapshot = row.features if isinstance(row.features, Mapping) else json.loads(row.features)
         try:
-            hit = program.execute(cel.Context(typed(snapshot))) is True
+            hit = program.execute(_context(snapshot)) is True
         except Exception:  # a non-hit, as live
             hit = False
             errors += 1
