@@ -159,12 +159,12 @@ async def _run(
         tasks = [asyncio.create_task(bus.run(stop), name="kafka-bus")]
     else:
         relay = OutboxRelay(engine, settings.database_url, sink, metrics)
-        # Notifications are sent outside the consumers' transactions, by this job (retries wait
+        tasks = [asyncio.create_task(relay.run(), name="outbox-relay")]
+    # Notifications are sent outside the consumers' transactions, by this job (retries wait
     # for their time in the deliveries table).
     dispatcher = notifications.build_dispatcher(
         engine, notifications_runtime(p2p_runtime), p2p_runtime.users.redis
     )
-    tasks = [asyncio.create_task(relay.run(), name="outbox-relay")]
     tasks += [
         asyncio.create_task(_every(job, stop), name=job.name)
         for job in [
@@ -182,5 +182,4 @@ async def _run(
         for t in tasks[1:]:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await dispatcher.aclose()
         await dispatcher.aclose()

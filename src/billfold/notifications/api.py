@@ -1,0 +1,346 @@
+"""Notification routes: the inbox, its live stream (Server-Sent Events), preferences, and the
+administrators' view of failed deliveries."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import StreamingResponse
+from redis.asyncio import Redis
+from sqlalchemy.engine import Row
+
+from billfold import users
+from billfold.gateway import Principal, Uow, require_admin, require_scopes
+from billfold.notifications import service, store
+from billfold.notifications.catalog import CATEGORIES, CHANNELS
+from billfold.notifications.channels import stream_channel
+from billfold.notifications.models import (
+    CategoryPreference,
+    DeliveryLogEntry,
+    DeliveryStatus,
+    DeliveryView,
+    NotificationDetail,
+    NotificationView,
+    PreferenceLockedProblem,
+    Preferences,
+    PreferencesUpdate,
+    QuietHours,
+    ReadAll,
+    UnreadCount,
+)
+from billfold.platform.clock import utcnow
+from billfold.platform.errors import Conflict, NotFound, problem_responses
+from billfold.platform.ids import is_valid_id
+from billfold.platform.pagination import Page, PageParams, make_page, page_params
+
+router = APIRouter(tags=["notifications"])
+
+Me = Annotated[Principal, Depends(require_scopes("profile"))]
+Admin = Annotated[Principal, Depends(require_admin)]
+
+# A comment line this often keeps proxies from closing an idle stream.
+HEARTBEAT_SECONDS = 15.0
+
+
+def _not_found() -> NotFound:
+    return NotFound("No such notification", code="notification_not_found")
+
+
+def _view(row: Row[Any]) -> NotificationView:
+    return NotificationView.model_validate(service.view(row))
+
+
+def _mask(channel: str, target: str) -> str:
+    if channel == "email":
+        return users.mask_email(target)
+    if channel == "sms":
+        return users.mask_phone(target)
+    if channel == "in_app":
+        return "inbox"
+    return target  # a device id: the user's own, not a secret
+
+
+def _delivery(row: Row[Any], log: list[Row[Any]]) -> DeliveryView:
+    return DeliveryView(
+        id=row.id,
+        notification_id=row.notification_id,
+        channel=row.channel,
+        provider=row.provider,
+        target=_mask(row.channel, row.target),
+        status=row.status,
+        attempts=row.attempts,
+        error=row.error,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        log=[DeliveryLogEntry(status=e.status, detail=e.detail, at=e.at) for e in log],
+    )
+
+
+@router.get(
+    "/v1/notifications",
+    response_model=Page[NotificationView],
+    summary="Your inbox, newest first",
+    responses=problem_responses(401, 403, 422),
+)
+async def list_notifications(
+    me: Me,
+    uow: Uow,
+    page: Annotated[PageParams, Depends(page_params)],
+    unread: Annotated[bool, Query(description="Only unread notifications")] = False,
+) -> Page[NotificationView]:
+    conn = await uow.connection()
+    rows = await store.list_inbox(conn, me.user_id, page.limit + 1, page.after, unread_only=unread)
+    return make_page([_view(r) for r in rows], page.limit, "id")
+
+
+@router.get(
+    "/v1/notifications/unread-count",
+    response_model=UnreadCount,
+    summary="How many notifications you have not read",
+    responses=problem_responses(401, 403),
+)
+async def unread_count(me: Me, uow: Uow) -> UnreadCount:
+    return UnreadCount(unread=await store.unread_count(await uow.connection(), me.user_id))
+
+
+@router.post(
+    "/v1/notifications/read-all",
+    response_model=ReadAll,
+    summary="Mark every notification read",
+    responses=problem_responses(401, 403),
+)
+async def read_all(me: Me, uow: Uow) -> ReadAll:
+    updated = await store.read_all(await uow.connection(), me.user_id, utcnow())
+    return ReadAll(updated=updated)
+
+
+async def _event_stream(
+    request: Request, redis: Redis, channel: str, backlog: list[NotificationView]
+) -> AsyncIterator[bytes]:
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(channel)
+    try:
+        yield b"retry: 3000\n\n"
+        seen = ""
+        for item in backlog:
+            seen = max(seen, item.id)
+            yield _sse(item.id, item.model_dump_json())
+        idle = 0.0
+        while not await request.is_disconnected():
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if message is None:
+                idle += 1.0
+                if idle >= HEARTBEAT_SECONDS:
+                    idle = 0.0
+                    yield b": keep-alive\n\n"
+                continue
+            idle = 0.0
+            data = json.loads(message["data"])
+            if data.get("id", "") <= seen:
+                continue  # already sent from the backlog
+            yield _sse(data["id"], json.dumps(data, separators=(",", ":")))
+    finally:
+        await pubsub.unsubscribe(channel)
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+def _sse(event_id: str, data: str) -> bytes:
+    return f"id: {event_id}\nevent: notification\ndata: {data}\n\n".encode()
+
+
+@router.get(
+    "/v1/notifications/stream",
+    summary="Your notifications as they arrive (Server-Sent Events)",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "An endless event stream"},
+        **problem_responses(401, 403),
+    },
+)
+async def stream(
+    request: Request,
+    me: Me,
+    uow: Uow,
+    last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+) -> StreamingResponse:
+    """`text/event-stream`: one `notification` event per new inbox item (`id` is the
+    notification id). Reconnect with `Last-Event-ID` to receive what arrived meanwhile. Any API
+    process can serve it: deliveries are announced over Redis pub/sub."""
+    res = request.app.state.resources
+    channel = stream_channel(res.settings.redis_prefix, me.user_id)
+    backlog: list[NotificationView] = []
+    if last_event_id and is_valid_id(last_event_id, "ntf"):
+        conn = await uow.connection()
+        rows = await store.list_inbox(conn, me.user_id, 100, last_event_id, newest_first=False)
+        backlog = [_view(r) for r in rows]
+    # The stream must not hold the request's database connection (nor its transaction) open.
+    await uow.rollback()
+    return StreamingResponse(
+        _event_stream(request, res.redis, channel, backlog),
+        media_type="text/event-stream",
+        headers={"X-Accel-Buffering": "no"},
+    )
+
+
+@router.get(
+    "/v1/notifications/{notification_id}",
+    response_model=NotificationDetail,
+    summary="One notification and where it was delivered",
+    responses=problem_responses(401, 403, 404),
+)
+async def get_notification(me: Me, uow: Uow, notification_id: str) -> NotificationDetail:
+    """The notification and its deliveries (channel, masked target, status, attempts) with
+    each one's log (`queued → sending → sent → delivered | failed`)."""
+    if not is_valid_id(notification_id, "ntf"):
+        raise _not_found()
+    conn = await uow.connection()
+    row = await store.get_notification(conn, me.user_id, notification_id)
+    if row is None:
+        raise _not_found()
+    deliveries = await store.deliveries_of(conn, row.id)
+    log = await store.delivery_log(conn, [d.id for d in deliveries])
+    return NotificationDetail(
+        **_view(row).model_dump(),
+        deliveries=[_delivery(d, [e for e in log if e.delivery_id == d.id]) for d in deliveries],
+    )
+
+
+async def _set_read(me: Principal, uow: Uow, notification_id: str, read: bool) -> NotificationView:
+    if not is_valid_id(notification_id, "ntf"):
+        raise _not_found()
+    row = await store.set_read(await uow.connection(), me.user_id, notification_id, read, utcnow())
+    if row is None:
+        raise _not_found()
+    return _view(row)
+
+
+@router.post(
+    "/v1/notifications/{notification_id}/read",
+    response_model=NotificationView,
+    summary="Mark a notification read",
+    responses=problem_responses(401, 403, 404),
+)
+async def mark_read(me: Me, uow: Uow, notification_id: str) -> NotificationView:
+    return await _set_read(me, uow, notification_id, True)
+
+
+@router.post(
+    "/v1/notifications/{notification_id}/unread",
+    response_model=NotificationView,
+    summary="Mark a notification unread",
+    responses=problem_responses(401, 403, 404),
+)
+async def mark_unread(me: Me, uow: Uow, notification_id: str) -> NotificationView:
+    return await _set_read(me, uow, notification_id, False)
+
+
+# --- preferences -----------------------------------------------------------------------------------
+
+
+async def _preferences(request: Request, uow: Uow, user_id: str) -> Preferences:
+    conn = await uow.connection()
+    prefs, quiet = await service.get_preferences(conn, user_id)
+    party = await users.get_party(conn, user_id)
+    return Preferences(
+        categories=[
+            CategoryPreference(
+                category=name,  # type: ignore[arg-type]
+                channels=prefs[name],  # type: ignore[arg-type]
+                locked_channels=[c for c in CHANNELS if cat.locked and cat.default(c)],  # type: ignore[misc]
+            )
+            for name, cat in CATEGORIES.items()
+        ],
+        quiet_hours=(
+            QuietHours(start=quiet[0].strftime("%H:%M"), end=quiet[1].strftime("%H:%M"))
+            if quiet
+            else None
+        ),
+        timezone=party.timezone if party else "UTC",
+    )
+
+
+@router.get(
+    "/v1/me/notification-preferences",
+    response_model=Preferences,
+    summary="Which notifications reach you where",
+    responses=problem_responses(401, 403),
+)
+async def get_preferences(request: Request, me: Me, uow: Uow) -> Preferences:
+    """Per category, each channel on or off (defaults until you change them), and your quiet
+    hours. One-time codes go where you ask for them and follow no preference."""
+    return await _preferences(request, uow, me.user_id)
+
+
+@router.put(
+    "/v1/me/notification-preferences",
+    response_model=Preferences,
+    summary="Change which notifications reach you where",
+    responses=problem_responses(401, 403, 422),
+)
+async def put_preferences(
+    request: Request, me: Me, uow: Uow, body: PreferencesUpdate
+) -> Preferences:
+    """Security alerts cannot be switched off on their default channels (422
+    `notification_preference_locked`); you may add channels to them."""
+    changes: dict[str, dict[str, bool]] = {}
+    for change in body.categories:
+        changes.setdefault(change.category, {}).update(dict(change.channels.items()))
+    quiet: object = service.KEEP
+    if "quiet_hours" in body.model_fields_set:
+        quiet = body.quiet_hours.window() if body.quiet_hours else None
+    try:
+        await service.update_preferences(await uow.connection(), me.user_id, changes, quiet)
+    except service.PreferenceLocked as exc:
+        raise PreferenceLockedProblem(str(exc)) from None
+    return await _preferences(request, uow, me.user_id)
+
+
+# --- administrators ------------------------------------------------------------------------------
+
+
+@router.get(
+    "/v1/admin/notifications/deliveries",
+    response_model=Page[DeliveryView],
+    summary="Deliveries, e.g. the failed ones (dead letters)",
+    responses=problem_responses(401, 403, 422),
+)
+async def list_deliveries(
+    admin: Admin,
+    uow: Uow,
+    page: Annotated[PageParams, Depends(page_params)],
+    status: Annotated[DeliveryStatus | None, Query()] = None,
+    user_id: Annotated[str | None, Query(max_length=64)] = None,
+) -> Page[DeliveryView]:
+    conn = await uow.connection()
+    rows = await store.list_deliveries(
+        conn, page.limit + 1, page.after, user_id=user_id, status=status
+    )
+    log = await store.delivery_log(conn, [r.id for r in rows])
+    views = [_delivery(r, [e for e in log if e.delivery_id == r.id]) for r in rows]
+    return make_page(views, page.limit, "id")
+
+
+@router.post(
+    "/v1/admin/notifications/deliveries/{delivery_id}/retry",
+    response_model=DeliveryView,
+    summary="Send a failed delivery again",
+    responses=problem_responses(401, 403, 404, 409),
+)
+async def retry_delivery(admin: Admin, uow: Uow, delivery_id: str) -> DeliveryView:
+    """Queues a failed delivery with a fresh set of attempts (409 `delivery_not_retryable` if it
+    has not failed, or was a one-time code whose content is gone)."""
+    if not is_valid_id(delivery_id, "dlv"):
+        raise NotFound("No such delivery", code="delivery_not_found")
+    conn = await uow.connection()
+    if not await service.retry_delivery(conn, delivery_id):
+        if await store.get_delivery(conn, delivery_id) is None:
+            raise NotFound("No such delivery", code="delivery_not_found")
+        raise Conflict(
+            "Only a failed delivery with content can be retried", code="delivery_not_retryable"
+        )
+    row = await store.get_delivery(conn, delivery_id)
+    assert row is not None
+    return _delivery(row, await store.delivery_log(conn, [delivery_id]))

@@ -1,0 +1,54 @@
+"""SMS through Twilio's REST Messages API: `POST /2010-04-01/Accounts/<sid>/Messages.json`,
+form-encoded `To`, `From`, `Body`, HTTP Basic auth with the account SID and auth token."""
+
+from __future__ import annotations
+
+import httpx
+
+from billfold.notifications.channels.base import Message, Outcome, retry_after, transient
+
+# Twilio error codes that no retry will fix: invalid or unreachable 'To' number, the number
+# opted out (STOP), not SMS-capable, a region that is not enabled.
+_PERMANENT = frozenset({21211, 21214, 21408, 21610, 21612, 21614})
+
+
+class TwilioChannel:
+    provider = "twilio"
+
+    def __init__(
+        self,
+        account_sid: str,
+        auth_token: str,
+        sender: str,
+        endpoint: str = "https://api.twilio.com",
+        status_callback: str | None = None,
+    ) -> None:
+        self._url = f"{endpoint.rstrip('/')}/2010-04-01/Accounts/{account_sid}/Messages.json"
+        self._sender = sender
+        self._callback = status_callback
+        self._http = httpx.AsyncClient(auth=(account_sid, auth_token), timeout=10)
+
+    async def send(self, message: Message) -> Outcome:
+        form = {"To": message.target, "From": self._sender, "Body": message.content["text"]}
+        if self._callback:
+            form["StatusCallback"] = self._callback
+        try:
+            response = await self._http.post(self._url, data=form)
+        except httpx.HTTPError as exc:
+            return transient(exc)
+        if response.status_code in (200, 201):
+            return Outcome("sent", provider_message_id=response.json().get("sid"))
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        code = body.get("code")
+        detail = f"twilio {response.status_code} {code or ''}".strip()
+        if response.status_code == 429 or response.status_code >= 500:
+            return Outcome("retry", error=detail, retry_after=retry_after(response))
+        if code in _PERMANENT or 400 <= response.status_code < 500:
+            return Outcome("failed", error=detail)
+        return Outcome("retry", error=detail)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()

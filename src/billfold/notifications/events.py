@@ -1,0 +1,251 @@
+"""The events the service listens to (by type string: it imports none of the services that
+publish them above its layer) and what each means for whom."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from billfold import ledger, users
+from billfold.notifications import store
+from billfold.notifications.service import Intent, NotificationsRuntime, notify
+from billfold.platform.bus.consumers import Consumer
+
+CONSUMER = "notifications"
+
+TRANSFER_COMPLETED = "billfold.p2p.transfer.completed"
+TRANSFER_PENDING_CLAIM = "billfold.p2p.transfer.pending_claim"
+TRANSFER_EXPIRED = "billfold.p2p.transfer.expired"
+PAYMENT_AUTHORIZED = "billfold.transactions.payment.authorized"
+PAYMENT_DECLINED = "billfold.transactions.payment.declined"
+PAYMENT_REFUNDED = "billfold.transactions.payment.refunded"
+FRAUD_DECISION = "billfold.fraud.decision.made"
+DEVICE_ENROLLED = "billfold.users.device.enrolled"
+SESSION_CREATED = "billfold.users.session.created"
+KYC_STATUS_CHANGED = "billfold.users.kyc.status_changed"
+VERIFICATION_REQUESTED = "billfold.users.verification.requested"
+STEP_UP_CODE_REQUESTED = "billfold.users.step_up.code_requested"
+PASSWORD_RESET_REQUESTED = "billfold.users.password_reset.requested"
+WALLET_WITHDRAWN = "billfold.ledger.wallet.withdrawn"
+TIER_CHANGED = "billfold.loyalty.tier.changed"
+
+Handler = Callable[[AsyncConnection, dict[str, Any]], Awaitable[list[Intent]]]
+
+
+async def _name(conn: AsyncConnection, user_id: str | None) -> str:
+    party = await users.get_party(conn, user_id) if user_id else None
+    if party is None:
+        return "?"
+    return party.name if not party.handle else f"{party.name} (@{party.handle})"
+
+
+def _invitee(data: dict[str, Any]) -> str:
+    invitee = data.get("invitee") or {}
+    if "email" in invitee:
+        return users.mask_email(invitee["email"])
+    if "phone" in invitee:
+        return users.mask_phone(invitee["phone"])
+    return ""
+
+
+async def _transfer(conn: AsyncConnection, event: dict[str, Any]) -> list[Intent]:
+    d, at = event["data"], event["time"]
+    tid = d["transfer_id"]
+    money = {"amount": d["amount"], "currency": d["currency"], "at": at}
+    link = {"transfer_id": tid}
+    sender, recipient = d.get("sender_id"), d.get("recipient_id")
+    if event["type"] == TRANSFER_EXPIRED:
+        return [Intent(sender, "transfer_expired", f"transfer_expired:{tid}", money, link, event)]
+    if event["type"] == TRANSFER_PENDING_CLAIM:
+        ctx = {**money, "counterparty": _invitee(d) or "?"}
+        return [Intent(sender, "transfer_sent", f"transfer_sent:{tid}", ctx, link, event)]
+    intents = []
+    sender_name = await _name(conn, sender)
+    recipient_name = await _name(conn, recipient)
+    if d.get("claimed"):
+        ctx = {**money, "counterparty": recipient_name}
+        intents.append(
+            Intent(sender, "transfer_claimed", f"transfer_claimed:{tid}", ctx, link, event)
+        )
+    else:
+        ctx = {**money, "counterparty": recipient_name}
+        intents.append(Intent(sender, "transfer_sent", f"transfer_sent:{tid}", ctx, link, event))
+    if recipient:
+        ctx = {**money, "counterparty": sender_name}
+        intents.append(
+            Intent(recipient, "transfer_received", f"transfer_received:{tid}", ctx, link, event)
+        )
+    return intents
+
+
+async def _payment(conn: AsyncConnection, event: dict[str, Any]) -> list[Intent]:
+    d, at = event["data"], event["time"]
+    txn = d["transaction_id"]
+    merchant = (d.get("merchant") or {}).get("name") or "?"
+    link = {"transaction_id": txn}
+    if event["type"] == PAYMENT_REFUNDED:
+        refund = d.get("refund") or {}
+        ctx = {"amount": refund.get("amount", 0), "currency": d["currency"], "merchant": merchant}
+        key = f"payment_refunded:{refund.get('id') or event['id']}"
+        return [Intent(d["user_id"], "payment_refunded", key, {**ctx, "at": at}, link, event)]
+    kind = "payment_authorized" if event["type"] == PAYMENT_AUTHORIZED else "payment_declined"
+    amount = d.get("authorized_amount") or d["amount"]
+    ctx = {"amount": amount, "currency": d["currency"], "merchant": merchant, "at": at}
+    return [Intent(d["user_id"], kind, f"{kind}:{txn}", ctx, link, event)]
+
+
+async def _fraud(conn: AsyncConnection, event: dict[str, Any]) -> list[Intent]:
+    d = event["data"]
+    action = d.get("action")
+    if action not in ("challenge", "block") or not d.get("user_id"):
+        return []
+    kind = "fraud_challenge" if action == "challenge" else "fraud_block"
+    subject = "transfer" if str(d.get("subject_kind", "")).startswith("transfer") else "payment"
+    ctx = {
+        "amount": d.get("amount") or 0,
+        "currency": d.get("currency") or "USD",
+        "subject_kind": subject,
+        "at": event["time"],
+    }
+    key = f"{kind}:{d.get('decision_id') or event['id']}"
+    link = {"subject_id": d.get("subject_id")}
+    return [Intent(d["user_id"], kind, key, ctx, link, event)]
+
+
+async def _device(conn: AsyncConnection, event: dict[str, Any]) -> list[Intent]:
+    d = event["data"]
+    device_id = d["device_id"]
+    # The device itself is a known place to sign in from from now on.
+    await store.remember_signin(conn, d["user_id"], f"device:{device_id}")
+    ctx = {"device_name": d.get("name", ""), "platform": d.get("platform", ""), "at": event["time"]}
+    key = f"new_device:{device_id}"
+    return [Intent(d["user_id"], "new_device", key, ctx, {"device_id": device_id}, event)]
+
+
+async def _session(conn: AsyncConnection, event: dict[str, Any]) -> list[Intent]:
+    d = event["data"]
+    if d.get("device_id"):
+        fingerprint = f"device:{d['device_id']}"
+    else:
+        agent = str(d.get("user_agent") or "")
+        fingerprint = "agent:" + hashlib.sha256(agent.encode()).hexdigest()[:32]
+    new, known = await store.remember_signin(conn, d["user_id"], fingerprint)
+    if not new or known == 0:  # the very first sign-in is not news
+        return []
+    key = f"new_sign_in:{d['session_id']}"
+    return [Intent(d["user_id"], "new_sign_in", key, {"at": event["time"]}, {}, event)]
+
+
+async def _kyc(conn: AsyncConnection, event: dict[str, Any]) -> list[Intent]:
+    d = event["data"]
+    status = d.get("to_status")
+    if status not in ("verified", "rejected"):
+        return []
+    key = f"kyc_result:{d.get('submission_id')}:{status}"
+    ctx = {"verified": status == "verified", "at": event["time"]}
+    return [Intent(d["user_id"], "kyc_result", key, ctx, {"status": status}, event)]
+
+
+async def _code(conn: AsyncConnection, event: dict[str, Any]) -> list[Intent]:
+    d = event["data"]
+    code, target = d.get("code"), d.get("target")
+    if not code or not target:
+        return []  # already stripped (a replay of a published event): nothing to send
+    channel = "email" if d.get("channel") == "email" else "sms"
+    ref = d.get("verification_id") or d.get("challenge_id") or d.get("reset_id") or event["id"]
+    ctx = {"code": code, "minutes": max(int(d.get("expires_in") or 600) // 60, 1)}
+    return [
+        Intent(
+            d["user_id"],
+            "verification_code",
+            f"verification_code:{ref}",
+            ctx,
+            {"purpose": event["type"].rsplit(".", 2)[-2]},
+            event,
+            direct=(channel, target),
+        )
+    ]
+
+
+async def _tier(conn: AsyncConnection, event: dict[str, Any]) -> list[Intent]:
+    d = event["data"]
+    tier = d.get("tier") or d.get("to_tier") or d.get("new_tier")
+    if not tier or not d.get("user_id"):
+        return []
+    ctx = {
+        "tier": str(tier),
+        "previous": str(d.get("from_tier") or d.get("previous_tier") or ""),
+        "multiplier": d.get("multiplier") or "",
+    }
+    return [Intent(d["user_id"], "tier_changed", f"tier_changed:{event['id']}", ctx, {}, event)]
+
+
+_HANDLERS: dict[str, Handler] = {
+    TRANSFER_COMPLETED: _transfer,
+    TRANSFER_PENDING_CLAIM: _transfer,
+    TRANSFER_EXPIRED: _transfer,
+    PAYMENT_AUTHORIZED: _payment,
+    PAYMENT_DECLINED: _payment,
+    PAYMENT_REFUNDED: _payment,
+    FRAUD_DECISION: _fraud,
+    DEVICE_ENROLLED: _device,
+    SESSION_CREATED: _session,
+    KYC_STATUS_CHANGED: _kyc,
+    VERIFICATION_REQUESTED: _code,
+    STEP_UP_CODE_REQUESTED: _code,
+    PASSWORD_RESET_REQUESTED: _code,
+    TIER_CHANGED: _tier,
+}
+
+# Events after which the payer's wallet may have dropped under the low-balance line, and
+# who paid how much.
+_SPENDS: dict[str, tuple[str, str]] = {
+    TRANSFER_COMPLETED: ("sender_id", "amount"),
+    TRANSFER_PENDING_CLAIM: ("sender_id", "amount"),
+    PAYMENT_AUTHORIZED: ("user_id", "authorized_amount"),
+    WALLET_WITHDRAWN: ("user_id", "amount"),
+}
+
+
+async def _low_balance(
+    conn: AsyncConnection, rt: NotificationsRuntime, event: dict[str, Any]
+) -> list[Intent]:
+    """The wallet crossed below the threshold with this spend (it was at or above it before)."""
+    who, amount_field = _SPENDS[event["type"]]
+    d = event["data"]
+    if event["type"] == PAYMENT_AUTHORIZED and d.get("source") != "wallet":
+        return []
+    user_id, spent, currency = d.get(who), d.get(amount_field) or d.get("amount"), d.get("currency")
+    if not user_id or not isinstance(spent, int) or not currency:
+        return []
+    threshold = rt.settings.notifications_low_balance_threshold
+    for balance in await ledger.balances(conn, user_id):
+        if (
+            balance.currency == currency
+            and balance.available < threshold <= balance.available + spent
+        ):
+            ctx = {"amount": balance.available, "currency": currency}
+            key = f"low_balance:{event['id']}"
+            return [Intent(user_id, "low_balance", key, ctx, {"currency": currency}, event)]
+    return []
+
+
+def consumers(rt: NotificationsRuntime) -> list[Consumer]:
+    """The one consumer that turns events into notifications (their sending is the worker's
+    dispatch job, outside the consumer's transaction)."""
+
+    async def handle(conn: AsyncConnection, event: dict[str, Any]) -> None:
+        intents: list[Intent] = []
+        handler = _HANDLERS.get(event["type"])
+        if handler is not None:
+            intents += await handler(conn, event)
+        if event["type"] in _SPENDS:
+            intents += await _low_balance(conn, rt, event)
+        for intent in intents:
+            if intent.user_id:
+                await notify(conn, rt, intent)
+
+    return [Consumer(CONSUMER, frozenset(_HANDLERS) | frozenset(_SPENDS), handle)]
