@@ -219,6 +219,11 @@ class Settings(BaseSettings):
     kafka_replication_factor: int = Field(default=1, gt=0)
     # TLS to the brokers: the CA file that signed their certificates (empty: plaintext).
     kafka_ssl_cafile: str = ""
+    # Consumer-group liveness: a consumer silent this long is presumed dead and its partitions
+    # move to the others; a (re)balance waits at most the rebalance timeout for members.
+    kafka_session_timeout_ms: int = Field(default=10_000, gt=0)
+    kafka_heartbeat_interval_ms: int = Field(default=3_000, gt=0)
+    kafka_rebalance_timeout_ms: int = Field(default=10_000, gt=0)
     # A consumer tries one event this often (backoff doubling from the first) before parking it
     # as a dead letter.
     consumer_attempts: int = Field(default=3, gt=0)
