@@ -122,38 +122,40 @@ FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
 MODEL_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.model and f.kind != "str")
 
 # The `mcc_risk` feature: one table for the live features and the synthetic training data, so
-# the model learns the very numbers it is fed. Ranges are inclusive; the first match wins.
-MCC_RISK: tuple[tuple[int, int, float], ...] = (
-    (7800, 7802, 0.9),  # lotteries, horse/dog racing
-    (7995, 7995, 0.9),  # betting, casino gambling
-    (6051, 6051, 0.85),  # quasi-cash: crypto, money orders, foreign currency
-    (4829, 4829, 0.85),  # money transfer / wire
-    (6540, 6540, 0.75),  # stored value card load
-    (6010, 6012, 0.6),  # cash disbursement, financial institutions
-    (7273, 7273, 0.6),  # dating and escort services
-    (5944, 5944, 0.5),  # jewelry, watches
-    (5815, 5818, 0.45),  # digital goods, games
-    (5732, 5732, 0.4),  # electronics
-    (5947, 5947, 0.35),  # gift cards and novelties
-    (4722, 4722, 0.3),  # travel agencies
-    (5999, 5999, 0.25),  # miscellaneous retail
-)
-MCC_RISK_DEFAULT = 0.1  # any other valid MCC
-MCC_RISK_LOW = 0.05  # everyday spending
+# the model learns the very numbers it is fed (the same values as `fraud.features.MCC_RISK`).
+# Gambling, quasi-cash, money transfer, crypto and digital goods are where stolen cards are
+# cashed out; any other category is `MCC_RISK_DEFAULT`.
+MCC_RISK: dict[str, float] = {
+    "7995": 0.9,  # betting, casino gambling
+    "7800": 0.8,  # government lotteries
+    "7801": 0.8,  # online gambling
+    "7802": 0.8,  # horse/dog racing
+    "6051": 0.8,  # quasi-cash, crypto
+    "4829": 0.8,  # money transfer
+    "6540": 0.7,  # stored value card load
+    "5967": 0.7,  # direct marketing, inbound teleservices
+    "6012": 0.6,  # financial institutions, merchandise
+    "5966": 0.6,  # outbound telemarketing
+    "6011": 0.5,  # ATM cash
+    "6010": 0.5,  # manual cash
+    "5816": 0.5,  # digital games
+    "5944": 0.5,  # jewellery, watches
+    "5732": 0.4,  # electronics
+    "5947": 0.4,  # gift shops (gift cards)
+    "5818": 0.4,  # digital goods, large merchants
+    "5817": 0.3,  # digital applications
+    "5815": 0.3,  # digital media
+    "4722": 0.3,  # travel agencies
+    "5999": 0.3,  # miscellaneous retail
+}
+MCC_RISK_DEFAULT = 0.1
 
 
 def mcc_risk(mcc: str | None) -> float:
-    """0..1 risk of a merchant category code: high for gambling, quasi-cash and wires, low for
-    groceries, fuel, transport and restaurants; 0 for no MCC (a transfer)."""
-    if not mcc or not mcc.isdigit():
+    """The merchant category's risk, 0..1 (0 without an MCC, as for a transfer)."""
+    if not mcc:
         return 0.0
-    code = int(mcc)
-    for low, high, risk in MCC_RISK:
-        if low <= code <= high:
-            return risk
-    if code in (5411, 5541, 5542, 4111, 4121, 4131, 5812, 5814, 5912):
-        return MCC_RISK_LOW
-    return MCC_RISK_DEFAULT
+    return MCC_RISK.get(mcc, MCC_RISK_DEFAULT)
 
 
 class FeatureSource(Protocol):
