@@ -164,6 +164,10 @@ class Settings(BaseSettings):
     # (event `billfold.fraud.user.lock_requested`); 0 disables it.
     fraud_lock_after_blocks: int = Field(default=3, ge=0)
     fraud_lock_window_seconds: int = Field(default=24 * 3600, gt=0)
+    # The deployment's model registry (`billfold fraud train` installs champion/challenger
+    # there; empty = data_dir/fraud-models). Without a champion there, the one shipped in the
+    # package decides.
+    fraud_model_dir: Path | None = None
 
     # Notification Service. A channel whose provider is not configured is not used (in-app
     # always is). FCM HTTP v1: the service-account JSON (project_id, client_email, private_key,
