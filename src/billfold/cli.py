@@ -482,6 +482,139 @@ def fraud_rebuild_features() -> None:
     asyncio.run(run())
 
 
+@fraud_app.command("train")
+def fraud_train(
+    role: Annotated[
+        Literal["champion", "challenger"],
+        typer.Option("--as", help="Install the new model as the champion or as the challenger"),
+    ] = "challenger",
+    users: Annotated[int, typer.Option(min=50, help="Simulated users")] = 2000,
+    days: Annotated[int, typer.Option(min=3, help="Simulated days")] = 28,
+    seed: Annotated[int, typer.Option(help="The synthetic world's seed")] = 7,
+    labels: Annotated[
+        bool, typer.Option(help="Add the analysts' labelled decisions from PostgreSQL")
+    ] = True,
+    model_dir: Annotated[
+        Path | None, typer.Option(help="Registry directory (default BILLFOLD_FRAUD_MODEL_DIR)")
+    ] = None,
+) -> None:
+    """Train the fraud model (LightGBM + IsolationForest) on a synthetic world plus the
+    analysts' labels and install it in the registry; a challenger is scored in shadow until
+    `billfold fraud promote`."""
+    from billfold.fraud.model.registry import ModelRegistry
+    from billfold.fraud.model.registry import model_dir as default_model_dir
+    from billfold.fraud.model.synthetic import WorldConfig
+    from billfold.fraud.model.training import train_synthetic
+    from billfold.fraud.runtime import thresholds_from
+
+    settings = _settings()
+    analyst: list[tuple[dict[str, object], int]] = []
+    if labels:
+        _require_urls(settings, redis=False)
+        analyst = asyncio.run(_fraud_labels(settings.database_url))
+    typer.echo(f"training on {users} users x {days} days (seed {seed}), {len(analyst)} labels")
+    trained = train_synthetic(WorldConfig(users=users, days=days, seed=seed), analyst)  # type: ignore[arg-type]
+    registry = ModelRegistry(model_dir or default_model_dir(settings))
+    path = registry.install(trained, role, thresholds_from(settings))
+    for name, m in trained.metrics.items():
+        typer.echo(
+            f"{name}: rows {m.rows}, frauds {m.frauds}, PR-AUC {m.pr_auc:.3f}, "
+            f"precision {m.precision:.3f}, recall {m.recall:.3f} at p >= {m.threshold}"
+        )
+    typer.echo(f"installed {trained.version} as {role} in {path}")
+
+
+async def _fraud_labels(database_url: str) -> list[tuple[dict[str, object], int]]:
+    from billfold.fraud.store.labels import labelled
+    from billfold.platform.db import create_engine
+
+    engine = create_engine(database_url, pool_size=1, max_overflow=0)
+    try:
+        async with engine.connect() as conn:
+            return [(dict(f), y) for f, y in await labelled(conn)]
+    finally:
+        await engine.dispose()
+
+
+@fraud_app.command("promote")
+def fraud_promote(
+    version: Annotated[
+        str | None,
+        typer.Option(help="Make this installed version the champion (a rollback)"),
+    ] = None,
+    model_dir: Annotated[Path | None, typer.Option(help="Registry directory")] = None,
+) -> None:
+    """The challenger becomes the champion (or `--version` does). Processes load it on their
+    next start."""
+    from billfold.fraud.model.registry import ModelRegistry
+    from billfold.fraud.model.registry import model_dir as default_model_dir
+    from billfold.fraud.model.scorer import ModelUnavailable
+
+    registry = ModelRegistry(model_dir or default_model_dir(_settings()))
+    try:
+        if version:
+            registry.assign(version, "champion")
+        else:
+            version = registry.promote()
+    except ModelUnavailable as exc:
+        typer.echo(f"billfold fraud promote: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"champion is now {version}")
+
+
+@fraud_app.command("models")
+def fraud_models(
+    model_dir: Annotated[Path | None, typer.Option(help="Registry directory")] = None,
+) -> None:
+    """The installed models, newest first, with their role and held-out metrics."""
+    from billfold.fraud.model.registry import SHIPPED, ModelRegistry
+    from billfold.fraud.model.registry import model_dir as default_model_dir
+
+    for root in (model_dir or default_model_dir(_settings()), SHIPPED):
+        for info in ModelRegistry(root).models():
+            holdout = info.metrics.get("holdout", {})
+            typer.echo(
+                f"{info.version}  {info.role or '-':10}  PR-AUC {holdout.get('pr_auc', '?')}  "
+                f"{info.created_at}  {root}"
+            )
+
+
+@fraud_app.command("evaluate")
+def fraud_evaluate(
+    users: Annotated[
+        int, typer.Option(min=50, help="Simulated users of the held-out world")
+    ] = 1000,
+    days: Annotated[int, typer.Option(min=3, help="Simulated days")] = 28,
+    seed: Annotated[
+        int, typer.Option(help="The held-out world's seed (not the training's)")
+    ] = 2026,
+    model_dir: Annotated[Path | None, typer.Option(help="Registry directory")] = None,
+    output: Annotated[Path | None, typer.Option(help="Also write the Markdown here")] = None,
+) -> None:
+    """Precision, recall, PR-AUC and the confusion matrix at the configured thresholds on a
+    held-out synthetic world: the default rules alone vs the rules with the champion model."""
+    from billfold.fraud.model.evaluation import evaluate, render
+    from billfold.fraud.model.registry import load_scorer
+    from billfold.fraud.model.registry import model_dir as default_model_dir
+    from billfold.fraud.model.synthetic import WorldConfig, generate
+    from billfold.fraud.rules import DEFAULT_RULES, compile_rules
+    from billfold.fraud.runtime import thresholds_from
+
+    settings = _settings()
+    thresholds = thresholds_from(settings)
+    champion = load_scorer(model_dir or default_model_dir(settings)).champion
+    dataset = generate(WorldConfig(users=users, days=days, seed=seed))
+    results = evaluate(dataset, compile_rules(DEFAULT_RULES), champion, thresholds)
+    report = render(
+        results,
+        thresholds,
+        title=f"Held-out world: {users} users x {days} days, seed {seed}; model {champion.version}",
+    )
+    typer.echo(report)
+    if output is not None:
+        output.write_text(report + "\n")
+
+
 @ledger_app.command("verify")
 def ledger_verify() -> None:
     """Re-sum every posting and check every balance and invariant; exit 1 on any discrepancy."""

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from billfold.config import Settings
 from billfold.fraud.model.scorer import Artifact, LightGBMScorer, ModelUnavailable
 from billfold.fraud.model.training import METADATA_FILE, Trained
 from billfold.fraud.models import Thresholds
@@ -142,3 +143,8 @@ def load_scorer(model_dir: Path | None = None) -> LightGBMScorer:
         champion = shipped
     challenger = local.artifact("challenger") if local is not None else None
     return LightGBMScorer(champion, challenger)
+
+
+def model_dir(settings: Settings) -> Path:
+    """The deployment's registry directory (`fraud_model_dir`, else data_dir/fraud-models)."""
+    return settings.fraud_model_dir or settings.data_dir / "fraud-models"
