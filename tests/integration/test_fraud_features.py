@@ -418,7 +418,7 @@ async def test_impossible_travel(
     # Paris three days later: a plausible journey from Tokyo.
     f = await live.snapshot(conn, payment(user, at=T0 + timedelta(days=3), place=PARIS))
     assert f["km_from_last"] == pytest.approx(haversine_km(*TOKYO, *PARIS), abs=0.01)
-    assert f["speed_kmh"] < 200
+    assert float(f["speed_kmh"]) < 200  # type: ignore[arg-type]
 
     # A payment without a location says nothing about travel.
     f = await live.snapshot(conn, payment(user, at=T0 + timedelta(days=3, hours=1)))
@@ -528,6 +528,15 @@ async def test_outcome_events_count_once_under_redelivery(
     assert (f["user_declines_24h"], f["card_declines_1h"]) == (1, 1)
     # All three completed at 12:0x UTC: within ±1 h of a 12:06 attempt.
     assert f["hour_habit_share"] == 1.0
+    # Habits are of any currency (amounts are not): a USD payment at 20:00 halves nothing here
+    # but counts in the share.
+    usd = payment(user, 100, T0 + timedelta(hours=8), currency="USD")
+    await live.snapshot(conn, usd)
+    await handle(
+        live, payment_event("authorized", usd.subject_id, user, 100, usd.at, currency="USD")
+    )
+    f = await live.snapshot(conn, payment(user, 10, T0 + timedelta(minutes=9)))
+    assert (f["history_count"], f["hour_habit_share"]) == (3, 0.75)
 
     # Through the real sink with its inbox, a second delivery is not even handled.
     sink = ConsumerSink(engine, consumers(live))

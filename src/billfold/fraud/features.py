@@ -26,11 +26,14 @@ Conventions shared with the model's synthetic data (`billfold.fraud.model`):
   `amount_to_max` is 1;
 - `speed_kmh` = great-circle km from the previous location / the hours since (at least a
   minute); 0 without a previous location or without a location now;
-- `hour_habit_share` = share of completed history whose UTC hour is within ±1 h of the
-  attempt's UTC hour (0 without history); `hour_of_day` is the hour in the user's time zone;
+- `hour_habit_share` = share of the completed history (any currency) whose UTC hour is within
+  ±1 h of the attempt's UTC hour (0 without history); `hour_of_day` is the hour in the user's time zone;
 - `new_country` is False for the profile's own country; `new_device` is True without a device;
-  `new_recipient` is only ever True for a transfer;
-- the card key is the card fingerprint, else the payment method id.
+  `new_recipient` is True only for a transfer to a known recipient never paid before (one to
+  an e-mail/phone not resolved to a user has no recipient key: False, as in the model's data);
+- the card key is the card fingerprint, else the payment method id (the rebuild keys cards by
+  payment method, as the checks wired today carry no fingerprint);
+- `mcc_risk` is `billfold.fraud.models.mcc_risk` (one table for the features and the model).
 
 Key layout (under `<redis_prefix>fraud:`): per-user keys carry the user id as a hash tag
 (`{usr_…}`) so the consumers' scripts stay on one cluster slot; the live snapshot touches keys
@@ -60,6 +63,7 @@ from billfold.fraud.models import (
     FeaturesUnavailable,
     FeatureValue,
     RiskSubject,
+    mcc_risk,
 )
 from billfold.fraud.store import features as store
 from billfold.fraud.store.features import Profile
@@ -87,32 +91,6 @@ PROFILE_TTL_SECONDS = 60
 MIN_TRAVEL_HOURS = 1 / 60
 EARTH_RADIUS_KM = 6371.0088
 
-# Risk of a merchant category (0..1): gambling, quasi-cash, money transfer, crypto and digital
-# goods are where stolen cards are cashed out. Anything else is `DEFAULT_MCC_RISK`.
-MCC_RISK: dict[str, float] = {
-    "7995": 0.9,  # betting, casino gambling
-    "7800": 0.8,  # government lotteries
-    "7801": 0.8,  # online gambling
-    "7802": 0.8,  # horse/dog racing
-    "6051": 0.8,  # quasi-cash, crypto
-    "4829": 0.8,  # money transfer
-    "6540": 0.7,  # stored value card load
-    "5967": 0.7,  # direct marketing, inbound teleservices
-    "6012": 0.6,  # financial institutions, merchandise
-    "5966": 0.6,  # outbound telemarketing
-    "6011": 0.5,  # ATM cash
-    "6010": 0.5,  # manual cash
-    "5816": 0.5,  # digital games
-    "5944": 0.5,  # jewellery, watches
-    "5732": 0.4,  # electronics
-    "5947": 0.4,  # gift shops (gift cards)
-    "5818": 0.4,  # digital goods, large merchants
-    "5817": 0.3,  # digital applications
-    "5815": 0.3,  # digital media
-    "4722": 0.3,  # travel agencies
-    "5999": 0.3,  # miscellaneous retail
-}
-DEFAULT_MCC_RISK = 0.1
 
 # `payment.*` events whose payment was authorized: it joins the user's history once.
 PAYMENT_COMPLETED = frozenset(
@@ -140,13 +118,6 @@ PROFILE_CHANGED = frozenset(
 )
 
 
-def mcc_risk(mcc: str | None) -> float:
-    """The merchant category's risk, 0..1 (0 for a transfer, which has no MCC)."""
-    if not mcc:
-        return 0.0
-    return MCC_RISK.get(mcc, DEFAULT_MCC_RISK)
-
-
 def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     """Great-circle distance in km."""
     p1, p2 = math.radians(lat1), math.radians(lat2)
@@ -157,7 +128,8 @@ def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
 
 def card_key(subject: RiskSubject) -> str | None:
     """Which card the card windows count: its fingerprint (the same card on any account), else
-    the payment method."""
+    the payment method. `rebuild` keys by payment method: if checks start to carry the
+    fingerprint, change `store.features` to match."""
     return subject.card_fingerprint or subject.payment_method_id
 
 
@@ -214,7 +186,9 @@ class RawState:
     hist_sum: float = 0.0
     hist_sumsq: float = 0.0
     hist_max: int = 0
+    # Completed payments/transfers (any currency) near this hour of the day, and all of them.
     hours_near: int = 0
+    hours_total: int = 0
     prev_lat: float | None = None
     prev_lon: float | None = None
     prev_at: datetime | None = None
@@ -302,11 +276,13 @@ def features_from(
         "new_country": new_country,
         "new_device": subject.device_id is None or first_seen is None,
         "device_age_hours": round(device_age, 4),
-        "new_recipient": (not is_payment) and not raw.recipient_seen,
+        "new_recipient": bool(recipient_key(subject)) and not raw.recipient_seen,
         "account_age_days": round(account_age, 4),
         "kyc_tier": profile.kyc_tier if profile else 0,
         "hour_of_day": local_hour,
-        "hour_habit_share": round(raw.hours_near / n, 4) if n else 0.0,
+        "hour_habit_share": (
+            round(raw.hours_near / raw.hours_total, 4) if raw.hours_total else 0.0
+        ),
         "stepped_up": subject.stepped_up,
         "degraded": degraded,
     }
@@ -349,14 +325,6 @@ local function distinct(key, member)
 end
 local function count(key, span)
   return redis.call('ZCOUNT', key, '(' .. (now - span), '+inf')
-end
-local function sum(key, span)
-  local s = 0
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', key, '(' .. (now - span), '+inf')) do
-    local a, c = string.match(m, '^[^|]*|(%d+)|(%u+)$')
-    if c == cur then s = s + tonumber(a) end
-  end
-  return s
 end
 local function str(v)
   if v then return v end
@@ -401,11 +369,25 @@ redis.call('HSET', KEYS[19], 'user', user, 'card', card, 'rcpt', rcpt, 'at', now
 redis.call('PEXPIRE', KEYS[19], subttl)
 if not reading then return 0 end
 
-out[#out + 1] = count(KEYS[1], M)
-out[#out + 1] = count(KEYS[1], H)
-out[#out + 1] = count(KEYS[1], D)
-out[#out + 1] = sum(KEYS[1], H)
-out[#out + 1] = sum(KEYS[1], D)
+-- The user's counts and sums (in the subject's currency) in one pass over the day.
+local c1m, c1h, c24, s1h, s24 = 0, 0, 0, 0, 0
+local rows = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. (now - D), '+inf', 'WITHSCORES')
+for i = 1, #rows, 2 do
+  local ts = tonumber(rows[i + 1])
+  local a, c = string.match(rows[i], '^[^|]*|(%d+)|(%u+)$')
+  c24 = c24 + 1
+  if ts > now - H then c1h = c1h + 1 end
+  if ts > now - M then c1m = c1m + 1 end
+  if c == cur then
+    s24 = s24 + tonumber(a)
+    if ts > now - H then s1h = s1h + tonumber(a) end
+  end
+end
+out[#out + 1] = c1m
+out[#out + 1] = c1h
+out[#out + 1] = c24
+out[#out + 1] = s1h
+out[#out + 1] = s24
 out[#out + 1] = count(KEYS[2], D)
 if device ~= '' then
   out[#out + 1] = count(KEYS[11], H)
@@ -463,6 +445,9 @@ else
 end
 local p = redis.call('HMGET', KEYS[10], 'created', 'kyc', 'country', 'tz')
 for i = 1, 4 do out[#out + 1] = str(p[i]) end
+local total = 0
+for _, c in ipairs(redis.call('HVALS', KEYS[4])) do total = total + tonumber(c) end
+out[#out + 1] = total
 return out
 """
 
@@ -552,6 +537,7 @@ def _raw_from_reply(reply: Sequence[Any]) -> tuple[RawState, bool]:
         hist_sumsq=float(_text(v[18]) or 0),
         hist_max=_int(v[19]),
         hours_near=_int(v[20]),
+        hours_total=_int(v[31]),
         prev_lat=_opt_float(v[21]),
         prev_lon=_opt_float(v[22]),
         prev_at=_from_ms(prev_at) if prev_at is not None else None,
@@ -837,6 +823,7 @@ class PostgresFeatures:
             hist_sumsq=float(row.hist_sumsq),
             hist_max=int(row.hist_max),
             hours_near=row.hours_near,
+            hours_total=row.hours_total,
             prev_lat=row.prev_lat,
             prev_lon=row.prev_lon,
             prev_at=row.prev_at,

@@ -73,7 +73,7 @@ _FALLBACK = text(
          WHERE t.user_id = :user AND t.created_at > CAST(:at AS timestamptz) - interval '24 hours' AND t.id <> :sid
     ), xfer AS (
         SELECT p.id, p.amount, p.currency, p.status, p.created_at, p.updated_at,
-               coalesce(p.recipient_id, encode(p.recipient_contact_hash, 'hex')) AS rcpt
+               p.recipient_id AS rcpt
           FROM p2p.transfers p
          WHERE p.sender_id = :user AND p.created_at > CAST(:at AS timestamptz) - interval '24 hours' AND p.id <> :sid
     ), att AS (
@@ -87,6 +87,12 @@ _FALLBACK = text(
         SELECT p.amount, p.created_at FROM p2p.transfers p
          WHERE p.sender_id = :user AND p.currency = :currency AND p.id <> :sid
            AND {COMPLETED_TRANSFER}
+    ), habit AS (
+        SELECT t.created_at FROM transactions.transactions t
+         WHERE t.user_id = :user AND t.id <> :sid AND {COMPLETED_PAYMENT}
+        UNION ALL
+        SELECT p.created_at FROM p2p.transfers p
+         WHERE p.sender_id = :user AND p.id <> :sid AND {COMPLETED_TRANSFER}
     ), card AS (
         SELECT t.status, t.created_at, t.updated_at FROM transactions.transactions t
          WHERE t.payment_method_id = :pm AND t.created_at > CAST(:at AS timestamptz) - interval '1 hour'
@@ -126,9 +132,10 @@ _FALLBACK = text(
         (SELECT coalesce(sum(amount), 0) FROM done) AS hist_sum,
         (SELECT coalesce(sum(amount::float8 * amount::float8), 0) FROM done) AS hist_sumsq,
         (SELECT coalesce(max(amount), 0) FROM done) AS hist_max,
-        (SELECT count(*) FROM done
+        (SELECT count(*) FROM habit
           WHERE ((extract(hour FROM created_at AT TIME ZONE 'UTC')::int - :hour + 24) % 24)
                 IN (0, 1, 23)) AS hours_near,
+        (SELECT count(*) FROM habit) AS hours_total,
         (SELECT latitude FROM loc) AS prev_lat,
         (SELECT longitude FROM loc) AS prev_lon,
         (SELECT created_at FROM loc) AS prev_at,
@@ -141,7 +148,7 @@ _FALLBACK = text(
             AND {COMPLETED_PAYMENT}) AS device_used_at,
         EXISTS (SELECT 1 FROM p2p.transfers p
                  WHERE p.sender_id = :user AND p.id <> :sid AND {COMPLETED_TRANSFER}
-                   AND coalesce(p.recipient_id, encode(p.recipient_contact_hash, 'hex')) = :rcpt)
+                   AND p.recipient_id = :rcpt)
             AS recipient_seen
     """  # composed from this module's constants only
 )
@@ -163,7 +170,7 @@ _COMPLETED_HISTORY = text(
      WHERE {COMPLETED_PAYMENT}
     UNION ALL
     SELECT p.sender_id, p.id, p.amount, p.currency, p.created_at,
-           NULL, NULL, coalesce(p.recipient_id, encode(p.recipient_contact_hash, 'hex'))
+           NULL, NULL, p.recipient_id
       FROM p2p.transfers p
      WHERE {COMPLETED_TRANSFER}
      ORDER BY at, id
@@ -173,16 +180,14 @@ _COMPLETED_HISTORY = text(
 _RECENT_ATTEMPTS = text(
     """
     SELECT 'payment' AS kind, t.id, t.user_id, t.amount, t.currency, t.created_at AS at,
-           t.device_id AS device, coalesce(m.fingerprint, t.payment_method_id) AS card,
+           t.device_id AS device, t.payment_method_id AS card,
            NULL AS rcpt, d.latitude, d.longitude
       FROM transactions.transactions t
       LEFT JOIN transactions.transaction_details d ON d.transaction_id = t.id
-      LEFT JOIN payment_methods.methods m ON m.id = t.payment_method_id
      WHERE t.created_at > :since
     UNION ALL
     SELECT 'transfer', p.id, p.sender_id, p.amount, p.currency, p.created_at,
-           NULL, NULL, coalesce(p.recipient_id, encode(p.recipient_contact_hash, 'hex')),
-           NULL, NULL
+           NULL, NULL, p.recipient_id, NULL, NULL
       FROM p2p.transfers p
      WHERE p.created_at > :since
      ORDER BY at, id
@@ -191,10 +196,8 @@ _RECENT_ATTEMPTS = text(
 
 _RECENT_DECLINES = text(
     """
-    SELECT t.id, t.user_id, coalesce(m.fingerprint, t.payment_method_id) AS card,
-           t.updated_at AS at
+    SELECT t.id, t.user_id, t.payment_method_id AS card, t.updated_at AS at
       FROM transactions.transactions t
-      LEFT JOIN payment_methods.methods m ON m.id = t.payment_method_id
      WHERE t.status = 'declined' AND t.updated_at > :since
     UNION ALL
     SELECT p.id, p.sender_id, NULL, p.updated_at
