@@ -373,12 +373,13 @@ class Dispatcher:
         return len(jobs)
 
     async def drain(self, rounds: int = 20) -> int:
-        """Send until nothing is due (tests, `billfold up`)."""
+        """Send until nothing is due (at most `rounds` batches): what a send queues at once (an
+        SMS fallback) goes out in the same pass."""
         total = 0
         for _ in range(rounds):
             n = await self.run_once()
             total += n
-            if n < self._batch:
+            if n == 0:
                 break
         return total
 
