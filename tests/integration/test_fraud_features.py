@@ -814,3 +814,54 @@ async def test_consumers_cover_the_outcome_events(live: RedisFeatures) -> None:
     } <= types
     assert all(isinstance(c, Consumer) for c in consumers(live))
     assert len({c.name for c in consumers(live)}) == len(consumers(live))
+
+
+async def test_real_transfers_through_the_workers_sink(app: Any, client: Any) -> None:
+    """Transfers made over HTTP, their real outbox events delivered (twice) by the worker's own
+    sink: the app's live features learn the history once, and a rebuild from PostgreSQL into
+    an empty prefix says the same (IP windows aside: PostgreSQL keeps no IPs)."""
+    from billfold import jobs
+    from tests.conftest import fund, sign_up
+    from tests.integration.transfer_support import outbox_events, send_ok
+
+    alice, bob = await sign_up(client), await sign_up(client)
+    await fund(app, alice.user["id"], 100_000)
+    sent = [await send_ok(client, alice, amount, bob) for amount in (1_000, 2_000, 3_000)]
+
+    sink = jobs.event_sink(app.state.resources.engine, app.state.p2p)
+    for transfer_ in sent:
+        (event,) = await outbox_events(app, "billfold.p2p.transfer.completed", transfer_["id"])
+        await sink(event)
+        await sink(event)
+    (registered,) = await outbox_events(app, "billfold.users.user.registered", alice.user["id"])
+    await sink(registered)
+
+    # The app's own key space, with a budget a loaded test machine cannot overrun.
+    app_features: RedisFeatures = app.state.fraud.features
+    prefix = app.state.resources.settings.redis_prefix
+    features = RedisFeatures(app_features.redis, prefix=prefix, budget_ms=5_000)
+    probe = RiskSubject(
+        kind="transfer",
+        subject_id="p2p_probe_http",
+        user_id=alice.user["id"],
+        amount=4_000,
+        currency="USD",
+        at=datetime.now(UTC),
+        recipient_id=bob.user["id"],
+        recipient_key=bob.user["id"],
+    )
+    async with app.state.resources.engine.connect() as c:
+        live_view = await features.snapshot(c, probe)
+        assert (live_view["history_count"], live_view["new_recipient"]) == (3, False)
+        assert live_view["amount_mean"] == 2_000.0
+        assert live_view["amount_to_max"] == pytest.approx(4 / 3, abs=1e-4)
+        assert (live_view["user_count_1h"], live_view["recipient_senders_24h"]) == (4, 1)
+        assert (live_view["kyc_tier"], live_view["new_device"]) == (0, True)
+
+        fresh = RedisFeatures(
+            features.redis, prefix=f"bft:{uuid.uuid4().hex[:8]}:", budget_ms=5_000
+        )
+        await rebuild(app.state.resources.engine, fresh, now=probe.at)
+        rebuilt = await fresh.snapshot(c, probe)
+    differs = {k for k in FEATURE_NAMES if rebuilt[k] != live_view[k]}
+    assert differs <= {"ip_count_1h", "ip_users_24h"}, differs
