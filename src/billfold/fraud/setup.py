@@ -10,9 +10,29 @@ from billfold import p2p, transactions
 from billfold.config import Settings
 from billfold.fraud.features import PostgresFeatures, RedisFeatures, feature_consumers
 from billfold.fraud.lists import load_lists
+from billfold.fraud.model.registry import load_scorer, model_dir
+from billfold.fraud.model.scorer import LightGBMScorer, ModelUnavailable
 from billfold.fraud.rules import RuleBook
 from billfold.fraud.runtime import FraudMetrics, FraudRuntime, thresholds_from
 from billfold.platform.bus.consumers import Consumer
+from billfold.platform.observability import get_logger
+
+log = get_logger(__name__)
+
+
+def load_model(settings: Settings) -> LightGBMScorer | None:
+    """The champion (and challenger) of the deployment's registry, else the shipped champion;
+    None when none loads: the checks then decide on rules alone with stricter bands."""
+    try:
+        return load_scorer(model_dir(settings))
+    except (ModelUnavailable, OSError, ValueError) as exc:
+        # No traceback: its frames' locals would print the settings (secrets among them).
+        log.warning(
+            "fraud model unavailable; rules alone, stricter thresholds",
+            error=type(exc).__name__,
+            detail=str(exc)[:200],
+        )
+        return None
 
 
 def build_runtime(
@@ -29,7 +49,7 @@ def build_runtime(
         features=RedisFeatures.from_settings(redis, settings),
         fallback=PostgresFeatures(),
         rules=RuleBook(lists=load_lists),
-        scorer=None,
+        scorer=load_model(settings),
         thresholds=thresholds_from(settings),
         p2p=p2p_runtime,
         transactions=transactions_runtime,
