@@ -15,8 +15,9 @@ alone).
 
 The outcome state (declines, completed-amount statistics, hours, countries, devices, recipients)
 is kept current by the event `consumers` below; each update is idempotent in Redis itself (a
-member keyed by the payment/transfer id, or a once-only marker set in the same script), because
-the consumers' inbox commits in PostgreSQL, not in Redis: a redelivered event changes nothing.
+member keyed by the payment/transfer id, or that id added to the user's set of counted ones in
+the same script as the counts), because the consumers' inbox commits in PostgreSQL, not in
+Redis: a redelivered event changes nothing.
 `rebuild` recreates the whole state from PostgreSQL (`billfold fraud rebuild-features`).
 
 Conventions shared with the model's synthetic data (`billfold.fraud.model`):
@@ -82,7 +83,8 @@ WINDOW_TTL_MS = DAY_MS + HOUR_MS
 STATE_TTL_MS = 400 * DAY_MS
 # What an attempt is remembered by (its card, recipient, time) for the outcome events.
 SUBJECT_TTL_MS = 2 * DAY_MS
-# A completed payment/transfer is counted once: the marker outlives any redelivery.
+# A completed payment/transfer is counted once: its id is remembered far longer than any
+# redelivery could come.
 DONE_TTL_MS = 90 * DAY_MS
 LOCATION_TTL_MS = 90 * DAY_MS
 PROFILE_TTL_SECONDS = 60
@@ -451,11 +453,16 @@ out[#out + 1] = total
 return out
 """
 
-# A completed payment/transfer joins the user's history once (KEYS: 1 marker, 2 history,
-# 3 hours, 4 countries, 5 devices, 6 recipients; ARGV: 1 amount, 2 currency, 3 UTC hour,
-# 4 country, 5 device, 6 time ms, 7 recipient, 8 marker ttl ms, 9 state ttl ms).
+# A completed payment/transfer joins the user's history once: its id goes into the user's set
+# of counted ones (kept for `DONE_TTL_MS`, far longer than any redelivery) in the same script
+# as the counts. KEYS: 1 counted ids, 2 history, 3 hours, 4 countries, 5 devices, 6 recipients;
+# ARGV: 1 amount, 2 currency, 3 UTC hour, 4 country, 5 device, 6 time ms, 7 recipient,
+# 8 counted ttl ms, 9 state ttl ms, 10 the payment/transfer id.
 _COMPLETE_LUA = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[8]) then return 0 end
+local at = tonumber(ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (at - tonumber(ARGV[8])))
+if redis.call('ZADD', KEYS[1], 'NX', at, ARGV[10]) == 0 then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[8])
 local amt, cur = tonumber(ARGV[1]), ARGV[2]
 redis.call('HINCRBY', KEYS[2], cur .. ':n', 1)
 redis.call('HINCRBY', KEYS[2], cur .. ':sum', amt)
@@ -487,8 +494,8 @@ class Keys:
     def subject(self, subject_id: str) -> str:
         return f"{self.base}subj:{subject_id}"
 
-    def done(self, user_id: str, subject_id: str) -> str:
-        return self.user(user_id, f"done:{subject_id}")
+    def done(self, user_id: str) -> str:
+        return self.user(user_id, "done")
 
 
 def _int(v: Any) -> int:
@@ -633,7 +640,11 @@ class RedisFeatures:
                 reply = await self._snapshot(keys=keys, args=args)
         except (RedisError, OSError, TimeoutError) as exc:
             raise FeaturesUnavailable(f"redis: {type(exc).__name__}") from exc
-        raw, missing = _raw_from_reply(reply)
+        try:
+            raw, missing = _raw_from_reply(reply)
+        except (ValueError, IndexError, TypeError) as exc:
+            # State that does not parse (a key of another shape): the fallback knows better.
+            raise FeaturesUnavailable(f"redis state: {type(exc).__name__}") from exc
         device = subject.device_id
         if missing or (device and raw.device_first_seen is None):
             raw = await self._fill_from_postgres(conn, subject, raw, missing)
@@ -697,7 +708,7 @@ class RedisFeatures:
         countries/devices/recipients — once (False when it had already)."""
         k = self.keys
         keys = [
-            k.done(user_id, subject_id),
+            k.done(user_id),
             k.user(user_id, "hist"),
             k.user(user_id, "hours"),
             k.user(user_id, "countries"),
@@ -714,6 +725,7 @@ class RedisFeatures:
             recipient or "",
             DONE_TTL_MS,
             STATE_TTL_MS,
+            subject_id,
         ]
         result = await self._complete(keys=keys, args=args, client=client)
         return bool(result)
