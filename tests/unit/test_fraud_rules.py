@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
 from billfold.fraud.lists import ListEntry, ListSet, normalize
 from billfold.fraud.models import FEATURE_NAMES, FEATURES, RiskSubject, Thresholds
@@ -25,6 +26,7 @@ from billfold.fraud.rules import (
     RuleSpec,
     compile_expression,
     compile_rules,
+    error_counter,
     try_expression,
     typed,
 )
@@ -304,10 +306,11 @@ def test_a_rule_that_fails_at_run_time_is_a_counted_non_hit() -> None:
     # A value that is no JSON scalar (a bug upstream) costs only the rules that use it.
     odd = {**everyday(amount=500), "user_count_1h": object()}
     assert [h.rule_id for h in rules.evaluate(odd)] == ["big"]
-    seen: list[str] = []
-    rules.on_error = seen.append
+    registry = CollectorRegistry()
+    rules.on_error = error_counter(registry)
     rules.evaluate(features)
-    assert seen == ["ratio"]
+    rules.evaluate(features)
+    assert registry.get_sample_value("billfold_fraud_rule_errors_total", {"rule_id": "ratio"}) == 2
 
 
 def test_values_are_given_their_catalogue_kind() -> None:
@@ -315,6 +318,7 @@ def test_values_are_given_their_catalogue_kind() -> None:
     features = typed({"amount_zscore": 4, "new_device": 1, "amount": 12.0, "other": "x"})
     assert features == {"amount_zscore": 4.0, "new_device": True, "amount": 12, "other": "x"}
     assert isinstance(features["amount_zscore"], float)
+    assert typed({"user_count_1m": float("inf")}) == {"user_count_1m": float("inf")}
     rules = compile_rules([RuleSpec("z", "amount_zscore + 0.5 > 4.0", "z_high", "z", score=1)])
     assert [h.rule_id for h in rules.evaluate(everyday(amount_zscore=4))] == ["z"]
 

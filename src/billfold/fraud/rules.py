@@ -36,6 +36,8 @@ from functools import lru_cache
 from typing import Annotated, Any, Literal, Protocol
 
 import cel
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter as Counter_
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -159,7 +161,7 @@ def typed(features: Features) -> dict[str, Any]:
                 out[name] = bool(value)
             else:
                 out[name] = str(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # inf to int, say
             out[name] = value
     return out
 
@@ -310,6 +312,18 @@ def spec_from_row(row: Row[Any]) -> RuleSpec:
 
 
 ListLoader = Callable[[AsyncConnection], Awaitable[SubjectMatcher]]
+
+
+def error_counter(registry: CollectorRegistry) -> Callable[[str], None]:
+    """An `on_error` hook for `RuleBook`: counts rule run-time errors by rule id on `registry`
+    (`billfold_fraud_rule_errors_total`), so a rule that silently never hits shows up."""
+    counter = Counter_(
+        "billfold_fraud_rule_errors_total",
+        "Fraud rule evaluations that failed at run time (each a non-hit), by rule",
+        ["rule_id"],
+        registry=registry,
+    )
+    return lambda rule_id: counter.labels(rule_id).inc()
 
 
 class RuleBook:
