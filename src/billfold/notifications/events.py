@@ -200,37 +200,59 @@ _HANDLERS: dict[str, Handler] = {
     TIER_CHANGED: _tier,
 }
 
-# Events after which the payer's wallet may have dropped under the low-balance line, and
-# who paid how much.
-_SPENDS: dict[str, tuple[str, str]] = {
-    TRANSFER_COMPLETED: ("sender_id", "amount"),
-    TRANSFER_PENDING_CLAIM: ("sender_id", "amount"),
-    PAYMENT_AUTHORIZED: ("user_id", "authorized_amount"),
-    WALLET_WITHDRAWN: ("user_id", "amount"),
+# Events that move a wallet: whose wallet went down (told when it is below the line) and whose
+# went up (only un-told: receiving money is no time to say the balance is low).
+WALLET_TOPPED_UP = "billfold.ledger.wallet.topped_up"
+_WALLET_MOVES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    TRANSFER_COMPLETED: (("sender_id",), ("recipient_id",)),
+    TRANSFER_PENDING_CLAIM: (("sender_id",), ()),
+    TRANSFER_EXPIRED: ((), ("sender_id",)),
+    PAYMENT_AUTHORIZED: (("user_id",), ()),
+    PAYMENT_REFUNDED: ((), ("user_id",)),
+    WALLET_WITHDRAWN: (("user_id",), ()),
+    WALLET_TOPPED_UP: ((), ("user_id",)),
 }
 
 
 async def _low_balance(
     conn: AsyncConnection, rt: NotificationsRuntime, event: dict[str, Any]
 ) -> list[Intent]:
-    """The wallet crossed below the threshold with this spend (it was at or above it before)."""
-    who, amount_field = _SPENDS[event["type"]]
+    """A wallet below the line is told once, until it is back above (a flag per currency, so
+    events handled late, when the balance has moved on, still tell it exactly once)."""
     d = event["data"]
-    if event["type"] == PAYMENT_AUTHORIZED and d.get("source") != "wallet":
+    currency = d.get("currency")
+    if not isinstance(currency, str):
         return []
-    user_id, spent, currency = d.get(who), d.get(amount_field) or d.get("amount"), d.get("currency")
-    if not user_id or not isinstance(spent, int) or not currency:
-        return []
+    if event["type"].startswith("billfold.transactions.") and d.get("source") != "wallet":
+        return []  # a card payment leaves the wallet as it is
     threshold = rt.settings.notifications_low_balance_threshold
-    for balance in await ledger.balances(conn, user_id):
-        if (
-            balance.currency == currency
-            and balance.available < threshold <= balance.available + spent
-        ):
+    intents = []
+    spenders, receivers = _WALLET_MOVES[event["type"]]
+    for field_name in (*spenders, *receivers):
+        user_id = d.get(field_name)
+        if not isinstance(user_id, str):
+            continue
+        balance = next(
+            (b for b in await ledger.balances(conn, user_id) if b.currency == currency), None
+        )
+        if balance is None:
+            continue
+        key = f"low_balance:{currency}"
+        if balance.available >= threshold:
+            await store.clear_flag(conn, user_id, key)
+        elif field_name in spenders and await store.raise_flag(conn, user_id, key):
             ctx = {"amount": balance.available, "currency": currency}
-            key = f"low_balance:{event['id']}"
-            return [Intent(user_id, "low_balance", key, ctx, {"currency": currency}, event)]
-    return []
+            intents.append(
+                Intent(
+                    user_id,
+                    "low_balance",
+                    f"low_balance:{event['id']}:{user_id}",
+                    ctx,
+                    {"currency": currency},
+                    event,
+                )
+            )
+    return intents
 
 
 def consumers(rt: NotificationsRuntime) -> list[Consumer]:
@@ -242,10 +264,10 @@ def consumers(rt: NotificationsRuntime) -> list[Consumer]:
         handler = _HANDLERS.get(event["type"])
         if handler is not None:
             intents += await handler(conn, event)
-        if event["type"] in _SPENDS:
+        if event["type"] in _WALLET_MOVES:
             intents += await _low_balance(conn, rt, event)
         for intent in intents:
             if intent.user_id:
                 await notify(conn, rt, intent)
 
-    return [Consumer(CONSUMER, frozenset(_HANDLERS) | frozenset(_SPENDS), handle)]
+    return [Consumer(CONSUMER, frozenset(_HANDLERS) | frozenset(_WALLET_MOVES), handle)]

@@ -453,3 +453,22 @@ async def get_delivery(conn: AsyncConnection, delivery_id: str) -> Row[Any] | No
             {"id": delivery_id},
         )
     ).first()
+
+
+async def raise_flag(conn: AsyncConnection, user_id: str, key: str) -> bool:
+    """Set a condition flag; True if it was not set (the user has not been told yet)."""
+    result = await conn.execute(
+        text(
+            "INSERT INTO notifications.flags (user_id, key) VALUES (:uid, :key) "
+            "ON CONFLICT DO NOTHING RETURNING 1"
+        ),
+        {"uid": user_id, "key": key},
+    )
+    return result.first() is not None
+
+
+async def clear_flag(conn: AsyncConnection, user_id: str, key: str) -> None:
+    await conn.execute(
+        text("DELETE FROM notifications.flags WHERE user_id = :uid AND key = :key"),
+        {"uid": user_id, "key": key},
+    )

@@ -111,6 +111,15 @@ CREATE TABLE notifications.settings (
     CHECK ((quiet_start IS NULL) = (quiet_end IS NULL))
 );
 
+-- Conditions a user has been told about and that must not be told again until they end (the
+-- wallet below the low-balance line, per currency: `low_balance:USD`).
+CREATE TABLE notifications.flags (
+    user_id  text NOT NULL,
+    key      text NOT NULL,
+    set_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (user_id, key)
+);
+
 -- Where a user has signed in from (a hash of the device or browser): a sign-in from a new one
 -- is a security alert.
 CREATE TABLE notifications.known_signins (

@@ -1,0 +1,362 @@
+"""Deliveries against the providers' real error answers: dead push tokens are forgotten, a
+security alert that cannot be pushed goes by SMS, transient errors are retried with backoff
+and then dead-lettered; one-time codes are delivered but never stored in clear; dedupe, rate
+limit, and the events that raise security, account, balance and loyalty notifications."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+import httpx
+
+from billfold.platform.db import unit_of_work
+from billfold.platform.events import Event, record_event
+from tests.conftest import SignedIn, fund, make_admin, set_kyc_tier
+from tests.integration.notifications_support import (
+    Providers,
+    deliveries_of,
+    enrol,
+    execute,
+    harness,
+    log_of,
+    notifications_of,
+    providers,
+    sql,
+    verify_contacts,
+)
+from tests.integration.transfer_support import send_ok
+
+__all__ = ["providers"]
+
+
+def _token(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+async def _push_token(app: Any, device_id: str) -> str | None:
+    (row,) = await sql(app, "SELECT push_token FROM users.devices WHERE id = :d", d=device_id)
+    return row.push_token  # type: ignore[no-any-return]
+
+
+async def test_dead_push_tokens_are_forgotten_and_security_alerts_fall_back_to_sms(
+    client: httpx.AsyncClient, app: Any, providers: Providers, bob: SignedIn
+) -> None:
+    providers.reset()
+    await verify_contacts(app, bob)
+    ios, android = _token("apns"), _token("fcm")
+    providers.apns.unregistered.add(ios)  # APNs answers 410 Unregistered
+    providers.fcm.unregistered.add(android)  # FCM answers 404 UNREGISTERED
+    iphone = await enrol(client, bob, "ios", ios)
+    pixel = await enrol(client, bob, "android", android)
+
+    async with harness(app, **providers.settings()) as h:
+        await h.deliver(bob.user["id"])  # device.enrolled x2: security alerts
+        await h.dispatch()
+
+    assert await _push_token(app, iphone["id"]) is None
+    assert await _push_token(app, pixel["id"]) is None
+    alerts = await notifications_of(app, bob, "new_device")
+    assert len(alerts) == 2
+    for alert in alerts:
+        by_channel = await deliveries_of(app, alert.id)
+        push = by_channel["push"]
+        assert {d.status for d in push} == {"failed"}
+        assert {d.error.split()[2] for d in push} == {"Unregistered", "UNREGISTERED"}
+        (sms,) = by_channel["sms"]  # one fallback, however many pushes failed
+        assert sms.status == "sent" and sms.fallback_of in {d.id for d in push}
+        assert by_channel["email"][0].status == "sent"
+    texts = [m["body"] for m in providers.twilio.messages if m["to"] == bob.user["phone"]]
+    assert len(texts) == 2 and all("new device" in t for t in texts)
+    assert providers.apns.messages == [] and providers.fcm.messages == []
+    # The device is still there, only its token went.
+    r = await client.get("/v1/devices", headers=bob.headers)
+    devices = {d["id"]: d for d in r.json()["data"]}
+    assert devices[iphone["id"]]["has_push_token"] is False
+
+
+async def test_transient_errors_are_retried_with_backoff_then_dead_lettered(
+    client: httpx.AsyncClient, app: Any, providers: Providers, alice: SignedIn, bob: SignedIn
+) -> None:
+    providers.reset()
+    android = _token("fcm")
+    providers.fcm.unavailable.add(android)  # 503 UNAVAILABLE every time
+    await enrol(client, bob, "android", android)
+    await fund(app, alice.user["id"], 5_000)
+    transfer = await send_ok(client, alice, 100, bob)
+    async with harness(app, **providers.settings(notifications_max_attempts=3)) as h:
+        await h.deliver(transfer["id"])
+        await h.dispatch()
+        (received,) = await notifications_of(app, bob, "transfer_received")
+        (push,) = (await deliveries_of(app, received.id))["push"]
+        assert push.status == "failed" and push.attempts == 3
+        assert push.error == "gave up after 3 attempts: fcm 503 UNAVAILABLE"
+        assert await log_of(app, push.id) == [
+            "queued",
+            "sending",
+            "retry",
+            "sending",
+            "retry",
+            "sending",
+            "failed",
+        ]
+        # Not a security alert: no SMS instead.
+        assert "sms" not in await deliveries_of(app, received.id)
+
+        # The dead letter is visible to an administrator, who can send it again.
+        admin = await make_admin(app, client)
+        r = await client.get(
+            "/v1/admin/notifications/deliveries",
+            params={"status": "failed", "user_id": bob.user["id"]},
+            headers=admin.headers,
+        )
+        assert r.status_code == 200, r.text
+        (listed,) = [d for d in r.json()["data"] if d["id"] == push.id]
+        assert listed["log"][-1]["status"] == "failed"
+        assert (
+            await client.get("/v1/admin/notifications/deliveries", headers=bob.headers)
+        ).status_code == 403
+        providers.fcm.unavailable.clear()
+        r = await client.post(
+            f"/v1/admin/notifications/deliveries/{push.id}/retry", headers=admin.headers
+        )
+        assert r.status_code == 200 and r.json()["status"] == "queued"
+        again = await client.post(
+            f"/v1/admin/notifications/deliveries/{push.id}/retry", headers=admin.headers
+        )
+        assert again.status_code == 409 and again.json()["code"] == "delivery_not_retryable"
+        await h.dispatch()
+    (push,) = (await deliveries_of(app, received.id))["push"]
+    assert push.status == "sent"
+    assert [m["token"] for m in providers.fcm.messages] == [android]
+
+
+async def test_an_invalid_number_fails_for_good_at_once(
+    client: httpx.AsyncClient, app: Any, providers: Providers, alice: SignedIn, bob: SignedIn
+) -> None:
+    providers.reset()
+    await verify_contacts(app, bob)
+    providers.twilio.invalid.add(bob.user["phone"])  # Twilio 400, code 21211
+    await client.put(
+        "/v1/me/notification-preferences",
+        json={"categories": [{"category": "transfers", "channels": {"sms": True}}]},
+        headers=bob.headers,
+    )
+    await fund(app, alice.user["id"], 5_000)
+    transfer = await send_ok(client, alice, 100, bob)
+    async with harness(app, **providers.settings()) as h:
+        await h.deliver(transfer["id"])
+        await h.dispatch()
+    (received,) = await notifications_of(app, bob, "transfer_received")
+    (sms,) = (await deliveries_of(app, received.id))["sms"]
+    assert (sms.status, sms.attempts, sms.error) == ("failed", 1, "twilio 400 21211")
+
+
+async def test_one_time_codes_are_delivered_but_never_kept_in_clear(
+    client: httpx.AsyncClient, app: Any, providers: Providers, bob: SignedIn
+) -> None:
+    providers.reset()
+    r = await client.post("/v1/me/verifications", json={"channel": "email"}, headers=bob.headers)
+    assert r.status_code == 201, r.text
+    verification_id = r.json()["id"]
+    r = await client.post("/v1/me/verifications", json={"channel": "phone"}, headers=bob.headers)
+    assert r.status_code == 201, r.text
+    phone_verification = r.json()["id"]
+    async with harness(app, **providers.settings()) as h:
+        await h.deliver(bob.user["id"])
+        (mail_code, sms_code) = await notifications_of(app, bob, "verification_code")
+        (queued,) = (await deliveries_of(app, mail_code.id))["email"]
+        assert queued.content is None and queued.sealed_content is not None
+        await h.dispatch()
+
+    (mail,) = [m for m in providers.smtp.messages if bob.email in m.rcpt_tos]
+    code = re.search(rb"code is (\d{6})", mail.content)
+    assert code is not None
+    (sms,) = [m for m in providers.twilio.messages if m["to"] == bob.user["phone"]]
+    phone_code = re.search(r"code is (\d{6})", sms["body"])
+    assert phone_code is not None
+    # The codes work, so they are the ones the users service issued.
+    r = await client.post(
+        f"/v1/me/verifications/{verification_id}/confirm",
+        json={"code": code.group(1).decode()},
+        headers=bob.headers,
+    )
+    assert r.status_code == 200, r.text
+    r = await client.post(
+        f"/v1/me/verifications/{phone_verification}/confirm",
+        json={"code": phone_code.group(1)},
+        headers=bob.headers,
+    )
+    assert r.status_code == 200, r.text
+    # Nothing in the notifications schema holds them, and the inbox does not show them.
+    for n in (mail_code, sms_code):
+        assert not n.in_app and n.body == ""
+        for d in [x for ds in (await deliveries_of(app, n.id)).values() for x in ds]:
+            assert d.status == "sent" and d.sealed_content is None and d.content is None
+    dump = json.dumps(
+        [
+            [list(r) for r in await sql(app, f"SELECT * FROM notifications.{table}")]
+            for table in ("notifications", "deliveries", "delivery_log")
+        ],
+        default=str,
+    )
+    assert code.group(1).decode() not in dump and phone_code.group(1) not in dump
+    inbox = await client.get("/v1/notifications", headers=bob.headers)
+    assert all(n["kind"] != "verification_code" for n in inbox.json()["data"])
+
+
+async def test_dedupe_survives_redelivery_and_a_forced_replay(
+    client: httpx.AsyncClient, app: Any, providers: Providers, alice: SignedIn, bob: SignedIn
+) -> None:
+    providers.reset()
+    await fund(app, alice.user["id"], 5_000)
+    transfer = await send_ok(client, alice, 100, bob)
+    async with harness(app) as h:  # no provider configured: the inbox only
+        await h.deliver(transfer["id"], times=3)
+        # `events replay --force` clears the consumer's inbox rows: the dedupe key still holds.
+        await execute(
+            app,
+            "DELETE FROM platform.inbox WHERE consumer = 'notifications' AND event_id IN "
+            "(SELECT id FROM platform.outbox WHERE subject = :s)",
+            s=transfer["id"],
+        )
+        await h.deliver(transfer["id"])
+        await h.dispatch()
+    assert len(await notifications_of(app, bob, "transfer_received")) == 1
+    assert len(await notifications_of(app, alice, "transfer_sent")) == 1
+
+
+async def test_past_the_hourly_budget_only_the_inbox_is_told(
+    client: httpx.AsyncClient, app: Any, providers: Providers, alice: SignedIn, bob: SignedIn
+) -> None:
+    providers.reset()
+    await verify_contacts(app, bob)
+    await fund(app, alice.user["id"], 5_000)
+    transfers = [await send_ok(client, alice, 100, bob) for _ in range(3)]
+    async with harness(app, **providers.settings(notifications_rate_limit_per_hour=2)) as h:
+        await h.deliver(*[t["id"] for t in transfers])
+        await h.dispatch()
+    statuses = []
+    for n in await notifications_of(app, bob, "transfer_received"):
+        by_channel = await deliveries_of(app, n.id)
+        assert by_channel["in_app"][0].status == "delivered"
+        statuses.append((by_channel["email"][0].status, by_channel["email"][0].error))
+    assert statuses == [("sent", None), ("sent", None), ("failed", "rate_limited")]
+    assert len([m for m in providers.smtp.messages if bob.email in m.rcpt_tos]) == 2
+
+
+async def test_low_balance_is_told_once_when_the_wallet_crosses_the_line(
+    client: httpx.AsyncClient, app: Any, providers: Providers, alice: SignedIn, bob: SignedIn
+) -> None:
+    await fund(app, alice.user["id"], 2_500)
+    first = await send_ok(client, alice, 1_000, bob)  # 1,500 left: above the 1,000 line
+    second = await send_ok(client, alice, 1_000, bob)  # 500 left: crossed
+    third = await send_ok(client, alice, 100, bob)  # 400 left: already below
+    # (The consumer runs after all three: it sees 400 each time and still tells it once.)
+    async with harness(app) as h:
+        await h.deliver(first["id"], second["id"], third["id"])
+    (low,) = await notifications_of(app, alice, "low_balance")
+    assert low.body == "Your USD balance is down to $4.00."
+    # Back above the line (Bob pays her back), then below again: told again.
+    back = await send_ok(client, bob, 2_000, alice)
+    async with harness(app) as h:
+        await h.deliver(back["id"])
+        again = await send_ok(client, alice, 1_500, bob)
+        await h.deliver(again["id"])
+    assert [n.body for n in await notifications_of(app, alice, "low_balance")] == [
+        "Your USD balance is down to $4.00.",
+        "Your USD balance is down to $9.00.",
+    ]
+
+
+async def _record(app: Any, type_: str, subject: str, data: dict[str, Any]) -> None:
+    async with unit_of_work(app.state.resources.engine) as uow:
+        await record_event(
+            await uow.connection(),
+            Event(type=type_, source="/test", subject=subject, aggregate_id=subject, data=data),
+        )
+
+
+async def test_fraud_kyc_sign_in_and_tier_events_raise_their_notifications(
+    client: httpx.AsyncClient, app: Any, providers: Providers, bob: SignedIn
+) -> None:
+    uid = bob.user["id"]
+    decision = {"user_id": uid, "amount": 9_900, "currency": "USD", "subject_kind": "payment"}
+    await _record(
+        app,
+        "billfold.fraud.decision.made",
+        uid,
+        {**decision, "decision_id": "dec_1", "subject_id": "txn_1", "action": "block"},
+    )
+    await _record(
+        app,
+        "billfold.fraud.decision.made",
+        uid,
+        {**decision, "decision_id": "dec_2", "subject_id": "txn_2", "action": "allow"},
+    )
+    await _record(
+        app,
+        "billfold.users.kyc.status_changed",
+        uid,
+        {
+            "user_id": uid,
+            "submission_id": "kyc_1",
+            "from_status": "pending",
+            "to_status": "verified",
+        },
+    )
+    await _record(
+        app,
+        "billfold.loyalty.tier.changed",
+        uid,
+        {"user_id": uid, "from_tier": "green", "to_tier": "gold", "multiplier": 2},
+    )
+    # A second sign-in from another browser is news; the first one (at sign-up) was not.
+    r = await client.post(
+        "/v1/auth/token",
+        data={"grant_type": "password", "username": bob.email, "password": bob.password},
+        headers={"User-Agent": "Firefox/140 on a new laptop"},
+    )
+    assert r.status_code == 200, r.text
+    async with harness(app) as h:
+        await h.deliver(uid)
+    kinds = sorted(n.kind for n in await notifications_of(app, bob))
+    assert kinds == ["fraud_block", "kyc_result", "new_sign_in", "tier_changed"]
+    (block,) = await notifications_of(app, bob, "fraud_block")
+    assert block.category == "security" and "$99.00 payment" in block.body
+    (tier,) = await notifications_of(app, bob, "tier_changed")
+    assert tier.title == "Your tier: Gold" and tier.body == "You are now Gold: 2\u00d7 points."
+
+
+async def test_the_workers_sink_fills_the_inbox(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn, bob: SignedIn
+) -> None:
+    """`jobs.event_sink` (what the relay feeds) runs the notification consumer."""
+    from billfold import jobs
+
+    await set_kyc_tier(app, alice.user["id"], 1)
+    await fund(app, alice.user["id"], 5_000)
+    transfer = await send_ok(client, alice, 250, bob)
+    sink = jobs.event_sink(app.state.resources.engine, app.state.p2p)
+    rows = await sql(
+        app,
+        "SELECT id, type, source, subject, time, data FROM platform.outbox WHERE subject = :s",
+        s=transfer["id"],
+    )
+    for r in rows:
+        await sink(
+            {
+                "id": r.id,
+                "type": r.type,
+                "source": r.source,
+                "subject": r.subject,
+                "time": r.time.isoformat(),
+                "data": r.data,
+            }
+        )
+    (received,) = await notifications_of(app, bob, "transfer_received")
+    assert received.body == "Alice Example sent you $2.50."
+    # No provider is configured in the test app: the inbox is the only channel.
+    assert sorted(await deliveries_of(app, received.id)) == ["in_app"]
