@@ -3,7 +3,9 @@
 Others use `CardNetwork` (implemented by `Iso8583Network`): zero-amount account verification and
 card top-ups (Payment Methods), tokenised authorizations, incremental authorizations, reversals,
 completions and refunds (Transactions). Errors are `NetworkUnavailable` and `NetworkTimeout`
-(both `NetworkError`, a 503 problem); declines are answers with a field 39 response code.
+(both `NetworkError`, a 503 problem); declines are answers with a field 39 response code. A
+request that cannot be put on the wire raises `WireError` (a `ValueError`) before anything is
+sent.
 
 The network knows nothing of the vault: a PAN comes as any `NetworkCard` (the vault's
 `CardSecret` is one), a token as a `TokenisedCard`, and the simulator maps DPANs back to cards
@@ -39,7 +41,7 @@ from billfold.network.simulator import (
     NetworkSimulator,
     SimulatorConfig,
 )
-from billfold.network.wire import country_numeric, currency_numeric
+from billfold.network.wire import WireError, country_numeric, currency_numeric
 
 __all__ = [
     "APPROVED",
@@ -64,6 +66,7 @@ __all__ = [
     "SimulatorConfig",
     "TokenService",
     "TokenisedCard",
+    "WireError",
     "country_numeric",
     "currency_numeric",
     "user_reason",

@@ -346,9 +346,11 @@ class Iso8583Network:
                 "9F1A": wire.bcd("0" + card.country_numeric),
             }
         )
-        location = (
-            f"{merchant.name[:25]:<25}{(merchant.city or '')[:13]:<13}{merchant.country[:2]:<2}"
-        )
+        # Folded to printable ASCII before it is cut and padded, so the field keeps its 40
+        # characters whatever the merchant's name is written in.
+        name = wire.printable_ascii(merchant.name)
+        city = wire.printable_ascii(merchant.city or "")
+        location = f"{name[:25]:<25}{city[:13]:<13}{merchant.country[:2]:<2}"
         return self._base(mti, wire.PURCHASE, amount, currency) | {
             "2": card.dpan,
             "14": wire.expiry(card.expiry_month, card.expiry_year),

@@ -93,6 +93,7 @@ class Seen:
     response_code: str | None
     original_rrn: str | None = None
     private: dict[str, str] = field(default_factory=dict)
+    location: str = ""  # field 43: the card acceptor's name and location, as sent
 
 
 @dataclass
@@ -247,7 +248,16 @@ class NetworkSimulator:
         mti = m.get("t", "")
         private = wire.decode_private(m.get("48", ""))
         amount = int(m.get("4", "0") or 0)
-        seen = Seen(mti, m.get("11", ""), m.get("37", ""), amount, None, private.get("OR"), private)
+        seen = Seen(
+            mti,
+            m.get("11", ""),
+            m.get("37", ""),
+            amount,
+            None,
+            private.get("OR"),
+            private,
+            m.get("43", ""),
+        )
         self.seen.append(seen)
         answer: wire.Message | None
         if mti == "0800":

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import unicodedata
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -186,6 +187,15 @@ def n12(amount: int) -> str:
     if isinstance(amount, bool) or not isinstance(amount, int) or not 0 <= amount < 10**12:
         raise WireError("amount out of range")
     return f"{amount:012d}"
+
+
+def printable_ascii(text: str) -> str:
+    """`text` as the ASCII-only `ans` fields (43, the card acceptor's name and location) can
+    carry: accents dropped by decomposition ("Café Zoë" → "Cafe Zoe"), anything else left
+    out, and a control character shown as `?`. A merchant's name is free Unicode; the wire
+    is not, and an unencodable field would fail the payment."""
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    return "".join(c if " " <= c <= "~" else "?" for c in folded)
 
 
 def bcd(value: str) -> bytes:

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from billfold import ledger
 from billfold.gateway import Principal
-from billfold.network import Authorization, NetworkError, NetworkTimeout
+from billfold.network import Authorization, NetworkError, NetworkTimeout, WireError
 from billfold.platform.clock import utcnow
 from billfold.platform.db import unit_of_work
 from billfold.platform.errors import ProblemError
@@ -589,6 +589,10 @@ async def _increment_card(
             decline, failed = declines.NETWORK_TIMEOUT, True
         except NetworkError:
             decline, failed = declines.NETWORK_UNAVAILABLE, True
+        except WireError as exc:
+            # Not encodable, so nothing was sent: failed now, not `pending` until the sweeper.
+            log.error("increment not encodable", transaction_id=payment.id, error=str(exc))
+            decline, failed = declines.SERVICE_UNAVAILABLE, True
     return await finish_increment(engine, rt, item.id, answer, decline, failed)
 
 

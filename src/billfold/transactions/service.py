@@ -37,6 +37,7 @@ from billfold.network import (
     NetworkError,
     NetworkTimeout,
     TokenisedCard,
+    WireError,
     country_numeric,
     currency_numeric,
 )
@@ -618,6 +619,11 @@ async def _authorize_card(engine: AsyncEngine, rt: TransactionsRuntime, ctx: _Co
             decline, failed = declines.NETWORK_TIMEOUT, True
         except NetworkError:
             decline, failed = declines.NETWORK_UNAVAILABLE, True
+        except WireError as exc:
+            # The request could not be encoded, so nothing was sent: the payment fails now
+            # rather than staying `authorizing` until the sweeper's deadline.
+            log.error("authorization not encodable", transaction_id=row.id, error=str(exc))
+            decline, failed = declines.SERVICE_UNAVAILABLE, True
     return await _record_answer(engine, rt, row.id, ctx, authorization, decline, failed)
 
 
