@@ -50,6 +50,9 @@ class KafkaConfig:
     partitions: int = 6
     replication_factor: int = 1
     ssl_cafile: str = ""
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+    rebalance_timeout_ms: int = 10_000
 
     @classmethod
     def from_settings(cls, settings: Settings) -> KafkaConfig:
@@ -62,6 +65,9 @@ class KafkaConfig:
             partitions=settings.kafka_topic_partitions,
             replication_factor=settings.kafka_replication_factor,
             ssl_cafile=settings.kafka_ssl_cafile,
+            session_timeout_ms=settings.kafka_session_timeout_ms,
+            heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
+            rebalance_timeout_ms=settings.kafka_rebalance_timeout_ms,
         )
 
     def topic(self, event_type: str) -> str:
@@ -238,6 +244,9 @@ class KafkaConsumerRunner:
             **self.config.client_options(),
             group_id=self.config.group(self.consumer.name),
             enable_auto_commit=False,
+            session_timeout_ms=self.config.session_timeout_ms,
+            heartbeat_interval_ms=self.config.heartbeat_interval_ms,
+            rebalance_timeout_ms=self.config.rebalance_timeout_ms,
             # A new group starts at the oldest retained event, not "from now on".
             auto_offset_reset="earliest",
         )
