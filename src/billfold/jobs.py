@@ -77,9 +77,9 @@ def event_sink(
         *transactions.receipt_consumers(p2p_runtime.users.blobs),
         *notifications.consumers(notifications_runtime(p2p_runtime)),
     ]
-    if p2p_runtime.settings.fraud_enabled:
-        # The live fraud features learn outcomes (completed, declined, devices) from events.
-        consumers += fraud.consumers(p2p_runtime.users.redis, p2p_runtime.settings)
+    # The live fraud features learn outcomes (completed, declined, devices) from events, also
+    # while the checks are off: turned on, they start warm.
+    consumers += fraud.consumers(p2p_runtime.users.redis, p2p_runtime.settings)
     return ConsumerSink(engine, consumers, downstream)
 
 

@@ -442,3 +442,19 @@ async def test_subject_carries_what_features_need(
         "198.51.100.1",
     )
     assert ps.at.tzinfo is not None
+
+
+def test_the_app_plugs_the_check_in_when_fraud_is_enabled(settings: Settings) -> None:
+    """Production wiring (`fraud_enabled`, on by default): both hooks are the fraud service's,
+    and the shipped model is loaded; off, the payments' and transfers' own allow-all."""
+    from billfold.app import create_app
+
+    assert Settings.model_fields["fraud_enabled"].default is True
+    on = create_app(settings.model_copy(update={"fraud_enabled": True}))
+    assert type(on.state.p2p.risk).__name__ == "TransferRiskCheck"
+    assert type(on.state.transactions.risk).__name__ == "PaymentRiskCheck"
+    assert on.state.p2p.risk.rt is on.state.fraud
+    assert on.state.fraud.scorer is not None
+    off = create_app(settings.model_copy(update={"fraud_enabled": False}))
+    assert type(off.state.p2p.risk).__name__ == "AllowAll"
+    assert type(off.state.transactions.risk).__name__ == "AllowAll"

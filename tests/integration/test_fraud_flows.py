@@ -35,6 +35,18 @@ TOKYO = {
 }
 
 
+@pytest.fixture
+async def alice(client: httpx.AsyncClient) -> SignedIn:
+    """A customer at home: registered in the US, paying US merchants (the suite's default
+    users are registered in DE, and a first payment abroad is what the model finds unusual)."""
+    return await sign_up(client, name="Alice Example", country="US")
+
+
+@pytest.fixture
+async def bob(client: httpx.AsyncClient) -> SignedIn:
+    return await sign_up(client, name="Bob Example", country="US")
+
+
 async def decisions(app: Any, subject_id: str) -> list[Any]:
     return await sql(
         app, "SELECT * FROM fraud.decisions WHERE subject_id = :s ORDER BY id", s=subject_id
@@ -136,7 +148,7 @@ async def test_impossible_travel_is_challenged_then_resumes_after_step_up(
     from tests.integration.test_mfa import verify_contact
     from tests.integration.test_transfers import _step_up_token
 
-    dora = await sign_up(client, name="Dora Explorer")
+    dora = await sign_up(client, name="Dora Explorer", country="US")
     await verify_contact(app, client, dora, "email")
     await fund(app, dora.user["id"], 50_000)
     r = await pay(client, dora, payment_body(amount=900, merchant=dict(COFFEE)))
