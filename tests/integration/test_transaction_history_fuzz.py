@@ -122,3 +122,24 @@ async def test_hostile_path_ids_are_not_found(
             _check(r, (value, suffix))
             assert r.status_code in (404, 405, 422), (value, suffix, r.status_code)
             assert "Starbucks Secret" not in r.text
+
+
+async def test_summary_months_at_the_ends_of_the_calendar(
+    client: httpx.AsyncClient, world: dict[str, Any]
+) -> None:
+    """The first and last months a date can name, in zones on both sides of Greenwich: a
+    summary or a 422, never a 500 (9999-12 ends in the year 10000; 0001-01 east of Greenwich
+    starts in the year 0)."""
+    me: SignedIn = world["me"]
+    for zone in ("UTC", "Pacific/Kiritimati", "Europe/Berlin", "America/New_York"):
+        r = await client.patch("/v1/me", json={"timezone": zone}, headers=me.headers)
+        assert r.status_code == 200, r.text
+        for month in ("0000-12", "0001-01", "0001-02", "9999-01", "9999-11", "9999-12"):
+            r = await client.get(
+                "/v1/transactions/summary", params={"month": month}, headers=me.headers
+            )
+            _check(r, (zone, month))
+            if month in ("0000-12", "9999-12"):
+                assert r.status_code == 422 and r.json()["code"] == "validation_failed"
+            if month in ("0001-02", "9999-01", "9999-11"):
+                assert r.status_code == 200 and r.json()["month"] == month, (zone, r.text)

@@ -453,22 +453,26 @@ def month_bounds(month: str | None, time_zone: str, today: date) -> tuple[str, d
     """`YYYY-MM` (default: the current month in `time_zone`) → its first instant and the next
     month's, as aware datetimes in that zone (a DST change inside the month is handled by the
     zone, not by adding days)."""
-    if month is None:
-        year, mon = today.year, today.month
-    else:
-        try:
-            year, mon = (int(p) for p in month.split("-"))
-            date(year, mon, 1)
-        except ValueError:
-            raise ProblemError(
-                "`month` must be YYYY-MM",
-                status=422,
-                code="validation_failed",
-                errors=[FieldError(parameter="month", detail="expected YYYY-MM, e.g. 2026-03")],
-            ) from None
     zone = ZoneInfo(time_zone)
-    start = datetime(year, mon, 1, tzinfo=zone)
-    end = datetime(year + mon // 12, mon % 12 + 1, 1, tzinfo=zone)
+    try:
+        year, mon = (today.year, today.month) if month is None else map(int, month.split("-"))
+        start = datetime(year, mon, 1, tzinfo=zone)
+        end = datetime(year + mon // 12, mon % 12 + 1, 1, tzinfo=zone)
+        # The bounds are answered in UTC: the first and the last month a datetime can hold
+        # may not convert (0001-01 east of Greenwich, 9999-12 anywhere).
+        start.astimezone(UTC), end.astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise ProblemError(
+            "`month` must be YYYY-MM",
+            status=422,
+            code="validation_failed",
+            errors=[
+                FieldError(
+                    parameter="month",
+                    detail="expected a calendar month YYYY-MM, e.g. 2026-03",
+                )
+            ],
+        ) from None
     return f"{year:04d}-{mon:02d}", start, end
 
 
