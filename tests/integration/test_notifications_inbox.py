@@ -1,0 +1,215 @@
+"""The in-app inbox (list, read/unread, unread count, delivery log), its live Server-Sent
+Events stream over a real socket, and the preferences API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from tests.conftest import SignedIn, free_port, fund
+from tests.integration.notifications_support import harness, notifications_of
+from tests.integration.transfer_support import send_ok
+
+
+async def _inbox_item(app: Any, client: httpx.AsyncClient, alice: SignedIn, bob: SignedIn) -> str:
+    """A transfer Alice → Bob, consumed and dispatched: Bob's new inbox item."""
+    await fund(app, alice.user["id"], 5_000)
+    transfer = await send_ok(client, alice, 150, bob)
+    async with harness(app) as h:
+        await h.deliver(transfer["id"])
+        await h.dispatch()
+    return str((await notifications_of(app, bob, "transfer_received"))[-1].id)
+
+
+async def test_inbox_read_unread_and_the_delivery_log(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn, bob: SignedIn
+) -> None:
+    first = await _inbox_item(app, client, alice, bob)
+    second = await _inbox_item(app, client, alice, bob)
+    r = await client.get("/v1/notifications", params={"limit": 1}, headers=bob.headers)
+    assert r.status_code == 200
+    page = r.json()
+    assert [n["id"] for n in page["data"]] == [second] and page["next_cursor"]
+    assert page["data"][0]["read"] is False and page["data"][0]["category"] == "transfers"
+    assert "context" not in page["data"][0]["data"]
+    r = await client.get(
+        "/v1/notifications",
+        params={"limit": 1, "cursor": page["next_cursor"]},
+        headers=bob.headers,
+    )
+    assert [n["id"] for n in r.json()["data"]] == [first]
+
+    r = await client.post(f"/v1/notifications/{first}/read", headers=bob.headers)
+    assert r.status_code == 200 and r.json()["read"] is True and r.json()["read_at"]
+    count = await client.get("/v1/notifications/unread-count", headers=bob.headers)
+    assert count.json() == {"unread": 1}
+    unread = await client.get("/v1/notifications", params={"unread": "true"}, headers=bob.headers)
+    assert [n["id"] for n in unread.json()["data"]] == [second]
+    r = await client.post(f"/v1/notifications/{first}/unread", headers=bob.headers)
+    assert r.json()["read"] is False
+    r = await client.post("/v1/notifications/read-all", headers=bob.headers)
+    assert r.json() == {"updated": 2}
+    count = await client.get("/v1/notifications/unread-count", headers=bob.headers)
+    assert count.json() == {"unread": 0}
+
+    r = await client.get(f"/v1/notifications/{first}", headers=bob.headers)
+    assert r.status_code == 200
+    (delivery,) = r.json()["deliveries"]
+    assert delivery["channel"] == "in_app" and delivery["target"] == "inbox"
+    assert [e["status"] for e in delivery["log"]] == ["queued", "sending", "delivered"]
+
+    # Someone else's notification, or junk, is a 404; so is marking it.
+    for path in (f"/v1/notifications/{first}", f"/v1/notifications/{first}/read"):
+        method = client.get if path.endswith(first) else client.post
+        r = await method(path, headers=alice.headers)
+        assert r.status_code == 404 and r.json()["code"] == "notification_not_found"
+    r = await client.get("/v1/notifications/not-an-id", headers=bob.headers)
+    assert r.status_code == 404
+    assert (await client.get("/v1/notifications")).status_code == 401
+
+
+@pytest.fixture
+async def served(app: Any) -> AsyncIterator[str]:
+    """The test app on a real loopback socket (the ASGI transport buffers whole responses)."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()  # it failed to start: say why
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def _events(response: httpx.Response, count: int) -> list[dict[str, Any]]:
+    """Read `count` SSE events (id + JSON data) from a streaming response."""
+    out: list[dict[str, Any]] = []
+    current: dict[str, Any] = {}
+    async for line in response.aiter_lines():
+        if line.startswith("id: "):
+            current["id"] = line[4:]
+        elif line.startswith("event: "):
+            current["event"] = line[7:]
+        elif line.startswith("data: "):
+            current["data"] = json.loads(line[6:])
+        elif line == "" and current:
+            out.append(current)
+            current = {}
+            if len(out) == count:
+                return out
+    return out
+
+
+async def test_the_stream_delivers_live_and_replays_after_a_reconnect(
+    served: str, client: httpx.AsyncClient, app: Any, alice: SignedIn, bob: SignedIn
+) -> None:
+    async with httpx.AsyncClient(base_url=served, timeout=10) as http:
+        async with http.stream("GET", "/v1/notifications/stream", headers=bob.headers) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            reader = asyncio.create_task(_events(response, 1))
+            await asyncio.sleep(0.3)  # subscribed
+            live = await _inbox_item(app, client, alice, bob)
+            (event,) = await asyncio.wait_for(reader, 10)
+        assert event["id"] == live and event["event"] == "notification"
+        assert event["data"]["title"] == "Money received"
+        assert event["data"]["body"] == "Alice Example sent you $1.50."
+
+        # Missed while away: replayed from the inbox after Last-Event-ID.
+        missed = [await _inbox_item(app, client, alice, bob) for _ in range(2)]
+        async with http.stream(
+            "GET",
+            "/v1/notifications/stream",
+            headers={**bob.headers, "Last-Event-ID": live},
+        ) as response:
+            replayed = await asyncio.wait_for(_events(response, 2), 10)
+        assert [e["id"] for e in replayed] == missed
+
+        r = await http.get("/v1/notifications/stream")
+        assert r.status_code == 401
+        assert r.headers["content-type"] == "application/problem+json"
+
+
+async def test_preferences_defaults_changes_and_locks(
+    client: httpx.AsyncClient, bob: SignedIn
+) -> None:
+    r = await client.get("/v1/me/notification-preferences", headers=bob.headers)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    cats = {c["category"]: c for c in body["categories"]}
+    assert cats["transfers"]["channels"] == {
+        "push": True,
+        "email": True,
+        "sms": False,
+        "in_app": True,
+    }
+    assert cats["security"]["locked_channels"] == ["push", "email", "in_app"]
+    assert body["quiet_hours"] is None and body["timezone"] == "UTC"
+
+    r = await client.put(
+        "/v1/me/notification-preferences",
+        json={
+            "categories": [
+                {"category": "payments", "channels": {"push": False, "email": True}},
+                {"category": "security", "channels": {"sms": True}},
+            ],
+            "quiet_hours": {"start": "22:00", "end": "07:00"},
+        },
+        headers=bob.headers,
+    )
+    assert r.status_code == 200, r.text
+    cats = {c["category"]: c for c in r.json()["categories"]}
+    assert cats["payments"]["channels"]["push"] is False
+    assert cats["payments"]["channels"]["email"] is True
+    assert cats["security"]["channels"]["sms"] is True
+    assert r.json()["quiet_hours"] == {"start": "22:00", "end": "07:00"}
+
+    # Leaving quiet_hours out keeps them; null switches them off.
+    r = await client.put(
+        "/v1/me/notification-preferences", json={"categories": []}, headers=bob.headers
+    )
+    assert r.json()["quiet_hours"] == {"start": "22:00", "end": "07:00"}
+    r = await client.put(
+        "/v1/me/notification-preferences", json={"quiet_hours": None}, headers=bob.headers
+    )
+    assert r.json()["quiet_hours"] is None
+
+    # Security alerts stay on; nothing changed by the refused request.
+    r = await client.put(
+        "/v1/me/notification-preferences",
+        json={
+            "categories": [
+                {"category": "payments", "channels": {"push": True}},
+                {"category": "security", "channels": {"email": False}},
+            ]
+        },
+        headers=bob.headers,
+    )
+    assert r.status_code == 422 and r.json()["code"] == "notification_preference_locked"
+    r = await client.get("/v1/me/notification-preferences", headers=bob.headers)
+    cats = {c["category"]: c for c in r.json()["categories"]}
+    assert cats["payments"]["channels"]["push"] is False
+
+    for bad in (
+        {"categories": [{"category": "marketing", "channels": {"push": True}}]},
+        {"categories": [{"category": "payments", "channels": {"fax": True}}]},
+        {"categories": [{"category": "payments", "channels": {"push": "yes please"}}]},
+        {"quiet_hours": {"start": "25:00", "end": "07:00"}},
+        {"quiet_hours": {"start": "22:00"}},
+        {"unknown": 1},
+    ):
+        r = await client.put("/v1/me/notification-preferences", json=bad, headers=bob.headers)
+        assert r.status_code == 422, (bad, r.text)
+        assert r.headers["content-type"] == "application/problem+json"
