@@ -226,6 +226,7 @@ class CompiledRules:
             for s in live
         )
         self.lists = lists
+        self._used = frozenset().union(*(r.program.variables() for r in self._rules))
         canonical = [
             [s.rule_id, s.version, s.state, s.expression, s.score, s.action, s.reason_code]
             for s in live
@@ -246,7 +247,9 @@ class CompiledRules:
     def evaluate(self, features: Features, subject: RiskSubject | None = None) -> list[RuleHit]:
         """The hits of every live rule on `features` (shadow ones with `shadow=True`), then, when
         `subject` is given, the block/allow list hits. Never raises for a rule's sake."""
-        context = _context(features)
+        # Only the features some rule names: CEL copies each variable into its context (about
+        # 1.5 µs apiece), and the rules use about half of the catalogue.
+        context = _context({k: features[k] for k in self._used if k in features})
         hits: list[RuleHit] = []
         for rule in self._rules:
             spec = rule.spec
