@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 
 import httpx
+import pytest
 
 from billfold.platform.db import unit_of_work
 from billfold.platform.events import Event, record_event
@@ -28,6 +29,7 @@ from tests.integration.notifications_support import (
     verify_contacts,
 )
 from tests.integration.transfer_support import send_ok
+from tests.support.notification_servers import twilio_signature
 
 __all__ = ["providers"]
 
@@ -360,3 +362,64 @@ async def test_the_workers_sink_fills_the_inbox(
     assert received.body == "Alice Example sent you $2.50."
     # No provider is configured in the test app: the inbox is the only channel.
     assert sorted(await deliveries_of(app, received.id)) == ["in_app"]
+
+
+async def test_twilio_status_callbacks_mark_sms_delivered_or_failed(
+    client: httpx.AsyncClient,
+    app: Any,
+    providers: Providers,
+    alice: SignedIn,
+    bob: SignedIn,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    providers.reset()
+    settings = app.state.resources.settings.model_copy(
+        update={"twilio_auth_token": providers.twilio.auth_token}
+    )
+    monkeypatch.setattr(app.state.resources, "settings", settings)
+    await verify_contacts(app, bob)
+    await client.put(
+        "/v1/me/notification-preferences",
+        json={"categories": [{"category": "transfers", "channels": {"sms": True}}]},
+        headers=bob.headers,
+    )
+    await fund(app, alice.user["id"], 5_000)
+    one, two = (await send_ok(client, alice, 100, bob)), (await send_ok(client, alice, 100, bob))
+    async with harness(app, **providers.settings()) as h:
+        await h.deliver(one["id"], two["id"])
+        await h.dispatch()
+    first, second = [m for m in providers.twilio.messages if m["to"] == bob.user["phone"]]
+    url = f"{settings.public_url}/v1/notifications/webhooks/twilio"
+    assert first["callback"] == url
+
+    async def callback(sid: str, status: str, signature: str | None = None) -> httpx.Response:
+        form = {"MessageSid": sid, "MessageStatus": status, "AccountSid": "AC" + "0" * 32}
+        if status == "undelivered":
+            form["ErrorCode"] = "30003"
+        sig = signature or twilio_signature(providers.twilio.auth_token, url, form)
+        return await client.post(
+            "/v1/notifications/webhooks/twilio", data=form, headers={"X-Twilio-Signature": sig}
+        )
+
+    forged = await callback(first["sid"], "delivered", signature="bm90IGEgc2lnbmF0dXJl")
+    assert forged.status_code == 403 and forged.json()["code"] == "invalid_webhook_signature"
+    assert (await callback(first["sid"], "sent")).status_code == 204  # not final: ignored
+    assert (await callback(first["sid"], "delivered")).status_code == 204
+    assert (await callback(second["sid"], "undelivered")).status_code == 204
+    rows = await sql(
+        app,
+        "SELECT provider_message_id, status, error FROM notifications.deliveries "
+        "WHERE provider_message_id = ANY(:ids)",
+        ids=[first["sid"], second["sid"]],
+    )
+    outcome = {r.provider_message_id: (r.status, r.error) for r in rows}
+    assert outcome == {
+        first["sid"]: ("delivered", None),
+        second["sid"]: ("failed", "twilio undelivered 30003"),
+    }
+    (row,) = await sql(
+        app,
+        "SELECT id FROM notifications.deliveries WHERE provider_message_id = :s",
+        s=first["sid"],
+    )
+    assert await log_of(app, row.id) == ["queued", "sending", "sent", "delivered"]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import hashlib
+import hmac
 import ipaddress
 import json
 import re
@@ -223,11 +225,25 @@ class FakeTwilio:
         if sender != self.sender or not isinstance(body, str) or not body:
             return _twilio_error(400, 21602, "Message body is required.")
         sid = "SM" + secrets.token_hex(16)
-        self.messages.append({"sid": sid, "to": to, "from": sender, "body": body})
+        callback = form.get("StatusCallback")
+        self.messages.append(
+            {"sid": sid, "to": to, "from": sender, "body": body, "callback": str(callback or "")}
+        )
         return JSONResponse(
             {"sid": sid, "status": "queued", "to": to, "from": sender, "body": body},
             status_code=201,
         )
+
+
+def twilio_signature(auth_token: str, url: str, params: dict[str, str]) -> str:
+    """How Twilio signs a webhook request (its "Webhooks security" documentation): the URL, then
+    each parameter name immediately followed by its value, names sorted; HMAC-SHA1 under the
+    auth token; base64."""
+    payload = url
+    for name in sorted(params):
+        payload += name + params[name]
+    mac = hmac.new(auth_token.encode("utf-8"), payload.encode("utf-8"), hashlib.sha1)
+    return base64.b64encode(mac.digest()).decode("ascii")
 
 
 def _twilio_error(status: int, code: int, message: str) -> JSONResponse:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from redis.asyncio import Redis
 from sqlalchemy.engine import Row
 
@@ -17,6 +17,11 @@ from billfold.gateway import Principal, Uow, require_admin, require_scopes
 from billfold.notifications import service, store
 from billfold.notifications.catalog import CATEGORIES, CHANNELS
 from billfold.notifications.channels import stream_channel
+from billfold.notifications.channels.twilio import (
+    FINAL_STATUSES,
+    STATUS_CALLBACK_PATH,
+    valid_signature,
+)
 from billfold.notifications.models import (
     CategoryPreference,
     DeliveryLogEntry,
@@ -32,7 +37,7 @@ from billfold.notifications.models import (
     UnreadCount,
 )
 from billfold.platform.clock import utcnow
-from billfold.platform.errors import Conflict, NotFound, problem_responses
+from billfold.platform.errors import Conflict, Forbidden, NotFound, problem_responses
 from billfold.platform.ids import is_valid_id
 from billfold.platform.pagination import Page, PageParams, make_page, page_params
 
@@ -344,3 +349,34 @@ async def retry_delivery(admin: Admin, uow: Uow, delivery_id: str) -> DeliveryVi
     row = await store.get_delivery(conn, delivery_id)
     assert row is not None
     return _delivery(row, await store.delivery_log(conn, [delivery_id]))
+
+
+# --- providers' callbacks --------------------------------------------------------------------------
+
+
+@router.post(
+    STATUS_CALLBACK_PATH,
+    status_code=204,
+    summary="Twilio's message status callback (delivery receipts)",
+    responses=problem_responses(403, 404),
+)
+async def twilio_status(request: Request, uow: Uow) -> Response:
+    """Called by Twilio, signed with `X-Twilio-Signature` (HMAC-SHA1 under the account's auth
+    token over this URL and the form): `delivered` marks the SMS delivered, `undelivered` and
+    `failed` mark it failed. A signature that does not verify is 403
+    `invalid_webhook_signature`, nothing changes."""
+    settings = request.app.state.resources.settings
+    if not settings.twilio_auth_token:
+        raise NotFound("SMS is not configured", code="not_found")
+    form = await request.form()
+    params = {k: v for k, v in form.items() if isinstance(v, str)}
+    url = f"{settings.public_url.rstrip('/')}{STATUS_CALLBACK_PATH}"
+    signature = request.headers.get("x-twilio-signature", "")
+    if not valid_signature(settings.twilio_auth_token, url, params, signature):
+        raise Forbidden("The request is not signed by Twilio", code="invalid_webhook_signature")
+    status = FINAL_STATUSES.get(params.get("MessageStatus", ""))
+    sid = params.get("MessageSid", "")
+    if status is not None and sid:
+        detail = f"twilio {params['MessageStatus']} {params.get('ErrorCode', '')}".strip()
+        await service.provider_receipt(await uow.connection(), "twilio", sid, status, detail)
+    return Response(status_code=204)

@@ -14,6 +14,7 @@ from billfold.notifications.channels import (
     SmtpChannel,
     TwilioChannel,
 )
+from billfold.notifications.channels.twilio import STATUS_CALLBACK_PATH
 from billfold.notifications.service import Dispatcher, NotificationsRuntime
 
 
@@ -45,7 +46,12 @@ def build_channels(rt: NotificationsRuntime, redis: Redis) -> dict[str, Channel]
         channels["ses"] = SesChannel(s.email_from, s.ses_region, s.ses_endpoint_url)
     if s.twilio_account_sid:
         channels["twilio"] = TwilioChannel(
-            s.twilio_account_sid, s.twilio_auth_token, s.twilio_from, s.twilio_endpoint
+            s.twilio_account_sid,
+            s.twilio_auth_token,
+            s.twilio_from,
+            s.twilio_endpoint,
+            # Twilio reports delivery (or its failure) to this route of the API.
+            status_callback=f"{s.public_url.rstrip('/')}{STATUS_CALLBACK_PATH}",
         )
     return channels
 

@@ -497,3 +497,11 @@ def _context_of(notification: Row[Any]) -> dict[str, Any]:
 async def retry_delivery(conn: AsyncConnection, delivery_id: str) -> bool:
     """Queue a failed (dead-lettered) delivery once more (admin)."""
     return await store.requeue(conn, delivery_id, utcnow())
+
+
+async def provider_receipt(
+    conn: AsyncConnection, provider: str, message_id: str, status: str, detail: str
+) -> str | None:
+    """A provider's delivery receipt for a sent message (`delivered` or `failed`); the id of the
+    delivery it concerned, None if none was waiting for one."""
+    return await store.mark_delivered(conn, provider, message_id, status, detail)

@@ -3,6 +3,11 @@ form-encoded `To`, `From`, `Body`, HTTP Basic auth with the account SID and auth
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+from collections.abc import Mapping
+
 import httpx
 
 from billfold.notifications.channels.base import Message, Outcome, retry_after, transient
@@ -10,6 +15,25 @@ from billfold.notifications.channels.base import Message, Outcome, retry_after, 
 # Twilio error codes that no retry will fix: invalid or unreachable 'To' number, the number
 # opted out (STOP), not SMS-capable, a region that is not enabled.
 _PERMANENT = frozenset({21211, 21214, 21408, 21610, 21612, 21614})
+
+
+# MessageStatus values of a status callback that end a message, and what they mean for us.
+FINAL_STATUSES = {"delivered": "delivered", "undelivered": "failed", "failed": "failed"}
+STATUS_CALLBACK_PATH = "/v1/notifications/webhooks/twilio"
+
+
+def request_signature(auth_token: str, url: str, params: Mapping[str, str]) -> str:
+    """`X-Twilio-Signature` of a callback: base64 HMAC-SHA1, keyed by the auth token, of the
+    full URL followed by every POST parameter's name and value in name order."""
+    data = url + "".join(f"{name}{params[name]}" for name in sorted(params))
+    digest = hmac.new(auth_token.encode(), data.encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode()
+
+
+def valid_signature(auth_token: str, url: str, params: Mapping[str, str], signature: str) -> bool:
+    """Whether a callback really comes from Twilio (constant-time comparison)."""
+    expected = request_signature(auth_token, url, params)
+    return hmac.compare_digest(expected.encode(), signature.encode())
 
 
 class TwilioChannel:
