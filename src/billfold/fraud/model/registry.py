@@ -58,6 +58,7 @@ class ModelRegistry:
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".registry-", suffix=".json")
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from the serving user
         os.replace(tmp, self.root / REGISTRY_FILE)
 
     def _record(self, state: dict[str, Any], event: str, version: str | None) -> None:

@@ -160,6 +160,12 @@ class Profile:
     peaks: tuple[float, float]  # local hours of the day they are most active
     rate: float  # attempts per day
     p2p_share: float
+    web_share: float = 0.0  # attempts from the web portal or an API client: no device
+    country: str = ""  # the profile's country; an expat's differs from where they live
+
+    @property
+    def home_country(self) -> str:
+        return self.country or self.city.country
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,13 +355,13 @@ class FeatureState:
             "km_from_last": round(km, 3),
             "speed_kmh": round(speed, 3),
             "country_mismatch": bool(
-                is_payment and a.merchant_country and a.merchant_country != profile.city.country
+                is_payment and a.merchant_country and a.merchant_country != profile.home_country
             ),
             "new_country": bool(
                 is_payment
                 and a.merchant_country
                 and a.merchant_country not in hist.countries
-                and a.merchant_country != profile.city.country
+                and a.merchant_country != profile.home_country
             ),
             "new_device": first_seen is None,
             "device_age_hours": round((now - first_seen) / HOUR, 3) if first_seen else 0.0,
@@ -403,6 +409,7 @@ class WorldConfig:
     traveller_share: float = 0.15
     new_phone_share: float = 0.1
     decline_rate: float = 0.02
+    expat_share: float = 0.12  # the profile's country is not where they live
     onboarding_share: float = 0.5  # of new users: a first session of several attempts
     micro_bursts_per_user: float = 0.08  # in-app purchase sprees
     # Fraud incidents per 1,000 users over the window, by pattern.
@@ -466,7 +473,13 @@ class _World:
             peaks=(morning, r.uniform(max(morning + 4, 16), 22.5)),
             rate=max(0.3, r.lognormvariate(math.log(2.2), 0.5)),
             p2p_share=r.uniform(0.03, 0.25),
+            web_share=r.uniform(0.05, 0.5) if r.random() < 0.4 else 0.0,
         )
+        if r.random() < self.c.expat_share:
+            # Registered with the passport's country, living (and paying) somewhere else.
+            profile.country = r.choice(
+                [c.country for c in HOME_CITIES if c.country != city.country]
+            )
         self.profiles[profile.uid] = profile
         for device in profile.devices:
             self.enroll(profile.uid, device, registered)
@@ -518,6 +531,8 @@ class _World:
                 device: str | None = p.devices[0] if r.random() < 0.9 else p.devices[-1]
                 if device_switch and at >= device_switch:
                     device = new_device
+                if r.random() < p.web_share:
+                    device = None
                 ip = r.choice(p.ips) if r.random() < 0.6 else mobile_ip
                 city = p.city
                 if trip and (trip[0] - flight <= at < trip[0] or trip[1] <= at < trip[1] + flight):
@@ -543,7 +558,8 @@ class _World:
         card that is declined before the right one works."""
         r = self.rng
         at = p.registered + r.uniform(1, 30) * MINUTE
-        device, ip = p.devices[0], p.ips[0]
+        device: str | None = p.devices[0] if r.random() < 0.6 else None  # else on the web
+        ip = p.ips[0]
         weights = [w for _, w in p.categories]
         for _ in range(r.randint(2, 12)):
             at += r.uniform(5, 300)
@@ -553,8 +569,8 @@ class _World:
             cat = r.choices([c for c, _ in p.categories], weights=weights)[0]
             self.legit_payment(p, at, device, ip, cat, repeat=False)
             last = self.attempts[-1]
-            if r.random() < 0.2:
-                last.amount = r.randint(1, 500)  # "does this work?"
+            if r.random() < 0.3:
+                last.amount = r.choice((1, 10, 50, 100, r.randint(1, 500)))  # "does this work?"
             if r.random() < 0.1 and last.card is not None:
                 last.declined = True  # a mistyped or empty card; then the right one
                 at += r.uniform(10, 120)
@@ -682,8 +698,11 @@ class _World:
     def account_takeover(self, victim: Profile) -> None:
         r = self.rng
         at = self.when(victim)
-        device, ip = self.new_id("dev_atk"), self.new_id("ip_atk")
-        self.enroll(victim.uid, device, at - r.uniform(1, 20) * MINUTE)
+        ip = self.new_id("ip_atk")
+        device: str | None = None  # a quarter use the stolen password on the web
+        if r.random() >= 0.25:
+            device = self.new_id("dev_atk")
+            self.enroll(victim.uid, device, at - r.uniform(1, 20) * MINUTE)
         city = self.by_name[r.choice(ATTACK_CITIES)]
         base = max(2000, victim.scale * 8000)
         mules = [self.new_id("usr_mule") for _ in range(r.randint(1, 3))]
@@ -728,11 +747,14 @@ class _World:
         r = self.rng
         at = r.uniform(self.t0 + DAY, self.t1 - HOUR)
         home = r.choice(HOME_CITIES)
-        device, ip = self.new_id("dev_ct"), self.new_id("ip_ct")
+        # Half the testers run a script against the API: no device at all.
+        device = self.new_id("dev_ct") if r.random() < 0.5 else None
+        ip = self.new_id("ip_ct")
         # A few fresh accounts on one device, each loaded with stolen cards.
         for _ in range(r.choice((1, 1, 2, 3))):
             tester = self.make_profile(registered=at - r.uniform(2, 120) * MINUTE, city=home)
-            self.enroll(tester.uid, device, tester.registered)
+            if device:
+                self.enroll(tester.uid, device, tester.registered)
             tester.kyc_tier = r.choice((0, 0, 1))
             for card in [self.new_id("card_stolen") for _ in range(r.randint(1, 5))]:
                 valid = r.random() < 0.3
