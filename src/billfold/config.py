@@ -190,6 +190,8 @@ class Settings(BaseSettings):
     smtp_username: str = ""
     smtp_password: str = ""
     smtp_starttls: bool = True
+    # Extra CA bundle to verify the SMTP server's STARTTLS certificate; empty = system CAs.
+    smtp_ca_file: str = ""
     ses_region: str = "eu-west-1"
     ses_endpoint_url: str | None = None
     # SMS: Twilio's REST Messages API (account SID + auth token, a sender number).

@@ -481,19 +481,31 @@ class SmtpMessage:
     mail_from: str
     rcpt_tos: list[str]
     content: bytes
+    over_tls: bool = False
 
 
 class FakeSmtp:
-    """aiosmtpd on a loopback port, keeping every message it accepts."""
+    """aiosmtpd on a loopback port, keeping every message it accepts. With `tls` (certificate
+    and key files) it offers STARTTLS and refuses mail before it, as production servers do."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
         self.messages: list[SmtpMessage] = []
         self.port = free_port()
-        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        kwargs: dict[str, Any] = {}
+        if tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*tls)
+            kwargs = {"tls_context": context, "require_starttls": True}
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port, **kwargs)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.messages.append(
-            SmtpMessage(envelope.mail_from, list(envelope.rcpt_tos), bytes(envelope.content))
+            SmtpMessage(
+                envelope.mail_from,
+                list(envelope.rcpt_tos),
+                bytes(envelope.content),
+                session.ssl is not None,
+            )
         )
         return "250 Message accepted for delivery"
 

@@ -41,6 +41,7 @@ def build_channels(rt: NotificationsRuntime, redis: Redis) -> dict[str, Channel]
             username=s.smtp_username,
             password=s.smtp_password,
             starttls=s.smtp_starttls,
+            ca_file=s.smtp_ca_file,
         )
     elif s.email_provider == "ses":
         channels["ses"] = SesChannel(s.email_from, s.ses_region, s.ses_endpoint_url)

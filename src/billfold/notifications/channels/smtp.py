@@ -33,6 +33,7 @@ class SmtpChannel:
         username: str = "",
         password: str = "",
         starttls: bool = True,
+        ca_file: str = "",
     ) -> None:
         self._host = host
         self._port = port
@@ -40,6 +41,7 @@ class SmtpChannel:
         self._username = username or None
         self._password = password or None
         self._starttls = starttls
+        self._ca_file = ca_file or None
 
     async def send(self, message: Message) -> Outcome:
         email = build_email(self._sender, message)
@@ -51,6 +53,7 @@ class SmtpChannel:
                 username=self._username,
                 password=self._password,
                 start_tls=self._starttls,
+                cert_bundle=self._ca_file,
                 timeout=15,
             )
         except aiosmtplib.SMTPRecipientsRefused as exc:
