@@ -253,7 +253,7 @@ async def test_crash_between_the_two_transactions_is_recovered(
     assert await recover_stuck_payments(app.state.resources.engine, app.state.transactions) == 0
     await sql_exec(
         app,
-        "UPDATE transactions.transactions SET created_at = now() - interval '1 hour' "
+        "UPDATE transactions.transactions SET updated_at = now() - interval '1 hour' "
         "WHERE user_id = :u AND idempotency_key = :k",
         u=alice.user["id"],
         k=key,
@@ -515,7 +515,7 @@ async def test_an_approval_after_the_deadline_is_reversed(
         await eventually(lambda: _authorizing(app, alice, key))
         await sql_exec(
             app,
-            "UPDATE transactions.transactions SET created_at = now() - interval '1 hour' "
+            "UPDATE transactions.transactions SET updated_at = now() - interval '1 hour' "
             "WHERE user_id = :u AND idempotency_key = :k",
             u=alice.user["id"],
             k=key,

@@ -169,14 +169,18 @@ async def lock_next_expired(conn: AsyncConnection, skip: list[str]) -> Row[Any] 
 async def lock_next_stuck(
     conn: AsyncConnection, deadline_seconds: int, skip: list[str]
 ) -> Row[Any] | None:
-    """One payment still `authorizing` after the deadline, locked (SKIP LOCKED)."""
+    """One payment `authorizing` for longer than the deadline, locked (SKIP LOCKED).
+
+    Measured from when it entered `authorizing` (`updated_at`: set by tx1 and by a resume after
+    a step-up, and moved by nothing else while it is `authorizing`), not from `created_at`: a
+    payment resumed after a long step-up is not stuck while the network answers it."""
     sql = text(
         f"""
         {_SELECT}
         WHERE t.status = 'authorizing'
-          AND t.created_at <= now() - make_interval(secs => :deadline)
+          AND t.updated_at <= now() - make_interval(secs => :deadline)
           AND t.id <> ALL (:skip)
-        ORDER BY t.created_at
+        ORDER BY t.updated_at
         LIMIT 1
         FOR UPDATE OF t SKIP LOCKED
         """
