@@ -3,6 +3,8 @@ fallback, the rule book (rules and lists, refreshed when they change), the model
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
@@ -10,12 +12,13 @@ from billfold import p2p, transactions
 from billfold.config import Settings
 from billfold.fraud.features import PostgresFeatures, RedisFeatures, feature_consumers
 from billfold.fraud.lists import load_lists
-from billfold.fraud.model.registry import load_scorer, model_dir
-from billfold.fraud.model.scorer import LightGBMScorer, ModelUnavailable
 from billfold.fraud.rules import RuleBook
 from billfold.fraud.runtime import FraudMetrics, FraudRuntime, thresholds_from
 from billfold.platform.bus.consumers import Consumer
 from billfold.platform.observability import get_logger
+
+if TYPE_CHECKING:
+    from billfold.fraud.model.scorer import LightGBMScorer
 
 log = get_logger(__name__)
 
@@ -23,6 +26,12 @@ log = get_logger(__name__)
 def load_model(settings: Settings) -> LightGBMScorer | None:
     """The champion (and challenger) of the deployment's registry, else the shipped champion;
     None when none loads: the checks then decide on rules alone with stricter bands."""
+    # Imported here, not with the package: LightGBM, scikit-learn and ONNX Runtime take seconds
+    # to import, and every process that imports billfold.app (the network simulator, the vault,
+    # the CLI) would pay for a model only the API's checks use.
+    from billfold.fraud.model.registry import load_scorer, model_dir
+    from billfold.fraud.model.scorer import ModelUnavailable
+
     try:
         return load_scorer(model_dir(settings))
     except (ModelUnavailable, OSError, ValueError) as exc:
