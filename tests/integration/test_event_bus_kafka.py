@@ -396,3 +396,24 @@ async def test_missing_topics_are_created_with_the_configured_partitions(bus_set
     finally:
         await admin.close()
     assert len(described["partitions"]) == 3
+
+
+async def test_one_kafka_relay_publishes_at_a_time(app, bus_settings, publisher):
+    """Two workers' relays never publish batches side by side (a later batch could overtake an
+    earlier one of the same aggregate): while one holds the relay lock, the other waits."""
+    engine = app.state.resources.engine
+    aggregate = f"agg-{uuid.uuid4().hex[:6]}"
+    await write(engine, aggregate, 2)
+    relay = KafkaRelay(engine, bus_settings.database_url, publisher)
+    async with engine.connect() as other, other.begin():  # another relay, mid-pass
+        await other.execute(text("SELECT pg_advisory_xact_lock(hashtext('billfold.outbox_relay'))"))
+        assert await relay.relay_once() == 0
+    assert await relay.relay_once() >= 2
+    async with engine.connect() as conn:
+        unpublished = await conn.scalar(
+            text(
+                "SELECT count(*) FROM platform.outbox WHERE subject = :s AND published_at IS NULL"
+            ),
+            {"s": aggregate},
+        )
+    assert unpublished == 0

@@ -172,7 +172,11 @@ class KafkaPublisher:
 
 class KafkaRelay(OutboxRelay):
     """The outbox relay of the Kafka bus: each batch goes to the broker, and is marked published
-    (in the transaction that holds the rows' locks) only after the broker acknowledged all of it."""
+    (in the transaction that holds the rows' locks) only after the broker acknowledged all of it.
+    Exclusive: one relay publishes at a time, so an aggregate's events reach its partition in
+    outbox order even with several workers."""
+
+    exclusive = True
 
     def __init__(
         self,

@@ -27,6 +27,8 @@ _BATCH = text(
 )
 # Once delivered, a one-time code (verification, step-up) has no business staying in clear in
 # the outbox: the published row keeps everything else, without `code`.
+# One relay at a time per database when order across batches matters (see `exclusive`).
+_ONE_RELAY = text("SELECT pg_try_advisory_xact_lock(hashtext('billfold.outbox_relay'))")
 _MARK = text(
     "UPDATE platform.outbox SET published_at = now(), data = data - 'code' WHERE seq = ANY(:seqs)"
 )
@@ -61,6 +63,12 @@ async def dev_log_sink(event: dict[str, Any]) -> None:
 class OutboxRelay:
     """Publishes committed outbox events to `sink`, at least once, in order."""
 
+    # With several relays (worker replicas), SKIP LOCKED lets two of them publish consecutive
+    # batches at once, so a later event of an aggregate can overtake an earlier one. An
+    # exclusive relay publishes only while it holds a transaction-scoped advisory lock: the
+    # others find it taken and wait for their next wake-up.
+    exclusive = False
+
     def __init__(
         self,
         engine: AsyncEngine,
@@ -81,6 +89,8 @@ class OutboxRelay:
 
     async def relay_once(self) -> int:
         async with self._engine.begin() as conn:
+            if self.exclusive and not (await conn.execute(_ONE_RELAY)).scalar():
+                return 0
             rows = (await conn.execute(_BATCH, {"limit": self._batch})).all()
             if rows:
                 await self.publish(rows)
