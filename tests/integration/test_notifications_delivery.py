@@ -5,6 +5,7 @@ limit, and the events that raise security, account, balance and loyalty notifica
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import uuid
@@ -90,9 +91,14 @@ async def test_transient_errors_are_retried_with_backoff_then_dead_lettered(
     transfer = await send_ok(client, alice, 100, bob)
     async with harness(app, **providers.settings(notifications_max_attempts=3)) as h:
         await h.deliver(transfer["id"])
-        await h.dispatch()
         (received,) = await notifications_of(app, bob, "transfer_received")
-        (push,) = (await deliveries_of(app, received.id))["push"]
+        for _ in range(100):  # the retries come due 10 ms, then 20 ms after each failure
+            await h.dispatch()
+            (push,) = (await deliveries_of(app, received.id))["push"]
+            if push.status == "failed":
+                break
+            assert push.status == "queued" and push.next_attempt_at > push.updated_at
+            await asyncio.sleep(0.01)
         assert push.status == "failed" and push.attempts == 3
         assert push.error == "gave up after 3 attempts: fcm 503 UNAVAILABLE"
         assert await log_of(app, push.id) == [
