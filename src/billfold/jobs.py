@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -66,10 +67,20 @@ def scheduled_jobs(
     ]
 
 
+async def _production_log_sink(event: dict[str, Any]) -> None:
+    """Production's downstream: the event's identity only. One-time codes reach people through
+    the notification service; printing them (as the development sink does) would leak them."""
+    log.info("event", type=event["type"], subject=event["subject"], id=event["id"])
+
+
 def event_sink(
-    engine: AsyncEngine, p2p_runtime: p2p.P2PRuntime, downstream: Sink = dev_log_sink
+    engine: AsyncEngine, p2p_runtime: p2p.P2PRuntime, downstream: Sink | None = None
 ) -> ConsumerSink:
-    """Where the relay delivers: the in-process consumers, then `downstream`."""
+    """Where the relay delivers: the in-process consumers, then `downstream` (by default the
+    development log, which prints one-time codes, outside production)."""
+    if downstream is None:
+        production = p2p_runtime.settings.environment == "production"
+        downstream = _production_log_sink if production else dev_log_sink
     consumers = [
         *p2p.consumers(p2p_runtime),
         *payment_methods.consumers(),

@@ -429,3 +429,41 @@ async def test_twilio_status_callbacks_mark_sms_delivered_or_failed(
         s=first["sid"],
     )
     assert await log_of(app, row.id) == ["queued", "sending", "sent", "delivered"]
+
+
+async def test_only_development_prints_one_time_codes(
+    client: httpx.AsyncClient, app: Any, bob: SignedIn, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The worker's downstream sink prints codes in development (that line is the e-mail
+    there); in production the notification service delivers them and nothing prints them."""
+    import dataclasses
+
+    from billfold import jobs
+
+    r = await client.post("/v1/me/verifications", json={"channel": "email"}, headers=bob.headers)
+    assert r.status_code == 201, r.text
+    (row,) = await sql(
+        app,
+        "SELECT id, type, source, subject, time, data FROM platform.outbox WHERE subject = :u "
+        "AND type = 'billfold.users.verification.requested'",
+        u=bob.user["id"],
+    )
+    event = {
+        "id": row.id,
+        "type": row.type,
+        "source": row.source,
+        "subject": row.subject,
+        "time": row.time.isoformat(),
+        "data": row.data,
+    }
+    production = dataclasses.replace(
+        app.state.p2p,
+        settings=app.state.p2p.settings.model_copy(update={"environment": "production"}),
+    )
+    capsys.readouterr()
+    await jobs.event_sink(app.state.resources.engine, production)(event)
+    assert row.data["code"] not in capsys.readouterr().out
+    await jobs.event_sink(app.state.resources.engine, app.state.p2p)(event)
+    assert row.data["code"] in capsys.readouterr().out
+    # Delivered twice, told once (the production and development sinks share the inbox).
+    assert len(await notifications_of(app, bob, "verification_code")) == 1
