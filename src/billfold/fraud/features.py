@@ -28,7 +28,8 @@ Conventions shared with the model's synthetic data (`billfold.fraud.model`):
 - `speed_kmh` = great-circle km from the previous location / the hours since (at least a
   minute); 0 without a previous location or without a location now;
 - `hour_habit_share` = share of the completed history (any currency) whose UTC hour is within
-  ±1 h of the attempt's UTC hour (0 without history); `hour_of_day` is the hour in the user's time zone;
+  ±1 h of the attempt's UTC hour (0 without history); `hour_of_day` is the hour in the user's
+  time zone;
 - `new_country` is False for the profile's own country; `new_device` is True without a device;
   `new_recipient` is True only for a transfer to a known recipient never paid before (one to
   an e-mail/phone not resolved to a user has no recipient key: False, as in the model's data);
@@ -87,6 +88,8 @@ SUBJECT_TTL_MS = 2 * DAY_MS
 # redelivery could come.
 DONE_TTL_MS = 90 * DAY_MS
 LOCATION_TTL_MS = 90 * DAY_MS
+# The profile copy (account age, KYC tier, country, time zone) is short-lived and dropped by
+# the users' events that change it.
 PROFILE_TTL_SECONDS = 60
 # The shortest time between two places that speed is computed over: GPS jitter within seconds
 # is not a supersonic journey.
@@ -978,14 +981,22 @@ async def rebuild(
     """Recreate every piece of fraud state in Redis from PostgreSQL: the completed history
     (amount statistics, hours, countries, devices, recipients), the last 24 hours' attempts and
     declines, the newest locations and every enrolled device. What PostgreSQL never held (IP
-    windows, the devices of transfers) starts empty; profile copies are read again on demand."""
+    windows, the devices of transfers) starts empty; profile copies are read again on demand.
+    Meant for a Redis that lost its state: it first removes whatever fraud state is there, so
+    checks running meanwhile see partial windows until it finishes."""
     started = time.perf_counter()
     now = now or datetime.now(UTC)
     since = now - timedelta(days=1)
     redis = features.redis
     deleted = 0
+    batch: list[Any] = []
     async for key in redis.scan_iter(match=f"{features.keys.base}*", count=1000):
-        deleted += int(await redis.unlink(key))
+        batch.append(key)
+        if len(batch) == 1000:
+            deleted += int(await redis.unlink(*batch))
+            batch = []
+    if batch:
+        deleted += int(await redis.unlink(*batch))
 
     async with engine.connect() as conn:
 
