@@ -75,9 +75,7 @@ class Artifact:
                 low=float(anomaly["low"]),
                 high=float(anomaly["high"]),
             )
-        except (OSError, KeyError, ValueError, TypeError, lightgbm.basic.LightGBMError) as exc:
-            raise ModelUnavailable(f"cannot load the model in {directory}: {exc}") from exc
-        except Exception as exc:  # onnxruntime raises its own (non-exported) error types
+        except Exception as exc:  # files, JSON, LightGBM and onnxruntime (its own error types)
             raise ModelUnavailable(f"cannot load the model in {directory}: {exc}") from exc
         # The artifact names its inputs in order; one this code does not compute would be fed
         # NaN forever, so such a model is refused rather than silently blind.

@@ -181,15 +181,6 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def subset(self, keep: list[int]) -> Dataset:
-        return Dataset(
-            [self.rows[i] for i in keep],
-            [self.labels[i] for i in keep],
-            [self.patterns[i] for i in keep],
-            [self.users[i] for i in keep],
-            [self.times[i] for i in keep],
-        )
-
 
 def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     """Great-circle distance in kilometres."""
