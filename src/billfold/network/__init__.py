@@ -16,6 +16,7 @@ from billfold.network.client import (
     CircuitBreaker,
     Iso8583Network,
     NetworkClientConfig,
+    new_rrn,
 )
 from billfold.network.models import (
     APPROVED,
@@ -41,10 +42,12 @@ from billfold.network.simulator import (
     NetworkSimulator,
     SimulatorConfig,
 )
+from billfold.network.wire import MAX_AMOUNT as MAX_NETWORK_AMOUNT
 from billfold.network.wire import WireError, country_numeric, currency_numeric
 
 __all__ = [
     "APPROVED",
+    "MAX_NETWORK_AMOUNT",
     "NO_ANSWER",
     "RESPONSE_CODES",
     "TEST_CARD_RULES",
@@ -69,5 +72,6 @@ __all__ = [
     "WireError",
     "country_numeric",
     "currency_numeric",
+    "new_rrn",
     "user_reason",
 ]

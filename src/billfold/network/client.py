@@ -17,8 +17,9 @@
   anything else is declined 91. Other requests raise `NetworkUnavailable`.
 
 Advices waiting for the network live in this process's memory: `aclose()` tries to deliver them
-first, and a crash loses them (the transactions worker reverses authorizations left
-`authorizing`; see docs/architecture.md).
+first, and a crash loses them. So the caller may name an authorization's RRN (`rrn=`, from
+`new_rrn()`) and store it before asking: the transactions worker then reverses by that RRN an
+authorization or increment a crash left unanswered (see docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -213,8 +214,9 @@ class Iso8583Network:
         merchant: Merchant,
         channel: str,
         transaction_id: str,
+        rrn: str | None = None,
     ) -> Authorization:
-        message = self._tokenised("0100", card, amount, currency, merchant, channel)
+        message = self._tokenised("0100", card, amount, currency, merchant, channel, rrn)
         message["48"] = self._private(card, merchant, channel, TX=transaction_id)
         try:
             answer = await self._request(message, reverse_on_timeout=True, stand_in=True)
@@ -231,8 +233,9 @@ class Iso8583Network:
         merchant: Merchant,
         transaction_id: str,
         channel: str = "ecommerce",
+        rrn: str | None = None,
     ) -> Authorization:
-        message = self._tokenised("0100", card, amount, original.currency, merchant, channel)
+        message = self._tokenised("0100", card, amount, original.currency, merchant, channel, rrn)
         message["48"] = self._private(
             card, merchant, channel, TX=transaction_id, IN="1", OR=original.rrn
         )
@@ -274,7 +277,12 @@ class Iso8583Network:
 
     async def echo(self) -> bool:
         """0800/0810 network management echo, bypassing the breaker (its half-open probe)."""
-        message = {"t": "0800", "7": wire.transmission_time()["7"], "37": _rrn(), "70": wire.ECHO}
+        message = {
+            "t": "0800",
+            "7": wire.transmission_time()["7"],
+            "37": new_rrn(),
+            "70": wire.ECHO,
+        }
         try:
             answer = await self._exchange(message)
         except (_NoAnswer, _NotSent):
@@ -308,14 +316,16 @@ class Iso8583Network:
 
     # --- messages -----------------------------------------------------------------------------
 
-    def _base(self, mti: str, processing: str, amount: int, currency: str) -> wire.Message:
+    def _base(
+        self, mti: str, processing: str, amount: int, currency: str, rrn: str | None = None
+    ) -> wire.Message:
         return {
             "t": mti,
             "3": processing,
             "4": wire.n12(amount),
             **wire.transmission_time(),
             "32": self.config.acquirer_id,
-            "37": _rrn(),
+            "37": rrn or new_rrn(),
             "41": self.config.terminal_id,
             "49": wire.currency_numeric(currency),
         }
@@ -328,6 +338,7 @@ class Iso8583Network:
         currency: str,
         merchant: Merchant,
         channel: str,
+        rrn: str | None = None,
     ) -> wire.Message:
         currency_code = wire.currency_numeric(currency)
         emv = wire.encode_tlv(
@@ -351,7 +362,7 @@ class Iso8583Network:
         name = wire.printable_ascii(merchant.name)
         city = wire.printable_ascii(merchant.city or "")
         location = f"{name[:25]:<25}{city[:13]:<13}{merchant.country[:2]:<2}"
-        return self._base(mti, wire.PURCHASE, amount, currency) | {
+        return self._base(mti, wire.PURCHASE, amount, currency, rrn) | {
             "2": card.dpan,
             "14": wire.expiry(card.expiry_month, card.expiry_year),
             "18": merchant.mcc,
@@ -498,20 +509,31 @@ class Iso8583Network:
     # --- advices ------------------------------------------------------------------------------
 
     async def _advise(self, message: wire.Message, original_rrn: str, *, wait: bool) -> None:
-        task = self._spawn_advice(message, original_rrn)
-        if wait:
-            # Returns after the first acknowledgement or the first failed attempt; repeats
-            # carry on in the background.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(task), self.config.timeout * 1.5)
-
-    def _spawn_advice(self, message: wire.Message, original_rrn: str) -> asyncio.Task[None]:
+        """Queue an advice; with `wait`, return after its first attempt (acknowledged, or failed:
+        at once while the breaker is open), or at once when it queues behind an earlier advice
+        of the same original that is still being repeated. Repeats carry on in the
+        background, so a capture or a void never waits out an outage."""
         previous = self._chains.get(original_rrn)
-        task = asyncio.create_task(self._deliver(message, previous), name="billfold-advice")
+        behind = previous is not None and not previous.done()
+        first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._spawn_advice(message, original_rrn, first)
+        if wait and not behind:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(first), self.config.timeout * 1.5)
+
+    def _spawn_advice(
+        self,
+        message: wire.Message,
+        original_rrn: str,
+        first: asyncio.Future[None] | None = None,
+    ) -> asyncio.Task[None]:
+        previous = self._chains.get(original_rrn)
+        task = asyncio.create_task(self._deliver(message, previous, first), name="billfold-advice")
         self._advices.add(task)
         self._chains[original_rrn] = task
 
         def done(t: asyncio.Task[None]) -> None:
+            _settle(first)
             self._advices.discard(t)
             if self._chains.get(original_rrn) is t:
                 del self._chains[original_rrn]
@@ -519,7 +541,14 @@ class Iso8583Network:
         task.add_done_callback(done)
         return task
 
-    async def _deliver(self, message: wire.Message, previous: asyncio.Task[None] | None) -> None:
+    async def _deliver(
+        self,
+        message: wire.Message,
+        previous: asyncio.Task[None] | None,
+        first: asyncio.Future[None] | None = None,
+    ) -> None:
+        """Send an advice until acknowledged, after `previous` (the same original's earlier
+        advice) is done; `first` is settled when the first attempt ends, whatever its fate."""
         if previous is not None:
             with contextlib.suppress(BaseException):
                 await asyncio.shield(previous)
@@ -538,6 +567,7 @@ class Iso8583Network:
                 return
             except (_NotSent, _NoAnswer):
                 attempt += 1
+                _settle(first)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.config.advice_retry_max)
                 continue
@@ -550,7 +580,14 @@ class Iso8583Network:
             return
 
 
-def _rrn() -> str:
-    """Field 37: YDDD (last digit of the year, day of the year) + 8 random hex digits."""
+def _settle(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
+
+
+def new_rrn() -> str:
+    """A retrieval reference number (field 37): YDDD (last digit of the year, day of the year)
+    + 8 random hex digits. The network names an authorization by it in every advice that
+    follows (a reversal, a completion)."""
     now = datetime.now(UTC)
     return f"{now.year % 10}{now.timetuple().tm_yday:03d}{secrets.token_hex(4).upper()}"

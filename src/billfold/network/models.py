@@ -220,9 +220,11 @@ class CardNetwork(Protocol):
         merchant: Merchant,
         channel: str,
         transaction_id: str,
+        rrn: str | None = None,
     ) -> Authorization:
         """0100/0110: hold `amount` on the card behind the token. A timeout raises
-        `NetworkTimeout` after queuing the 0420 reversal."""
+        `NetworkTimeout` after queuing the 0420 reversal. `rrn` (from `new_rrn()`) names the
+        authorization: a caller that stored it first can reverse it after a crash."""
         ...
 
     async def increment(
@@ -234,9 +236,11 @@ class CardNetwork(Protocol):
         merchant: Merchant,
         transaction_id: str,
         channel: str = "ecommerce",
+        rrn: str | None = None,
     ) -> Authorization:
         """Incremental authorization (0100 naming the original): hold `amount` more. `channel`
-        is the one the cryptogram was asked for (the issuer checks the token's domain)."""
+        is the one the cryptogram was asked for (the issuer checks the token's domain); `rrn`
+        as for `authorize`."""
         ...
 
     async def reverse(self, original: Authorization, *, amount: int, reason: str) -> None:

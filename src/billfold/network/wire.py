@@ -182,9 +182,13 @@ def decode_tlv(data: bytes) -> dict[str, bytes]:
     return out
 
 
+# The largest amount fields 4 and 9F02 (12 digits) can carry, in minor units.
+MAX_AMOUNT = 10**12 - 1
+
+
 def n12(amount: int) -> str:
     """An amount as field 4 and 9F02 carry it: 12 digits."""
-    if isinstance(amount, bool) or not isinstance(amount, int) or not 0 <= amount < 10**12:
+    if isinstance(amount, bool) or not isinstance(amount, int) or not 0 <= amount <= MAX_AMOUNT:
         raise WireError("amount out of range")
     return f"{amount:012d}"
 

@@ -216,7 +216,7 @@ async def refund_payment(
         response.headers[_REPLAYED] = "true"
     if done.item.status == "pending":
         response.status_code = status.HTTP_202_ACCEPTED
-    view = service.refund_view(done.item)
+    view = service.refund_view(done.item, done.payment.source)
     return RefundResult(**view.model_dump(), payment=await _view(uow, done.payment))
 
 
@@ -240,5 +240,5 @@ async def increment_payment(
     done = await operations.increment(uow.engine, rt, me, payment_id, body, idempotency_key=key)
     if done.replayed:
         response.headers[_REPLAYED] = "true"
-    view = service.increment_view(done.item)
+    view = service.increment_view(done.item, done.payment.source)
     return IncrementResult(**view.model_dump(), payment=await _view(uow, done.payment))

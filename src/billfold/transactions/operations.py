@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from billfold import ledger
 from billfold.gateway import Principal
-from billfold.network import Authorization, NetworkError, NetworkTimeout, WireError
+from billfold.network import Authorization, NetworkError, NetworkTimeout, WireError, new_rrn
 from billfold.platform.clock import utcnow
 from billfold.platform.db import unit_of_work
 from billfold.platform.errors import ProblemError
@@ -50,6 +50,7 @@ from billfold.transactions.service import (
     SETTLEMENT,
     capturable,
     check_amount,
+    check_card_amount,
     fingerprint,
     key_reused,
     merchant_of,
@@ -498,6 +499,8 @@ async def increment(
             raise PaymentNotIncrementable(
                 "Only an open authorization can be raised", extra={"payment_status": row.status}
             )
+        if row.source == "card":
+            check_card_amount(body.amount)
         values = {
             "id": new_id("inc"),
             "transaction_id": txn_id,
@@ -507,7 +510,9 @@ async def increment(
         }
         if row.source == "wallet":
             return await _increment_wallet(conn, row, values)
-        item = await store.insert_increment(conn, {**values, "status": "pending"})
+        # Its network reference is committed before the network is asked: the recovery
+        # sweeper reverses by it an increment a crash left unanswered.
+        item = await store.insert_increment(conn, {**values, "status": "pending", "rrn": new_rrn()})
     return await _increment_card(engine, rt, principal, row, item)
 
 
@@ -584,6 +589,7 @@ async def _increment_card(
                 amount=item.amount,
                 merchant=merchant_of(payment),
                 transaction_id=payment.id,
+                rrn=item.rrn,
             )
         except NetworkTimeout:
             decline, failed = declines.NETWORK_TIMEOUT, True
@@ -605,7 +611,8 @@ async def finish_increment(
     failed: bool,
 ) -> Done:
     """Record a card increment's answer. An approval for a payment that was voided or lapsed
-    meanwhile is reversed, never left holding money."""
+    meanwhile is reversed, never left holding money, and so is whatever the issuer may have
+    approved of an increment a crash left unanswered (`INTERRUPTED`, by its stored RRN)."""
     undo = False
     async with unit_of_work(engine) as uow:
         conn = await uow.connection()
@@ -647,4 +654,9 @@ async def finish_increment(
     if undo and answer is not None:
         original = original_authorization(row)
         await reverse_quietly(rt, original, answer.amount, "late_increment", row.id)
+    elif answer is None and decline is declines.INTERRUPTED and item.rrn:
+        # Sent or not, answered or not: a reversal of an authorization the issuer never made
+        # changes nothing there.
+        unknown = Authorization("00", None, item.stan or "", item.rrn, item.amount, row.currency)
+        await reverse_quietly(rt, unknown, item.amount, "timeout", row.id)
     return Done(item, row)

@@ -10,7 +10,8 @@ so no database connection (or transaction) is held while it waits:
 3. tx2 (short): the answer, the details and the per-step timings, and the event.
 
 A crash between 1 and 3 leaves `authorizing`; the worker's `recover_stuck_payments` fails such
-rows after a deadline. A wallet-balance payment never leaves billfold: one transaction places a
+rows after a deadline and reverses, by the RRN tx1 wrote (the network is told it, never asked
+for it), whatever the issuer may have approved. A wallet-balance payment never leaves billfold: one transaction places a
 ledger hold and writes the payment.
 """
 
@@ -32,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from billfold import ledger, payment_methods, users
 from billfold.gateway import Principal
 from billfold.network import (
+    MAX_NETWORK_AMOUNT,
     Authorization,
     Merchant,
     NetworkError,
@@ -40,6 +42,7 @@ from billfold.network import (
     WireError,
     country_numeric,
     currency_numeric,
+    new_rrn,
 )
 from billfold.platform.clock import utcnow
 from billfold.platform.db import unit_of_work
@@ -184,8 +187,8 @@ async def view(conn: AsyncConnection | None, row: Row[Any]) -> Payment:
     increments: list[IncrementView] = []
     if conn is not None and row.authorized_amount > 0:
         captures = [capture_view(c) for c in await store.captures(conn, row.id)]
-        refunds = [refund_view(r) for r in await store.refunds(conn, row.id)]
-        increments = [increment_view(i) for i in await store.increments(conn, row.id)]
+        refunds = [refund_view(r, row.source) for r in await store.refunds(conn, row.id)]
+        increments = [increment_view(i, row.source) for i in await store.increments(conn, row.id)]
     step_up = None
     if row.status == "challenge_required":
         step_up = StepUpHint(
@@ -238,25 +241,29 @@ def capture_view(row: Row[Any]) -> CaptureView:
     return CaptureView(id=row.id, amount=row.amount, final=row.final, created_at=row.created_at)
 
 
-def refund_view(row: Row[Any]) -> RefundView:
+def refund_view(row: Row[Any], source: str = "card") -> RefundView:
+    """A refund as its payment's owner sees it (`source`: the payment's, whose words a
+    failure code takes)."""
     return RefundView(
         id=row.id,
         amount=row.amount,
         status=row.status,
         reason=row.reason,
         failure_code=row.failure_code,
-        failure_reason=declines.reason_for(row.failure_code),
+        failure_reason=declines.reason_for(row.failure_code, source),
         created_at=row.created_at,
     )
 
 
-def increment_view(row: Row[Any]) -> IncrementView:
+def increment_view(row: Row[Any], source: str = "card") -> IncrementView:
+    """An increment as its payment's owner sees it (`source`: the payment's; a wallet's
+    `insufficient_funds` is about the wallet balance, not a card)."""
     return IncrementView(
         id=row.id,
         amount=row.amount,
         status=row.status,
         decline_code=row.decline_code,
-        decline_reason=declines.reason_for(row.decline_code),
+        decline_reason=declines.reason_for(row.decline_code, source),
         created_at=row.created_at,
     )
 
@@ -297,6 +304,16 @@ def check_amount(amount: int, pointer: str = "#/amount") -> None:
         raise InvalidPaymentAmount(
             "The amount must be a positive number of minor units",
             errors=[FieldError(pointer=pointer, detail="must be positive")],
+        )
+
+
+def check_card_amount(amount: int, pointer: str = "#/amount") -> None:
+    """A card amount travels as 12 digits (ISO 8583 field 4, EMV 9F02): a larger one is refused
+    before anything is written, not failed later as if the network were down."""
+    if amount > MAX_NETWORK_AMOUNT:
+        raise InvalidPaymentAmount(
+            f"A card payment is at most {MAX_NETWORK_AMOUNT} minor units",
+            errors=[FieldError(pointer=pointer, detail=f"must be at most {MAX_NETWORK_AMOUNT}")],
         )
 
 
@@ -362,6 +379,8 @@ async def pay(
     it is still `authorizing`); a retry of a `challenge_required` payment with
     `X-Step-Up-Token` resumes it."""
     check_amount(body.amount)
+    if body.source == "card":
+        check_card_amount(body.amount)
     _codes(body)
     timer = Timer()
     if auth_ms is not None:
@@ -486,6 +505,7 @@ async def _begin(
         "longitude": m.longitude,
         "card_brand": None,
         "card_last4": None,
+        "rrn": None,
     }
     if body.source == "card":
         assert body.payment_method_id is not None
@@ -509,7 +529,9 @@ async def _begin(
     elif body.source == "wallet":
         values |= await _hold_wallet(conn, rt, values, decision)
     else:
-        values["status"] = "authorizing"
+        # The network's reference is chosen (and committed) before the network is asked, so a
+        # crash while it answers leaves a reference the recovery sweeper can reverse.
+        values |= {"status": "authorizing", "rrn": new_rrn()}
     values["timings"] = timer.snapshot()
     inserted = await store.insert(conn, values)
     assert inserted, "the advisory lock on the key admits one first request"
@@ -613,6 +635,7 @@ async def _authorize_card(engine: AsyncEngine, rt: TransactionsRuntime, ctx: _Co
                     merchant=merchant_of(row),
                     channel=row.channel,
                     transaction_id=row.id,
+                    rrn=row.rrn,
                 )
         except NetworkTimeout:
             # The client has already sent the 0420 reversal: nothing stays held on the card.
@@ -780,7 +803,7 @@ async def resume(
             elif row.source == "wallet":
                 values |= await _hold_wallet(conn, rt, mapping(row), decision)
             else:
-                values["status"] = "authorizing"
+                values |= {"status": "authorizing", "rrn": new_rrn()}  # as in `_begin`
             await store.update(conn, txn_id, values)
             row = await store.get(conn, txn_id)
             assert row is not None

@@ -34,13 +34,14 @@ _INSERT = text(
             id, user_id, source, payment_method_id, token_id, status, amount, currency,
             authorized_amount, merchant_id, merchant_name, mcc, category, channel, device_id,
             description, note, decline_code, hold_id, idempotency_key, request_hash, expires_at,
-            authorized_at, created_at, updated_at)
+            rrn, authorized_at, created_at, updated_at)
         VALUES (
             :id, :user_id, :source, :payment_method_id, :token_id, :status, :amount, :currency,
             CAST(:authorized_amount AS bigint), :merchant_id, :merchant_name, :mcc,
             transactions.category_for_mcc(:mcc), :channel, :device_id, :description, :note,
             :decline_code, :hold_id, :idempotency_key, :request_hash, :expires_at,
-            CASE WHEN CAST(:authorized_amount AS bigint) > 0 THEN now() END, now(), now())
+            CAST(:rrn AS text), CASE WHEN CAST(:authorized_amount AS bigint) > 0 THEN now() END,
+            now(), now())
         ON CONFLICT (user_id, idempotency_key) DO NOTHING
         RETURNING id
     )
@@ -314,13 +315,15 @@ async def insert_increment(conn: AsyncConnection, values: dict[str, Any]) -> Row
         f"""
         INSERT INTO transactions.increments (
             id, transaction_id, amount, status, hold_id, decline_code, idempotency_key,
-            request_hash)
+            request_hash, rrn)
         VALUES (:id, :transaction_id, :amount, :status, :hold_id, :decline_code,
-                :idempotency_key, :request_hash)
+                :idempotency_key, :request_hash, :rrn)
         RETURNING {_INCREMENT}
         """
     )
-    return (await conn.execute(sql, {"hold_id": None, "decline_code": None, **values})).one()
+    # A card increment's `rrn` is written before the network is asked (see `new_rrn`).
+    params = {"hold_id": None, "decline_code": None, "rrn": None, **values}
+    return (await conn.execute(sql, params)).one()
 
 
 async def increment_by_key(conn: AsyncConnection, txn_id: str, key: str) -> Row[Any] | None:
@@ -338,7 +341,9 @@ async def finish_increment(
         f"""
         UPDATE transactions.increments SET
             status = :status, response_code = :response_code, decline_code = :decline_code,
-            auth_code = :auth_code, stan = :stan, rrn = :rrn, updated_at = now()
+            auth_code = :auth_code, stan = :stan,
+            -- The RRN written before the network was asked stays when no answer names one.
+            rrn = COALESCE(CAST(:rrn AS text), rrn), updated_at = now()
         WHERE id = :id AND status = 'pending'
         RETURNING {_INCREMENT}
         """

@@ -75,9 +75,10 @@ async def recover_stuck_payments(
 ) -> int:
     """Finish what a crash (or a lost connection) left between a payment's two transactions:
 
-    - a payment still `authorizing` after the deadline is `failed` (`interrupted`); its
-      authorization, if the network made one, is reversed when its reference is known;
-    - an increment still `pending` is `failed` the same way;
+    - a payment still `authorizing` after the deadline (counted from when it entered
+      `authorizing`) is `failed` (`interrupted`); its authorization, if the issuer made one,
+      is reversed by the RRN written before the network was asked;
+    - an increment still `pending` is `failed` and reversed the same way;
     - a card refund still `pending` (the network timed out) is asked again with the same
       refund id, which the issuer applies once;
     - a card capture whose completion advice was never acknowledged is advised again.
