@@ -457,15 +457,16 @@ def test_champion_flags_a_card_testing_burst_and_a_mule(champion: LightGBMScorer
 
 def test_champion_single_row_latency(champion: LightGBMScorer) -> None:
     """Measured, not assumed: the model's share of a check (the whole check's p99 budget is
-    5 ms). On a quiet machine the median is ~0.1 ms; the bound leaves room for a busy CI."""
+    5 ms). Its own CPU time, so a busy machine's scheduler does not decide the test: ~0.1 ms
+    on a quiet core, ~0.2 ms on the loaded CI machine."""
     features = _everyday()
     for _ in range(50):
         champion.score(features)  # type: ignore[arg-type]
     times = []
     for _ in range(500):
-        start = time.perf_counter()
+        start = time.thread_time()
         champion.score(features)  # type: ignore[arg-type]
-        times.append(time.perf_counter() - start)
+        times.append(time.thread_time() - start)
     times.sort()
     assert times[len(times) // 2] < 0.001, f"median {times[len(times) // 2] * 1e3:.2f} ms"
 

@@ -514,7 +514,7 @@ class _World:
             for _ in range(n):
                 at = self.local_time(p, day_start)
                 if first and p.registered >= self.t0:
-                    # The newly registered pay within minutes, like a test user does.
+                    # The newly registered pay within minutes or hours of signing up.
                     at = p.registered + r.uniform(30, 3 * HOUR)
                 first = False
                 if at < start or at >= self.t1:
