@@ -368,3 +368,28 @@ async def test_a_wallet_increment_decline_speaks_of_the_wallet(
     assert r.json()["decline_reason"] == "Your wallet balance is too low for this payment."
     got = await app_get(client, bob, p["id"])
     assert got["increments"][0]["decline_reason"] == r.json()["decline_reason"]
+
+
+async def test_control_characters_are_refused_in_free_text(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn
+) -> None:
+    """U+0001-U+001F and U+007F in a description, a note, a merchant's name or city, or a
+    refund's reason are a 422 naming the field; they would reach the CSV and the PDF."""
+    await fund(app, alice.user["id"], 1_000)
+    bad = ["Flat\x01white", "tab\there", "bell\x07", "del\x7f", "two\nlines"]
+    for text_ in bad:
+        for field, body in (
+            ("/description", payment_body(description=text_)),
+            ("/note", payment_body(note=text_)),
+            ("/merchant/name", payment_body(merchant={**COFFEE, "name": text_})),
+            ("/merchant/city", payment_body(merchant={**COFFEE, "city": text_})),
+        ):
+            r = await pay(client, alice, body)
+            assert r.status_code == 422, (field, text_, r.text)
+            assert r.json()["code"] == "validation_failed"
+            assert [e["pointer"] for e in r.json()["errors"]] == [f"#{field}"], r.json()
+    p = (await pay(client, alice, payment_body(description="  Café Zoë ☕  "))).json()
+    assert p["status"] == "authorized" and p["description"] == "Café Zoë ☕"
+    await act(client, alice, p["id"], "capture")
+    r = await act(client, alice, p["id"], "refunds", {"reason": "bad\x1bmilk"})
+    assert r.status_code == 422 and r.json()["errors"][0]["pointer"] == "#/reason", r.text

@@ -37,8 +37,18 @@ METHOD_ID_PATTERN = r"^pm_[0-9a-z]{26}$"
 Amount = Annotated[
     MinorUnits, Field(description="Minor units (cents); must be positive", le=MAX_AMOUNT)
 ]
-Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=140)]
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+# No control characters (U+0000-U+001F, U+007F) in free text: it is shown in apps, the CSV
+# export and the PDF receipts, where they hide or garble what follows (the history's `merchant`
+# filter refuses the same).
+_PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+Text = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=140, pattern=_PRINTABLE),
+]
+Name = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=100, pattern=_PRINTABLE),
+]
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
 
 
