@@ -144,7 +144,9 @@ async def resume_payment(
 ) -> Payment:
     """For a `challenge_required` payment: `X-Step-Up-Token` from a step-up with purpose
     `payment` and reference the payment id. The payment is then authorized as any other (201,
-    or 202 for `review`); 409 `payment_not_resumable` if it is not waiting for a step-up."""
+    or 202 for `review`); 409 `payment_not_resumable` if it is not waiting for a step-up. A
+    payment resumes once, so the Idempotency-Key is required but not stored: a retry is that
+    409, and `GET /v1/payments/{id}` answers the outcome."""
     row = await service.resume(uow.engine, rt, me, payment_id, step_up, ip=client_ip(request))
     response.status_code = _status_of(row.status)
     return await _view(uow, row, children=False)
@@ -183,7 +185,8 @@ async def capture_payment(
 )
 async def void_payment(payment_id: PaymentId, me: Me, uow: Uow, rt: Runtime, key: Key) -> Payment:
     """The wallet hold is released or the card authorization reversed; `voided`. 409
-    `payment_not_voidable` once something was captured."""
+    `payment_not_voidable` once something was captured. Voiding again answers the voided
+    payment, so the Idempotency-Key is required but not stored."""
     row = await operations.void(uow.engine, rt, me, payment_id)
     return await _view(uow, row)
 
