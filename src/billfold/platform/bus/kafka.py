@@ -203,9 +203,9 @@ class KafkaConsumerRunner:
     """Runs one `Consumer` on the Kafka bus in its own consumer group.
 
     Each record is handled through `ConsumerSink.attempt` (effect + inbox row in one
-    transaction, retries with backoff); a partition's offsets are committed after its records
-    of the batch were handled, so a crash mid-batch re-reads them and the inbox skips what was
-    done. A record that still fails, or cannot be read at all, goes to the dead-letter topic and
+    transaction, retries with backoff); the partitions of a batch run side by side, each in
+    order, and the batch's offsets are committed after all its records were handled, so a crash
+    mid-batch re-reads them and the inbox skips what was done. A record that still fails, or cannot be read at all, goes to the dead-letter topic and
     `platform.dead_letters` before its offset is committed."""
 
     def __init__(
@@ -218,6 +218,7 @@ class KafkaConsumerRunner:
         backoff_seconds: float = 0.2,
         max_records: int = 200,
         restart_seconds: float = 1.0,
+        parallel_partitions: int = 4,
     ) -> None:
         self.consumer = consumer
         self.config = publisher.config
@@ -226,6 +227,8 @@ class KafkaConsumerRunner:
             engine, [consumer], attempts=attempts, backoff_seconds=backoff_seconds
         )
         self._max_records = max_records
+        # At most this many partitions in flight (each holds a pooled connection while it works).
+        self._parallel = asyncio.Semaphore(parallel_partitions)
         self._restart = restart_seconds
         self.topics = sorted({self.config.topic(t) for t in consumer.types})
 
@@ -258,12 +261,24 @@ class KafkaConsumerRunner:
         try:
             while not stop.is_set():
                 batch = await kafka.getmany(timeout_ms=500, max_records=self._max_records)
-                for partition, records in batch.items():
-                    for record in records:
-                        await self.handle(record)
-                    await kafka.commit({partition: records[-1].offset + 1})
+                if not batch:
+                    continue
+                # Partitions side by side, each in order: an aggregate's events share a
+                # partition, so per-aggregate order holds while the database round trips of
+                # different partitions overlap. Offsets are committed once every partition's
+                # records are handled; if one fails, the others stop and all are read again
+                # (the inbox skips what was done).
+                async with asyncio.TaskGroup() as group:
+                    for records in batch.values():
+                        group.create_task(self._partition(records))
+                await kafka.commit({tp: records[-1].offset + 1 for tp, records in batch.items()})
         finally:
             await kafka.stop()
+
+    async def _partition(self, records: list[ConsumerRecord[Any, Any]]) -> None:
+        async with self._parallel:
+            for record in records:
+                await self.handle(record)
 
     async def handle(self, record: ConsumerRecord[Any, Any]) -> None:
         """Deliver one record to the consumer (or park it); returns when that is durable."""
