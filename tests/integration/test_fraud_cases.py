@@ -17,6 +17,7 @@ from sqlalchemy import text
 
 from billfold.config import Settings
 from billfold.fraud.service import FraudRiskCheck
+from billfold.platform.ids import new_id
 from tests.conftest import SignedIn, idem, make_admin
 from tests.integration.test_fraud_decisions import Rules, make_runtime, payment, transfer
 
@@ -39,7 +40,7 @@ async def open_cases(app: Any, settings: Settings, user_id: str, kinds: str) -> 
 
 
 def who() -> str:
-    return f"usr_casetest{uuid.uuid4().hex[:12]}"
+    return new_id("usr")
 
 
 async def get(client: httpx.AsyncClient, admin: SignedIn, **params: Any) -> dict[str, Any]:

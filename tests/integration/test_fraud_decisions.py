@@ -8,7 +8,6 @@ what they answer."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +20,10 @@ from billfold.config import Settings
 from billfold.fraud import FEATURE_NAMES, FeaturesUnavailable, ModelScore, RiskSubject, RuleHit
 from billfold.fraud.runtime import FixedRules, FraudRuntime, thresholds_from
 from billfold.fraud.service import FraudRiskCheck
+from billfold.platform.ids import new_id
 from billfold.platform.money import Money
+
+SOMEONE = new_id("usr")  # a transfer recipient
 
 
 @dataclass
@@ -107,7 +109,7 @@ def make_runtime(
 
 def payment(user_id: str, amount: int = 1_500, **kw: Any) -> transactions.PaymentRisk:
     values: dict[str, Any] = {
-        "transaction_id": f"txn_test{uuid.uuid4().hex[:20]}",
+        "transaction_id": new_id("txn"),
         "user_id": user_id,
         "source": "wallet",
         "payment_method_id": None,
@@ -131,9 +133,9 @@ def payment(user_id: str, amount: int = 1_500, **kw: Any) -> transactions.Paymen
 
 def transfer(user_id: str, amount: int = 1_500, **kw: Any) -> p2p.TransferRisk:
     values: dict[str, Any] = {
-        "transfer_id": f"p2p_test{uuid.uuid4().hex[:20]}",
+        "transfer_id": new_id("p2p"),
         "sender_id": user_id,
-        "recipient_id": "usr_someone",
+        "recipient_id": SOMEONE,
         "recipient_kind": "user_id",
         "money": Money(amount, "USD"),
         "device_id": None,
@@ -149,7 +151,8 @@ async def engine(app: Any) -> AsyncIterator[Any]:
 
 
 def user() -> str:
-    return f"usr_fraudtest{uuid.uuid4().hex[:12]}"
+    # Well-formed ids: the suite checks every event it wrote against docs/events/.
+    return new_id("usr")
 
 
 async def rows(engine: Any, sql: str, **params: Any) -> list[Any]:
@@ -437,7 +440,7 @@ async def test_subject_carries_what_features_need(
     assert (ts.kind, ts.user_id, ts.recipient_id, ts.device_id, ts.ip) == (
         "transfer",
         t.sender_id,
-        "usr_someone",
+        SOMEONE,
         "dev_2",
         "198.51.100.1",
     )
