@@ -232,10 +232,17 @@ async def billfold_run(
     return elapsed, lags
 
 
-def line(name: str, n: int, elapsed: float, lags: list[float]) -> str:
+def cpu() -> float:
+    """CPU seconds of this process so far (the relay, the consumer and the clients all run here;
+    PostgreSQL's and the broker's CPU are not in it)."""
+    return time.process_time()
+
+
+def line(name: str, n: int, elapsed: float, lags: list[float], cpu_s: float) -> str:
     return (
         f"  {name:<28} {n / elapsed:9.0f} events/s   lag p50 {percentile(lags, 50) * 1000:7.1f} ms"
-        f"   p99 {percentile(lags, 99) * 1000:7.1f} ms   ({n} in {elapsed:.2f} s)"
+        f"   p99 {percentile(lags, 99) * 1000:7.1f} ms   {cpu_s / n * 1e6:6.0f} µs CPU/event"
+        f"   ({n} in {elapsed:.2f} s)"
     )
 
 
@@ -282,19 +289,27 @@ async def _bench(
         f"{args.partitions} partitions, {AGGREGATES} aggregates"
     )
     progress("reference backlog (aiokafka produce + consume) ...")
+    c = cpu()
     ref_elapsed, ref_lags = await raw_run(config, args.events, None)
+    ref_cpu, c = cpu() - c, cpu()
     progress("billfold backlog ...")
     bf_elapsed, bf_lags = await billfold_run(settings, engine, args.events, None)
+    bf_cpu, c = cpu() - c, cpu()
     progress(f"reference steady at {args.rate}/s ...")
     ref_s_elapsed, ref_s_lags = await raw_run(config, args.steady_events, args.rate)
+    ref_s_cpu, c = cpu() - c, cpu()
     progress(f"billfold steady at {args.rate}/s ...")
     bf_s_elapsed, bf_s_lags = await billfold_run(settings, engine, args.steady_events, args.rate)
+    bf_s_cpu = cpu() - c
     print("backlog (all events waiting at once; lag = time each waited, mostly queueing)")
-    print(line("reference aiokafka", args.events, ref_elapsed, ref_lags))
-    print(line("billfold outbox→kafka→inbox", args.events, bf_elapsed, bf_lags))
+    print("  (CPU/event: this process over the whole run, set-up and warm-up included)")
+    print(line("reference aiokafka", args.events, ref_elapsed, ref_lags, ref_cpu))
+    print(line("billfold outbox→kafka→inbox", args.events, bf_elapsed, bf_lags, bf_cpu))
     print(f"steady ({args.rate}/s offered; lag = commit → handled)")
-    print(line("reference aiokafka", args.steady_events, ref_s_elapsed, ref_s_lags))
-    print(line("billfold outbox→kafka→inbox", args.steady_events, bf_s_elapsed, bf_s_lags))
+    print(line("reference aiokafka", args.steady_events, ref_s_elapsed, ref_s_lags, ref_s_cpu))
+    print(
+        line("billfold outbox→kafka→inbox", args.steady_events, bf_s_elapsed, bf_s_lags, bf_s_cpu)
+    )
     ratio = (args.events / bf_elapsed) / (args.events / ref_elapsed)
     print(f"ratio     billfold / reference backlog throughput = {ratio:.3f}")
     return 0
