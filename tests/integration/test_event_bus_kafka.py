@@ -419,3 +419,46 @@ async def test_one_kafka_relay_publishes_at_a_time(app, bus_settings, publisher)
             {"s": aggregate},
         )
     assert unpublished == 0
+
+
+async def test_the_worker_bus_waits_for_a_late_broker_then_delivers(app, bus_settings, effects):
+    """`KafkaBus` (what `billfold worker` runs) started before its broker: it retries, and once
+    the broker is up the relay and the consumer group deliver what the outbox kept."""
+    from billfold.platform.bus.kafka import KafkaBus
+    from tests.conftest import free_port, tansu_binary
+
+    engine = app.state.resources.engine
+    port = free_port()
+    settings = bus_settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{port}"})
+    consumer, seen = recording_consumer(effects)
+    bus = KafkaBus(engine, settings, [consumer])
+    stop = asyncio.Event()
+    task = asyncio.create_task(bus.run(stop, retry_seconds=0.2))
+    broker = None
+    try:
+        events = await write(engine, f"agg-{uuid.uuid4().hex[:6]}", 3)
+        await asyncio.sleep(1)
+        assert not task.done() and seen == []  # waiting for the broker, not given up
+        url = f"tcp://127.0.0.1:{port}"
+        args = ["--listener-url", url, "--advertised-listener-url", url, "--silent"]
+        broker = await asyncio.create_subprocess_exec(
+            str(tansu_binary()),
+            "broker",
+            *args,
+            "--storage-engine",
+            "memory://tansu/",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        async with asyncio.timeout(60):
+            while True:
+                if len(await effect_counts(engine, effects)) >= 3:
+                    break
+                await asyncio.sleep(0.1)
+        assert await effect_counts(engine, effects) == {e.id: 1 for e in events}
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        if broker is not None:
+            broker.terminate()
+            await asyncio.wait_for(broker.wait(), 10)

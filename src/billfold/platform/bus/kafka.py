@@ -114,16 +114,26 @@ class KafkaPublisher:
 
     def __init__(self, config: KafkaConfig) -> None:
         self.config = config
-        self._producer = AIOKafkaProducer(
-            **config.client_options(),
-            acks="all",
-            enable_idempotence=config.enable_idempotence,
-            linger_ms=2,
-        )
+        self._producer = self._new_producer()
         self._known_topics: set[str] = set()
 
+    def _new_producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            **self.config.client_options(),
+            acks="all",
+            enable_idempotence=self.config.enable_idempotence,
+            linger_ms=2,
+        )
+
     async def start(self) -> None:
-        await self._producer.start()
+        """Connect; after a failed start, a later call starts over with a fresh producer."""
+        try:
+            await self._producer.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._producer.stop()
+            self._producer = self._new_producer()
+            raise
 
     async def stop(self) -> None:
         await self._producer.stop()
@@ -339,10 +349,21 @@ class KafkaBus:
             for consumer in consumers
         ]
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, retry_seconds: float = 5.0) -> None:
         topics = {t for runner in self.runners for t in runner.topics}
-        await ensure_topics(self.config, sorted({*topics, self.config.dead_letter_topic}))
-        await self.publisher.start()
+        # A broker that is not reachable yet (a worker starting before Kafka) is waited for:
+        # the outbox keeps the events meanwhile.
+        while True:
+            try:
+                await ensure_topics(self.config, sorted({*topics, self.config.dead_letter_topic}))
+                await self.publisher.start()
+                break
+            except Exception:
+                log.exception("kafka not reachable; retrying", bootstrap=self.config.bootstrap)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), retry_seconds)
+                if stop.is_set():
+                    return
         tasks: list[asyncio.Task[None]] = []
         try:
             if self.relay is not None:
