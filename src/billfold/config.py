@@ -143,6 +143,10 @@ class Settings(BaseSettings):
     # A card payment still `authorizing` after this long was left by a crash between writing it
     # and recording the network's answer: the worker reverses it and marks it failed.
     payment_authorizing_deadline_seconds: int = Field(default=120, gt=0)
+    # Payments one API process works on at once before the network (the first transaction and
+    # the cryptogram); more wait their turn holding nothing, so a burst queues instead of
+    # failing in the database and vault pools. Waiting for the network is not counted.
+    payment_admission_limit: int = Field(default=32, gt=0)
 
     # Fraud Detection Service: every payment and transfer is checked when enabled (off: the
     # payments' and transfers' own allow-all hook).

@@ -29,6 +29,15 @@ _OUTBOX_INSERT = """
 """
 _INSERT = text(_OUTBOX_INSERT.format(p=""))
 _WITH_PREFIX = "outbox_"
+# The same row written only when the statement it rides with returned one (`with_event`'s
+# `only_if_rows`): an INSERT … SELECT, whose parameters need their types spelled out.
+_OUTBOX_INSERT_IF_ROWS = """
+    INSERT INTO platform.outbox (id, type, source, subject, aggregate_id, time, data)
+    SELECT CAST(:{p}id AS text), CAST(:{p}type AS text), CAST(:{p}source AS text),
+           CAST(:{p}subject AS text), CAST(:{p}aggregate_id AS text),
+           CAST(:{p}time AS timestamptz), CAST(:{p}data AS jsonb)
+    WHERE EXISTS (SELECT 1 FROM main)
+"""
 # Its own tiny transaction, after the business commit: a NOTIFY inside the business
 # transaction would take PostgreSQL's global notify-queue lock at pre-commit and hold it through
 # the WAL flush, so every transfer would commit one at a time (see docs/performance.md).
@@ -81,14 +90,19 @@ async def record_event(conn: AsyncConnection, event: Event) -> Event:
     return event
 
 
-def with_event(statement: str) -> TextClause:
+def with_event(statement: str, *, ctes: str = "", only_if_rows: bool = False) -> TextClause:
     """One data-modifying `statement` (with RETURNING) and an outbox insert as one SQL statement:
     a business row and its event in one round trip, both or neither. Run it with
-    `execute_with_event`; the result is the statement's own RETURNING rows."""
-    # Composed from the module's own SQL constants at import time, never from input.
+    `execute_with_event`; the result is the statement's own RETURNING rows.
+
+    `ctes` (`name AS (…), …`) come first, for a `statement` that reads what they wrote (two
+    tables' rows and one event, still one statement). With `only_if_rows`, the event is written
+    only if `statement` returned a row (a conditional UPDATE that found nothing writes none)."""
+    outbox = _OUTBOX_INSERT_IF_ROWS if only_if_rows else _OUTBOX_INSERT
+    # Composed from the callers' SQL constants, never from input.
     return text(
-        f"WITH main AS ({statement}), "  # noqa: S608
-        f"event AS ({_OUTBOX_INSERT.format(p=_WITH_PREFIX)}) "
+        f"WITH {ctes + ', ' if ctes else ''}main AS ({statement}), "  # noqa: S608
+        f"event AS ({outbox.format(p=_WITH_PREFIX)}) "
         "SELECT * FROM main"
     )
 

@@ -3,6 +3,7 @@ whose sweepers send reversals)."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -71,6 +72,15 @@ class TransactionsRuntime:
 
     def __post_init__(self) -> None:
         self._fingerprint_key = fingerprint_key(self.settings.secret_key)
+        self._admission: asyncio.Semaphore | None = None
+
+    @property
+    def admission(self) -> asyncio.Semaphore:
+        """How many payments may do their work before the network at once
+        (`payment_admission_limit`); the others wait in arrival order, holding nothing."""
+        if self._admission is None:  # made on first use, inside the process's event loop
+            self._admission = asyncio.Semaphore(self.settings.payment_admission_limit)
+        return self._admission
 
     @property
     def fingerprint_key(self) -> bytes:

@@ -5,9 +5,14 @@ so no database connection (or transaction) is held while it waits:
 
 1. tx1 (short): the user's Idempotency-Key is claimed (an advisory lock on it, then a unique
    index as backstop: a duplicate finds the payment the first request made), the card's token
-   is looked up, the risk check decides, and the payment is written `authorizing` with its event.
+   is looked up, the risk check decides, and the payment is written `authorizing` with its event
+   (payment, details and event in one statement).
 2. No connection: the vault makes the cryptogram, the network authorizes.
-3. tx2 (short): the answer, the details and the per-step timings, and the event.
+3. tx2 (one statement, no BEGIN/COMMIT around it): the answer, the details and the per-step
+   timings, and the event, only if the payment is still `authorizing`.
+
+Round trips per card payment, as they cost CPU in every process: tx1 is BEGIN, claim, key
+lookup, card token, insert, COMMIT; tx2 is one (see docs/performance.md).
 
 A crash between 1 and 3 leaves `authorizing`; the worker's `recover_stuck_payments` fails such
 rows after a deadline and reverses, by the RRN tx1 wrote (the network is told it, never asked
@@ -23,10 +28,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -47,7 +51,7 @@ from billfold.network import (
 from billfold.platform.clock import utcnow
 from billfold.platform.db import unit_of_work
 from billfold.platform.errors import FieldError, ProblemError, Unprocessable
-from billfold.platform.events import record_event
+from billfold.platform.events import outbox_written, record_event, wake_relay
 from billfold.platform.idempotency import request_fingerprint
 from billfold.platform.ids import new_id
 from billfold.platform.money import POINTS, Money
@@ -387,25 +391,29 @@ async def pay(
         timer.add("auth", auth_ms)
     request_hash = fingerprint(rt, "/v1/payments", body)
     txn_id = new_id("txn")
-    with timer.step("db"):
-        async with unit_of_work(engine) as uow:
-            conn = await uow.connection()
-            await conn.execute(
-                text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 23))"),
-                {"k": f"payment:{principal.user_id}:{idempotency_key}"},
-            )
-            existing = await store.by_idempotency_key(conn, principal.user_id, idempotency_key)
-            if existing is None:
-                row = await _begin(
-                    conn, rt, principal, body, txn_id, idempotency_key, request_hash, ip, timer
+    # A payment's own work (tx1, the cryptogram) runs inside the admission gate; the wait for
+    # the network and tx2 do not: the gate bounds the load on the database and vault pools and
+    # on this event loop (a burst queues here, holding nothing), not the payments in flight.
+    async with rt.admission:
+        with timer.step("db"):
+            async with unit_of_work(engine) as uow:
+                conn = await uow.connection()
+                now, category = await store.claim_key(
+                    conn, f"payment:{principal.user_id}:{idempotency_key}", body.merchant.mcc
                 )
+                existing = await store.by_idempotency_key(conn, principal.user_id, idempotency_key)
+                if existing is None:
+                    started = _Started(txn_id, idempotency_key, request_hash, now, category)
+                    row = await _begin(conn, rt, principal, body, started, ip, timer)
+        if existing is None and row.status == "authorizing":
+            ctx = _Context(row, principal, _decision_of(row), timer)
+            tokenised = await _cryptogram(rt, ctx)
     if existing is not None:
         return await _existing(engine, rt, principal, existing, request_hash, step_up_token, ip)
     if row.status != "authorizing":
         _observe(rt, row, timer)
         return Outcome(row)
-    ctx = _Context(row, principal, _decision_of(row), timer)
-    return Outcome(await _authorize_card(engine, rt, ctx))
+    return Outcome(await _network_and_record(engine, rt, ctx, tokenised))
 
 
 def _decision_of(row: Row[Any]) -> RiskDecision:
@@ -458,9 +466,16 @@ def _risk_input(
     )
 
 
-async def _category(conn: AsyncConnection, mcc: str) -> str:
-    found = await conn.execute(text("SELECT transactions.category_for_mcc(:m)"), {"m": mcc})
-    return str(found.scalar_one())
+@dataclass(frozen=True)
+class _Started:
+    """What tx1 knows before it writes the payment: its id, the claimed key, the request's
+    fingerprint, the transaction's clock (`created_at`) and the merchant's category."""
+
+    txn_id: str
+    idempotency_key: str
+    request_hash: str
+    now: datetime
+    category: str
 
 
 async def _begin(
@@ -468,9 +483,7 @@ async def _begin(
     rt: TransactionsRuntime,
     principal: Principal,
     body: NewPayment,
-    txn_id: str,
-    idempotency_key: str,
-    request_hash: str,
+    started: _Started,
     ip: str | None,
     timer: Timer,
 ) -> Row[Any]:
@@ -478,8 +491,9 @@ async def _begin(
     an allowed or reviewed card payment is `authorizing`, for the network."""
     user_id = principal.user_id
     m = body.merchant
+    idempotency_key, request_hash = started.idempotency_key, started.request_hash
     values: dict[str, Any] = {
-        "id": txn_id,
+        "id": started.txn_id,
         "user_id": user_id,
         "source": body.source,
         "payment_method_id": body.payment_method_id,
@@ -512,7 +526,7 @@ async def _begin(
         with timer.step("token"):
             card = await payment_methods.card_token_for(conn, user_id, body.payment_method_id)
         values |= {"token_id": card.token_id, "card_brand": card.brand, "card_last4": card.last4}
-    values["category"] = await _category(conn, m.mcc)
+    values["category"] = started.category
     with timer.step("fraud"):
         decision = await rt.risk.assess(conn, _risk_input(values, principal, ip, False))
     values |= {
@@ -532,14 +546,25 @@ async def _begin(
         # The network's reference is chosen (and committed) before the network is asked, so a
         # crash while it answers leaves a reference the recovery sweeper can reverse.
         values |= {"status": "authorizing", "rrn": new_rrn()}
-    values["timings"] = timer.snapshot()
-    inserted = await store.insert(conn, values)
-    assert inserted, "the advisory lock on the key admits one first request"
-    row = await store.get(conn, txn_id)
-    assert row is not None
     with timer.step("notify_enqueue"):
-        await publish(conn, events.STATUS_EVENTS[row.status], row)
+        # The event describes the row as the insert below writes it (`created_at` is this
+        # transaction's now()), so both go in one statement.
+        event = events.event(events.STATUS_EVENTS[values["status"]], _as_inserted(values, started))
+    values["timings"] = timer.snapshot()
+    row = await store.insert_with_event(conn, values, event)
+    assert row is not None, "the advisory lock on the key admits one first request"
     return row
+
+
+def _as_inserted(values: dict[str, Any], started: _Started) -> dict[str, Any]:
+    """A new payment's columns as the database fills them in (what its first event says)."""
+    return {
+        **values,
+        "captured_amount": 0,
+        "released_amount": 0,
+        "refunded_amount": 0,
+        "created_at": started.now,
+    }
 
 
 async def _hold_wallet(
@@ -611,21 +636,40 @@ async def tokenised_card(
 
 async def _authorize_card(engine: AsyncEngine, rt: TransactionsRuntime, ctx: _Context) -> Row[Any]:
     """Steps 2 and 3: cryptogram and network with no connection held, then tx2."""
-    timer, row = ctx.timer, ctx.row
-    authorization: Authorization | None = None
+    return await _network_and_record(engine, rt, ctx, await _cryptogram(rt, ctx))
+
+
+@dataclass(frozen=True)
+class _Tokenised:
+    """The cryptogram step's outcome: the card for the network, or why there is none."""
+
+    card: TokenisedCard | None
     decline: declines.Decline | None = None
-    failed = False
+    failed: bool = False
+
+
+async def _cryptogram(rt: TransactionsRuntime, ctx: _Context) -> _Tokenised:
+    row = ctx.row
     try:
-        with timer.step("token"):
-            card = await tokenised_card(rt, row, row.amount, ctx.principal.device_id)
+        with ctx.timer.step("token"):
+            return _Tokenised(await tokenised_card(rt, row, row.amount, ctx.principal.device_id))
     except (TokenNotActive, TokenNotFound):
-        decline = declines.CARD_INACTIVE
+        return _Tokenised(None, declines.CARD_INACTIVE)
     except TokenDomainViolation:
-        decline = declines.CARD_NOT_ALLOWED_HERE
+        return _Tokenised(None, declines.CARD_NOT_ALLOWED_HERE)
     except ProblemError as exc:  # the vault process is unavailable
         log.warning("cryptogram failed", transaction_id=row.id, code=exc.code)
-        decline, failed = declines.SERVICE_UNAVAILABLE, True
-    else:
+        return _Tokenised(None, declines.SERVICE_UNAVAILABLE, failed=True)
+
+
+async def _network_and_record(
+    engine: AsyncEngine, rt: TransactionsRuntime, ctx: _Context, tokenised: _Tokenised
+) -> Row[Any]:
+    """The network's answer for a tokenised card (none without one), then tx2."""
+    timer, row, card = ctx.timer, ctx.row, tokenised.card
+    authorization: Authorization | None = None
+    decline, failed = tokenised.decline, tokenised.failed
+    if card is not None:
         try:
             with timer.step("network"):
                 authorization = await rt.network.authorize(
@@ -682,49 +726,46 @@ async def _write_answer(
     rt: TransactionsRuntime,
 ) -> tuple[Row[Any], bool]:
     timer = ctx.timer
-    late = False
-    async with unit_of_work(engine) as uow:
-        conn = await uow.connection()
-        row = await store.get(conn, txn_id, for_update=True)
-        assert row is not None
-        if row.status != "authorizing":
+    values: dict[str, Any] = {}
+    if authorization is not None:
+        values |= {
+            "response_code": authorization.response_code,
+            "stand_in": authorization.stand_in,
+            "stan": authorization.stan,
+            "rrn": authorization.rrn,
+        }
+        if authorization.approved:
+            expires = utcnow() + timedelta(seconds=rt.settings.payment_authorization_ttl_seconds)
+            values |= {
+                "status": "review" if ctx.decision.action == "review" else "authorized",
+                "authorized_amount": authorization.amount,
+                "auth_code": authorization.auth_code,
+                "expires_at": expires,
+                "authorized_at": utcnow(),
+            }
+        else:
+            decline = declines.from_response_code(authorization.response_code)
+    if decline is not None:
+        values |= {"status": "failed" if failed else "declined", "decline_code": decline.code}
+    with timer.step("notify_enqueue"):
+        # While it is `authorizing` nothing else changes the payment, so its event is tx1's row
+        # with these values, written by the same statement as they are.
+        event = events.event(events.STATUS_EVENTS[values["status"]], {**mapping(ctx.row), **values})
+    values["timings"] = timer.snapshot()
+    # One statement, atomic on its own: no BEGIN and COMMIT round trips around it.
+    async with engine.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        row = await store.finish_authorizing(conn, txn_id, values, event)
+        written = outbox_written(conn)  # the mark must not stay on the pooled connection
+        if row is None:
             # The recovery sweeper already failed it (this request outlived the deadline): an
             # approval that arrives now is reversed, never left holding the user's money.
-            late = authorization is not None and authorization.approved
-        else:
-            values: dict[str, Any] = {}
-            if authorization is not None:
-                values |= {
-                    "response_code": authorization.response_code,
-                    "stand_in": authorization.stand_in,
-                    "stan": authorization.stan,
-                    "rrn": authorization.rrn,
-                }
-                if authorization.approved:
-                    expires = utcnow() + timedelta(
-                        seconds=rt.settings.payment_authorization_ttl_seconds
-                    )
-                    values |= {
-                        "status": "review" if ctx.decision.action == "review" else "authorized",
-                        "authorized_amount": authorization.amount,
-                        "auth_code": authorization.auth_code,
-                        "expires_at": expires,
-                        "authorized_at": utcnow(),
-                    }
-                else:
-                    decline = declines.from_response_code(authorization.response_code)
-            if decline is not None:
-                values |= {
-                    "status": "failed" if failed else "declined",
-                    "decline_code": decline.code,
-                }
-            values["timings"] = timer.snapshot()
-            await store.update(conn, txn_id, values)
             row = await store.get(conn, txn_id)
             assert row is not None
-            with timer.step("notify_enqueue"):
-                await publish(conn, events.STATUS_EVENTS[row.status], row)
-    return row, late
+            return row, authorization is not None and authorization.approved
+    if written:
+        wake_relay(engine)
+    return row, False
 
 
 def _observe(rt: TransactionsRuntime, row: Row[Any], timer: Timer) -> None:

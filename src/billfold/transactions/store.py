@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from billfold.platform.events import Event, execute_with_event, with_event
 from billfold.platform.ids import is_valid_id
 
 _T = (
@@ -26,10 +28,36 @@ _FROM = (
     "transactions.transactions t JOIN transactions.transaction_details d ON d.transaction_id = t.id"
 )
 _SELECT = f"SELECT {_T}, {_D} FROM {_FROM}"
+# The same columns as RETURNING lists of the two tables (for statements that write and answer
+# the payment in one round trip) and as the select of CTEs named `t` and `d` that return them.
+_T_RETURNING = ", ".join(c.strip().removeprefix("t.") for c in _T.split(","))
+_D_RETURNING = "dd.transaction_id, " + ", ".join(
+    "dd." + c.strip().removeprefix("d.") for c in _D.split(",")
+)
+_JOINED = f"SELECT {_T}, {_D} FROM t JOIN d ON d.transaction_id = t.id"
 
-_INSERT = text(
-    """
-    WITH t AS (
+# The authorization path's first transaction, which is most of a payment's database work:
+# the key's lock, the transaction's clock and the MCC's category in one round trip, then the
+# payment, its details and its first event in another.
+_CLAIM = text(
+    "SELECT pg_advisory_xact_lock(hashtextextended(:k, 23)) AS locked, now() AS now, "
+    "transactions.category_for_mcc(:mcc) AS category"
+)
+
+
+async def claim_key(conn: AsyncConnection, lock_key: str, mcc: str) -> tuple[datetime, str]:
+    """Hold `lock_key` (an advisory lock until the transaction ends; a concurrent holder makes
+    this wait) and answer the transaction's `now()` (what the payment's `created_at` will be)
+    and the category of `mcc`. Read the key's payment in a statement after this one: this
+    statement's snapshot may predate the commit of the holder it waited for."""
+    row = (await conn.execute(_CLAIM, {"k": lock_key, "mcc": mcc})).one()
+    return row.now, str(row.category)
+
+
+_INSERT_WITH_EVENT = with_event(
+    _JOINED,
+    ctes=f"""
+    t AS (
         INSERT INTO transactions.transactions (
             id, user_id, source, payment_method_id, token_id, status, amount, currency,
             authorized_amount, merchant_id, merchant_name, mcc, category, channel, device_id,
@@ -37,30 +65,82 @@ _INSERT = text(
             rrn, authorized_at, created_at, updated_at)
         VALUES (
             :id, :user_id, :source, :payment_method_id, :token_id, :status, :amount, :currency,
-            CAST(:authorized_amount AS bigint), :merchant_id, :merchant_name, :mcc,
-            transactions.category_for_mcc(:mcc), :channel, :device_id, :description, :note,
-            :decline_code, :hold_id, :idempotency_key, :request_hash, :expires_at,
+            CAST(:authorized_amount AS bigint), :merchant_id, :merchant_name, :mcc, :category,
+            :channel, :device_id, :description, :note, :decline_code, :hold_id,
+            :idempotency_key, :request_hash, :expires_at,
             CAST(:rrn AS text), CASE WHEN CAST(:authorized_amount AS bigint) > 0 THEN now() END,
             now(), now())
         ON CONFLICT (user_id, idempotency_key) DO NOTHING
-        RETURNING id
-    )
-    INSERT INTO transactions.transaction_details (
-        transaction_id, merchant_country, merchant_city, latitude, longitude, card_brand,
-        card_last4, risk_action, risk_score, risk_reasons, timings)
-    SELECT t.id, :merchant_country, :merchant_city, :latitude, :longitude, :card_brand,
-           :card_last4, :risk_action, :risk_score, :risk_reasons, CAST(:timings AS jsonb)
-    FROM t
-    RETURNING transaction_id
-    """
+        RETURNING {_T_RETURNING}
+    ),
+    d AS (
+        INSERT INTO transactions.transaction_details AS dd (
+            transaction_id, merchant_country, merchant_city, latitude, longitude, card_brand,
+            card_last4, risk_action, risk_score, risk_reasons, timings)
+        SELECT t.id, :merchant_country, :merchant_city, :latitude, :longitude, :card_brand,
+               :card_last4, :risk_action, :risk_score, :risk_reasons, CAST(:timings AS jsonb)
+        FROM t
+        RETURNING {_D_RETURNING}
+    )""",
+    only_if_rows=True,
 )
 
 
-async def insert(conn: AsyncConnection, values: dict[str, Any]) -> bool:
-    """Insert a payment and its details; False when the user's Idempotency-Key is taken (the
-    insert waited for a concurrent first request with that key to commit or roll back)."""
+async def insert_with_event(
+    conn: AsyncConnection, values: dict[str, Any], event: Event
+) -> Row[Any] | None:
+    """Insert a payment (`values` with its `category`), its details and `event` in one
+    statement; the payment as `get` reads it, or None (nothing written) when the user's
+    Idempotency-Key is taken."""
     params = {**values, "timings": json.dumps(values.get("timings") or {})}
-    return (await conn.execute(_INSERT, params)).first() is not None
+    return (await execute_with_event(conn, _INSERT_WITH_EVENT, params, event)).first()
+
+
+_FINISH: dict[tuple[frozenset[str], frozenset[str]], TextClause] = {}
+
+
+def _finish_statement(main: frozenset[str], details: frozenset[str]) -> TextClause:
+    """The statement of `finish_authorizing` for these columns (a handful of shapes, each
+    built and parsed once per process)."""
+    found = _FINISH.get((main, details))
+    if found is None:
+        sets = "".join(f"{k} = :{k}, " for k in sorted(main))
+        dsets = "".join(
+            f"{k} = CAST(:{k} AS jsonb), " if k == "timings" else f"{k} = :{k}, "
+            for k in sorted(details)
+        )
+        found = _FINISH[(main, details)] = with_event(
+            _JOINED,
+            ctes=f"""
+            t AS (
+                UPDATE transactions.transactions SET {sets}updated_at = now()
+                WHERE id = :id AND status = 'authorizing'
+                RETURNING {_T_RETURNING}
+            ),
+            d AS (
+                UPDATE transactions.transaction_details AS dd SET {dsets}updated_at = now()
+                FROM t WHERE dd.transaction_id = t.id
+                RETURNING {_D_RETURNING}
+            )""",
+            only_if_rows=True,
+        )
+    return found
+
+
+async def finish_authorizing(
+    conn: AsyncConnection, txn_id: str, values: dict[str, Any], event: Event
+) -> Row[Any] | None:
+    """A payment still `authorizing` takes `values` (its own columns and its details') and
+    `event` is written, in one statement (atomic without a transaction around it); the payment
+    as `get` reads it. None, with nothing written, when it is no longer `authorizing`."""
+    main = frozenset(k for k in values if k in _UPDATABLE)
+    details = frozenset(k for k in values if k in _DETAILS)
+    assert len(main) + len(details) == len(values), set(values) - _UPDATABLE - _DETAILS
+    params = {**values, "id": txn_id}
+    if "timings" in params:
+        params["timings"] = json.dumps(params["timings"])
+    statement = _finish_statement(main, details)
+    return (await execute_with_event(conn, statement, params, event)).first()
 
 
 async def get(conn: AsyncConnection, txn_id: str, *, for_update: bool = False) -> Row[Any] | None:
