@@ -22,10 +22,10 @@ import tempfile
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 from sqlalchemy import text
@@ -66,6 +66,8 @@ class Result:
     server_cpu: float = 0.0  # CPU seconds of the API process over the measured window
     client_cpu: float = 0.0  # CPU seconds of this (load) process over the measured window
     succeeded: int = 0  # answers counted as success in the measured window
+    # CPU seconds over the measured window of each `CpuProbe` given (None: not measurable)
+    cpu: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def rps(self) -> float:
@@ -109,6 +111,29 @@ def process_cpu(pid: int) -> float:
         return 0.0
     own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return own + sum(process_cpu(child) for child in _children(pid))
+
+
+class CpuProbe(Protocol):
+    """CPU seconds something (a process, a database's backends) spends in a measured window."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> float | None: ...
+
+
+class ProcessCpu:
+    """`process_cpu` of one process (and its children) over the window."""
+
+    def __init__(self, name: str, pid: int) -> None:
+        self.name, self._pid, self._first = name, pid, 0.0
+
+    async def start(self) -> None:
+        self._first = process_cpu(self._pid)
+
+    async def stop(self) -> float | None:
+        return process_cpu(self._pid) - self._first
 
 
 def machine_busy() -> tuple[float, float]:
@@ -229,12 +254,14 @@ async def run_scenario(
     server_pid: int | None = None,
     ok_status: Collection[int] | None = None,
     max_errors: int = 5,
+    probes: Sequence[CpuProbe] = (),
 ) -> Result:
     """One closed-loop worker per client; only requests started after the warm-up count.
 
     An answer is a success if it is 2xx (or, with `ok_status`, one of those codes); anything
     else, or a connection error, is recorded as an error. Once `max_errors` errors are recorded
-    the workers stop: the scenario is broken and the caller fails the run."""
+    the workers stop: the scenario is broken and the caller fails the run. Each of `probes`
+    measures the same window as `server_pid` (`Result.cpu`)."""
     result = Result(name)
     start = time.perf_counter()
     measure_from = start + warmup
@@ -245,6 +272,8 @@ async def run_scenario(
     async def mark() -> None:
         await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
         cpu0[:] = [process_cpu(server_pid) if server_pid else 0.0, time.process_time()]
+        for probe in probes:
+            await probe.start()
 
     async def worker(i: int) -> None:
         nonlocal last_done
@@ -272,6 +301,7 @@ async def run_scenario(
     result.elapsed = last_done - measure_from
     result.server_cpu = (process_cpu(server_pid) if server_pid else 0.0) - cpu0[0]
     result.client_cpu = time.process_time() - cpu0[1]
+    result.cpu = {probe.name: await probe.stop() for probe in probes}
     return result
 
 
@@ -463,7 +493,7 @@ def start_api(
 
 
 async def wait_ready(base: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180  # starting the app takes long on a busy machine
     async with httpx.AsyncClient(base_url=base, timeout=2) as c:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
