@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billfold import p2p, transactions
 from billfold.fraud import events
+from billfold.fraud.rules import MULTILINE, PRINTABLE
 from billfold.fraud.runtime import FraudRuntime
 from billfold.fraud.store import cases as store
 from billfold.fraud.store import decisions
@@ -107,16 +108,16 @@ class CaseDetail(CaseView):
 
 class AssignCase(BaseModel):
     # Default: the caller takes the case.
-    assignee_id: str | None = Field(default=None, max_length=64)
+    assignee_id: str | None = Field(default=None, max_length=64, pattern=PRINTABLE)
 
 
 class NewComment(BaseModel):
-    body: str = Field(min_length=1, max_length=4000)
+    body: str = Field(min_length=1, max_length=4000, pattern=MULTILINE)
 
 
 class CaseDecisionRequest(BaseModel):
     decision: Outcome
-    note: str | None = Field(default=None, max_length=2000)
+    note: str | None = Field(default=None, max_length=2000, pattern=MULTILINE)
 
 
 # --- use cases --------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billfold.fraud.models import RiskSubject, RuleHit
+from billfold.fraud.rules import PRINTABLE, UtcDateTime
 from billfold.fraud.store import rules as store
 from billfold.platform.clock import utcnow
 from billfold.platform.db import UnitOfWork
@@ -160,8 +161,14 @@ async def load_lists(conn: AsyncConnection) -> ListSet:
 
 # --- the admin API ------------------------------------------------------------------------------
 
-Value = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-Reason = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
+Value = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=PRINTABLE),
+]
+Reason = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=500, pattern=PRINTABLE),
+]
 
 
 class AddEntry(BaseModel):
@@ -174,7 +181,7 @@ class AddEntry(BaseModel):
         "recipient (user id or contact key), a merchant id, or a country (ISO alpha-2)"
     )
     reason: Reason = Field(description="Why, in words a support agent can read")
-    expires_at: datetime | None = Field(default=None, description="Stops matching at this time")
+    expires_at: UtcDateTime | None = Field(default=None, description="Stops matching at this time")
 
 
 class RemoveEntry(BaseModel):

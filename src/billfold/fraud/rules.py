@@ -31,14 +31,21 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Annotated, Any, Literal, Protocol
 
 import cel
 from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as Counter_
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -547,6 +554,25 @@ DEFAULT_RULES: tuple[RuleSpec, ...] = (
 
 # --- the admin API's shapes ---------------------------------------------------------------------
 
+# Admin input that is stored or used as a filter: no control characters (U+0000-U+001F,
+# U+007F), as in payments; PostgreSQL refuses NUL outright (a 500 before this). Multi-line free
+# text (comments, notes) may keep tabs and line breaks.
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+MULTILINE = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
+
+
+def _to_utc(value: datetime) -> datetime:
+    # An offset at the edge of the calendar (0001-01-01T00:00+14:00, 9999-12-31T23:59-14:00)
+    # overflows when converted to UTC, which the database driver does: refuse it here.
+    if value.tzinfo is None:
+        return value
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("date out of range once converted to UTC") from None
+
+
+UtcDateTime = Annotated[datetime, AfterValidator(_to_utc)]
 RuleId = Annotated[str, StringConstraints(pattern=RULE_ID_PATTERN)]
 ReasonCode = Annotated[str, StringConstraints(pattern=REASON_CODE_PATTERN)]
 Expression = Annotated[str, StringConstraints(min_length=1, max_length=MAX_EXPRESSION)]
@@ -676,8 +702,8 @@ class BacktestRequest(BaseModel):
     expression: Expression | None = None
     rule_id: RuleId | None = None
     version: int | None = Field(default=None, ge=1)
-    since: datetime | None = None
-    until: datetime | None = None
+    since: UtcDateTime | None = None
+    until: UtcDateTime | None = None
     limit: int = Field(10_000, ge=1, le=BACKTEST_MAX, description="Newest decisions replayed")
 
 

@@ -15,6 +15,7 @@ from billfold.fraud.cases import (
     CommentView,
     NewComment,
 )
+from billfold.fraud.rules import PRINTABLE
 from billfold.fraud.runtime import FraudRuntime
 from billfold.gateway import Principal, Uow, require_admin
 from billfold.platform.errors import problem_responses
@@ -23,7 +24,7 @@ from billfold.platform.pagination import Page, PageParams, make_page, page_param
 router = APIRouter(tags=["fraud"])
 Admin = Annotated[Principal, Depends(require_admin)]
 Pages = Annotated[PageParams, Depends(page_params)]
-CaseId = Annotated[str, Path(max_length=64)]
+CaseId = Annotated[str, Path(max_length=64, pattern=PRINTABLE)]
 
 
 def fraud_runtime(request: Request) -> FraudRuntime:
@@ -44,8 +45,8 @@ async def list_cases(
     uow: Uow,
     page: Pages,
     status: Annotated[Literal["open", "assigned", "decided"] | None, Query()] = None,
-    assignee_id: Annotated[str | None, Query(max_length=64)] = None,
-    user_id: Annotated[str | None, Query(max_length=64)] = None,
+    assignee_id: Annotated[str | None, Query(max_length=64, pattern=PRINTABLE)] = None,
+    user_id: Annotated[str | None, Query(max_length=64, pattern=PRINTABLE)] = None,
     subject_kind: Annotated[Literal["payment", "transfer"] | None, Query()] = None,
 ) -> Page[CaseView]:
     """Filters: `status`, `assignee_id`, `user_id`, `subject_kind`; `?limit=` and `?cursor=`."""

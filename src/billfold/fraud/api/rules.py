@@ -14,8 +14,8 @@ from billfold.platform.pagination import Page, PageParams, make_page, page_param
 rules_router = APIRouter(tags=["fraud rules"])
 Admin = Annotated[Principal, Depends(require_admin)]
 Pages = Annotated[PageParams, Depends(page_params)]
-RuleIdPath = Annotated[str, Path(max_length=64)]
-EntryIdPath = Annotated[str, Path(max_length=64)]
+RuleIdPath = Annotated[str, Path(max_length=64, pattern=rules.PRINTABLE)]
+EntryIdPath = Annotated[str, Path(max_length=64, pattern=rules.PRINTABLE)]
 _ADMIN = (401, 403)
 
 
@@ -197,7 +197,7 @@ async def list_entries(
     page: Pages,
     list: Annotated[lists.ListName | None, Query()] = None,
     kind: Annotated[lists.ListKind | None, Query()] = None,
-    value: Annotated[str | None, Query(max_length=200)] = None,
+    value: Annotated[str | None, Query(max_length=200, pattern=rules.PRINTABLE)] = None,
     include_removed: bool = False,
 ) -> Page[lists.ListEntryView]:
     items = await lists.list_entries(
