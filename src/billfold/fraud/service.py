@@ -27,7 +27,6 @@ from billfold.fraud.models import (
     FeatureValue,
     ModelScore,
     RiskSubject,
-    RuleHit,
 )
 from billfold.fraud.runtime import FraudRuntime, shifted
 from billfold.fraud.scoring import combine
@@ -190,18 +189,6 @@ def _score(rt: FraudRuntime, features: dict[str, FeatureValue]) -> ModelScore | 
         return None
 
 
-def _hit(h: RuleHit) -> dict[str, Any]:
-    return {
-        "rule_id": h.rule_id,
-        "version": h.version,
-        "reason_code": h.reason_code,
-        "description": h.description,
-        "score": h.score,
-        "action": h.action,
-        "shadow": h.shadow,
-    }
-
-
 def _model(m: ModelScore) -> dict[str, Any]:
     return {
         "version": m.version,
@@ -228,7 +215,7 @@ def _row(subject: RiskSubject, decision: Decision, duration_ms: float) -> dict[s
         "score": a.score,
         "reasons": list(a.reasons),
         "explanations": list(a.explanations),
-        "hits": [_hit(h) for h in a.hits],
+        "hits": [dataclasses.asdict(h) for h in a.hits],
         "features": snapshot,
         "rule_version": a.rule_version,
         "model_version": model.version if model else None,
