@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class LoyaltyTier(BaseModel):
+    """A loyalty tier: its earn multiplier and the spend (minor units per currency) it takes."""
+
+    name: str = Field(min_length=1, max_length=40)
+    multiplier: Decimal = Field(ge=1, le=100)
+    min_spend: dict[str, int] = Field(default_factory=dict)
+
+
+class LoyaltyRate(BaseModel):
+    """How points turn into money of one currency: `points` PTS buy `amount` minor units."""
+
+    points: int = Field(default=1, gt=0)
+    amount: int = Field(default=1, gt=0)
+    minimum: int = Field(default=100, gt=0)
+    step: int = Field(default=100, gt=0)
+
+    @model_validator(mode="after")
+    def _exact(self) -> LoyaltyRate:
+        # Every allowed redemption converts without a remainder.
+        if self.step % self.points or self.minimum % self.step:
+            raise ValueError("step must be a multiple of points, minimum a multiple of step")
+        return self
 
 
 class Settings(BaseSettings):
@@ -239,6 +264,36 @@ class Settings(BaseSettings):
     consumer_attempts: int = Field(default=3, gt=0)
     consumer_backoff_seconds: float = Field(default=0.2, ge=0)
 
+    # Loyalty (docs/loyalty.md). Points expire this many days after they were earned; the
+    # balance page warns of points expiring within the window.
+    loyalty_points_ttl_days: int = Field(default=365, gt=0)
+    loyalty_expiring_soon_days: int = Field(default=30, ge=0)
+    # Tiers from lowest to highest: the first is everyone's; a higher one is reached by a
+    # rolling 12-month net spend (minor units) of at least `min_spend` in any one currency.
+    loyalty_tiers: list[LoyaltyTier] = Field(
+        default_factory=lambda: [
+            LoyaltyTier(name="green", multiplier=Decimal(1)),
+            LoyaltyTier(
+                name="gold",
+                multiplier=Decimal("1.25"),
+                min_spend={"USD": 100_000, "EUR": 100_000, "GBP": 80_000},
+            ),
+            LoyaltyTier(
+                name="platinum",
+                multiplier=Decimal("1.5"),
+                min_spend={"USD": 500_000, "EUR": 500_000, "GBP": 400_000},
+            ),
+        ],
+        min_length=1,
+    )
+    # Redemption into the wallet per currency: `points` PTS buy `amount` minor units (1 PTS =
+    # 1 cent by default), at least `minimum` points at once, in multiples of `step`.
+    loyalty_redemption_rates: dict[str, LoyaltyRate] = Field(
+        default_factory=lambda: {
+            c: LoyaltyRate(points=1, amount=1, minimum=100, step=100) for c in ("USD", "EUR", "GBP")
+        }
+    )
+
     def production_errors(self, process: Literal["api", "vault"]) -> list[str]:
         """Why this configuration must not run in production (empty outside production, or when
         it is fine). `api` covers every process that calls the vault (`serve`, `worker`)."""
@@ -262,9 +317,43 @@ class Settings(BaseSettings):
                     "BILLFOLD_VAULT_CLIENT_CERT_FILE and BILLFOLD_VAULT_CLIENT_KEY_FILE must be "
                     "set in production (the vault requires mTLS)"
                 )
+        if process == "api":
+            errors += self.notification_transport_errors()
         if process == "vault" and self.vault_keystore == "software":
             errors.append(
                 "BILLFOLD_VAULT_KEYSTORE=software is for demos without an HSM: production "
                 "keeps its keys in an HSM (pkcs11)"
             )
+        return errors
+
+    def notification_transport_errors(self) -> list[str]:
+        """Why the configured notification providers must not be used in production: each
+        message (one-time codes among them) would cross the network in clear. Empty outside
+        production."""
+        if self.environment != "production":
+            return []
+        errors: list[str] = []
+        if self.email_provider == "smtp" and not self.smtp_starttls:
+            errors.append(
+                "BILLFOLD_SMTP_STARTTLS=false is refused in production: e-mails (one-time "
+                "codes among them) would reach the SMTP server in clear"
+            )
+        endpoints = [
+            (bool(self.fcm_service_account_file), "BILLFOLD_FCM_ENDPOINT", self.fcm_endpoint),
+            (bool(self.apns_key_file), "BILLFOLD_APNS_ENDPOINT", self.apns_endpoint),
+            (bool(self.twilio_account_sid), "BILLFOLD_TWILIO_ENDPOINT", self.twilio_endpoint),
+            # Twilio posts its signed delivery receipts to the public URL.
+            (bool(self.twilio_account_sid), "BILLFOLD_PUBLIC_URL", self.public_url),
+            (
+                self.email_provider == "ses" and bool(self.ses_endpoint_url),
+                "BILLFOLD_SES_ENDPOINT_URL",
+                self.ses_endpoint_url or "",
+            ),
+        ]
+        for used, name, url in endpoints:
+            if used and not url.strip().lower().startswith("https://"):
+                errors.append(
+                    f"{name} must be https:// in production: notifications (one-time codes "
+                    "among them) and provider credentials travel in its requests"
+                )
         return errors

@@ -21,6 +21,10 @@ from billfold.notifications.service import Dispatcher, NotificationsRuntime
 def build_channels(rt: NotificationsRuntime, redis: Redis) -> dict[str, Channel]:
     """The provider clients the settings configure (in-app always)."""
     s = rt.settings
+    # The CLI refuses these before anything starts; a process built another way refuses here.
+    errors = s.notification_transport_errors()
+    if errors:
+        raise RuntimeError("; ".join(errors))
     channels: dict[str, Channel] = {"inapp": InAppChannel(redis, s.redis_prefix)}
     if s.fcm_service_account_file:
         channels["fcm"] = FcmChannel.from_file(s.fcm_service_account_file, s.fcm_endpoint)
