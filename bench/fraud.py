@@ -16,6 +16,9 @@ at the end):
               can cost); measured interleaved with the checks so the machine's drift shows in both
   check       sequential checks (one at a time): the check's own latency, p50/p99
   check-cN    N concurrent payments' checks, each on its own connection: checks per second
+  stages      sequential checks again, each stage of the check's own code path timed (wall and
+              this process's CPU time, `time.process_time_ns`) with a PING's beside them: on a
+              busy machine the CPU column and the ratios are what compare between runs
 
 Features are warm: every user has a profile in PostgreSQL (registered a year ago, KYC tier 2,
 home in Oakland) and 30 days of completed payments fed through the live features' own outcome
@@ -56,8 +59,53 @@ from common import (
 OAKLAND = (37.8044, -122.2712)
 
 
+STAGES = ("features", "rules", "model", "combine", "store")
+
+
 def _ms(values: list[float], q: float) -> float:
     return percentile(values, q) * 1000
+
+
+class StageClock:
+    """The `mark` of `fraud.service.check`: wall and CPU nanoseconds of each stage."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, list[int]] = {}
+        self.cpu: dict[str, list[int]] = {}
+        self._wall = self._cpu = 0
+
+    def start(self) -> None:
+        self._wall, self._cpu = time.perf_counter_ns(), time.process_time_ns()
+
+    def __call__(self, stage: str) -> None:
+        wall, cpu = time.perf_counter_ns(), time.process_time_ns()
+        self.wall.setdefault(stage, []).append(wall - self._wall)
+        self.cpu.setdefault(stage, []).append(cpu - self._cpu)
+        self._wall, self._cpu = wall, cpu
+
+    async def check(self, check: Any) -> None:
+        """Await `check` (a `service.check(…, mark=self)`), also timed as a whole."""
+        wall, cpu = self._wall, self._cpu
+        await check
+        self.wall.setdefault("check", []).append(self._wall - wall)
+        self.cpu.setdefault("check", []).append(self._cpu - cpu)
+
+    def table(self, n: int) -> None:
+        head = (
+            f"{'stage':<12} {'wall p50':>9} {'wall p99':>9} {'cpu mean':>9} {'cpu p50':>9} "
+            f"{'cpu p99':>9}   (ms, {n} checks)"
+        )
+        print(head)
+        print("-" * len(head))
+        for name in ("redis-ping", *STAGES, "check"):
+            if name not in self.wall:
+                continue
+            wall = [v / 1e9 for v in self.wall[name]]
+            cpu = [v / 1e9 for v in self.cpu[name]]
+            print(
+                f"{name:<12} {_ms(wall, 50):>9.3f} {_ms(wall, 99):>9.3f} "
+                f"{sum(cpu) / len(cpu) * 1000:>9.3f} {_ms(cpu, 50):>9.3f} {_ms(cpu, 99):>9.3f}"
+            )
 
 
 async def seed_users(engine: Any, count: int) -> list[str]:
@@ -225,6 +273,21 @@ async def _run(args: argparse.Namespace, settings: Any, engine: Any, redis: Any)
     await asyncio.gather(*(worker(w) for w in range(args.concurrency)))
     elapsed = time.perf_counter() - started
 
+    from billfold.fraud import service
+
+    clock = StageClock()
+    if args.stages:
+        print(f"running   stages x {args.stages} ...", file=sys.stderr)
+        async with engine.connect() as conn:
+            for i in range(args.stages):
+                subject = service.payment_subject(payment(users[i % len(users)], rng))
+                await conn.begin()
+                clock.start()
+                await redis.ping()
+                clock("redis-ping")
+                await clock.check(service.check(rt, conn, subject, mark=clock))
+                await conn.commit()
+
     head = f"{'scenario':<12} {'n':>6} {'per s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}"
     print(head)
     print("-" * len(head))
@@ -239,6 +302,9 @@ async def _run(args: argparse.Namespace, settings: Any, engine: Any, redis: Any)
             f"{_ms(values, 90):>8.2f} {_ms(values, 99):>8.2f} {max(values) * 1000:>8.2f}"
         )
     print()
+    if args.stages:
+        clock.table(args.stages)
+        print()
     print(f"decisions {dict(sorted(actions.items()))}, degraded (Redis over budget): {fallbacks}")
     p50_ratio = _ms(checks, 50) / _ms(pings, 50)
     p99_ratio = _ms(checks, 99) / _ms(pings, 99)
@@ -259,6 +325,7 @@ def main() -> int:
     parser.add_argument("--history", type=int, default=30, help="completed payments per user")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of check-cN")
+    parser.add_argument("--stages", type=int, default=2_000, help="checks split by stage (0: none)")
     parser.add_argument("--quick", action="store_true", help="1,000 checks, 100 users, 5 s")
     args = parser.parse_args()
     if args.quick:

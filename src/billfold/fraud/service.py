@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billfold import p2p, transactions
@@ -41,6 +43,14 @@ log = get_logger(__name__)
 
 ERROR_REASON = "fraud_check_error"
 MODEL_UNAVAILABLE = "model_unavailable"
+
+# Called with a stage's name as it ends (`features`, `rules`, `model`, `combine`, `store`): how
+# `bench/fraud.py --stages` times the check's own code path rather than a copy of it.
+StageMark = Callable[[str], None]
+
+
+def _unmarked(stage: str) -> None:
+    return None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -105,20 +115,24 @@ async def check(
     subject: RiskSubject,
     *,
     out_of_band: frozenset[str] = frozenset(),
+    mark: StageMark = _unmarked,
 ) -> Decision:
     """Assess `subject` and store the decision with `conn`, atomic with the payment/transfer;
     an action in `out_of_band` (one its caller answers with an error, rolling `conn` back) is
     stored in its own transaction instead. Never raises: a failure gives the documented
-    fallback decision."""
+    fallback decision. `mark` is told each stage's end (a benchmark's clock)."""
     started = time.perf_counter()
     fallback: str | None = None
     features: dict[str, FeatureValue] = {}
     try:
         features, degraded = await _features(rt, conn, subject)
         fallback = "features" if degraded else None
+        mark("features")
         rules = await rt.rules.current(conn)
         hits = rules.evaluate(features, subject)
+        mark("rules")
         model = _score(rt, features)
+        mark("model")
         thresholds = rt.thresholds
         if model is None:
             thresholds = shifted(thresholds, rt.settings.fraud_model_missing_shift)
@@ -140,6 +154,7 @@ async def check(
                     "The model was unavailable; rules alone decided, with stricter thresholds",
                 ),
             )
+        mark("combine")
     except Exception:
         log.exception("fraud check failed; fallback action", subject_id=subject.subject_id)
         fallback = "error"
@@ -155,6 +170,7 @@ async def check(
     decision = Decision(new_id("dec"), assessment, fallback=fallback)
     own = assessment.action in out_of_band
     decision = await _store(rt, conn, subject, decision, started, out_of_band=own)
+    mark("store")
     if rt.metrics is not None:
         rt.metrics.checks.labels(assessment.action).observe(time.perf_counter() - started)
         if fallback is not None:
@@ -312,10 +328,17 @@ async def _write(
 
 async def _lock_policy(rt: FraudRuntime, conn: AsyncConnection, subject: RiskSubject) -> None:
     """N blocked checks within the window request a lock of the account, once per crossing (the
-    users service has no lock on its public face yet: the event is the request)."""
+    fraud consumer `fraud.lock-accounts` locks it: `billfold.fraud.events`)."""
     limit = rt.settings.fraud_lock_after_blocks
     if limit <= 0:
         return
+    # One user's blocks are counted one transaction at a time: two concurrent checks that each
+    # count only their own uncommitted row would both miss the limit (or both hit it). The lock
+    # is held to the end of the payment's/transfer's transaction, and only by blocks.
+    await conn.execute(
+        text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
+        {"k": f"fraud.lock_policy:{subject.user_id}"},
+    )
     since = utcnow() - timedelta(seconds=rt.settings.fraud_lock_window_seconds)
     blocks = await store.blocks_since(conn, subject.user_id, since)
     if blocks == limit:
