@@ -243,6 +243,58 @@ async def test_review_opens_one_case(app: Any, settings: Settings, engine: Any) 
     assert audit.action == "opened"
 
 
+async def test_values_postgresql_refuses_are_fitted_and_the_payment_goes_on(
+    app: Any, settings: Settings, engine: Any
+) -> None:
+    # The decision is written without a savepoint: what it carries must never abort the
+    # payment's transaction. NUL (text and jsonb refuse it), an unpaired surrogate (UTF-8
+    # cannot encode it) and NaN/infinity (not JSON) reach it from features and rule texts.
+    class HostileRules(Rules):
+        def evaluate(self, features: Any, subject: Any = None) -> list[RuleHit]:
+            return [RuleHit("rule_odd", 1, "odd\x00code", "Says \x00 and \ud800", score=10)]
+
+    features = StaticFeatures(
+        values={"mcc": "54\x0011", "channel": "app\udc80", "amount_zscore": float("nan")}
+        | {"speed_kmh": float("inf")}
+    )
+    rt = make_runtime(settings, app, features=features, rules=HostileRules())
+    p = payment(user())
+    async with engine.begin() as conn:
+        decision = await FraudRiskCheck(rt).payments.assess(conn, p)
+        assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+    assert decision.action == "allow"
+    (row,) = await rows(
+        engine, "SELECT * FROM fraud.decisions WHERE subject_id = :s", s=p.transaction_id
+    )
+    assert row.features["mcc"] == "54\ufffd11" and row.features["channel"] == "app?"
+    assert row.features["amount_zscore"] is None and row.features["speed_kmh"] is None
+    assert row.hits[0]["description"] == "Says \ufffd and ?"
+    assert row.reasons == ["odd\ufffdcode"]
+    (event,) = await rows(
+        engine,
+        "SELECT data FROM platform.outbox WHERE type = 'billfold.fraud.decision.made' "
+        "AND data->>'subject_id' = :s",
+        s=p.transaction_id,
+    )
+    assert event.data["reasons"] == ["odd\ufffdcode"]
+
+
+async def test_a_decision_that_cannot_fit_is_refused_before_anything_is_sent(
+    app: Any, settings: Settings, engine: Any
+) -> None:
+    p = payment(user(), amount=2**63)  # past bigint: the payment's own row would refuse it too
+    async with engine.begin() as conn:
+        decision = await FraudRiskCheck(make_runtime(settings, app)).payments.assess(conn, p)
+        assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+    assert decision.action == "allow"
+    assert (
+        await rows(
+            engine, "SELECT 1 FROM fraud.decisions WHERE subject_id = :s", s=p.transaction_id
+        )
+        == []
+    )
+
+
 async def test_shadow_hit_is_recorded_not_enforced(
     app: Any, settings: Settings, engine: Any
 ) -> None:

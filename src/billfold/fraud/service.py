@@ -247,22 +247,25 @@ def _row(subject: RiskSubject, decision: Decision, duration_ms: float) -> dict[s
 
 def _event_data(subject: RiskSubject, decision: Decision) -> dict[str, Any]:
     a = decision.assessment
-    return {
-        "decision_id": decision.id,
-        "subject_kind": subject.kind,
-        "subject_id": subject.subject_id,
-        "user_id": subject.user_id,
-        "amount": subject.amount,
-        "currency": subject.currency,
-        "action": a.action,
-        "score": a.score,
-        "reasons": list(a.reasons),
-        "rule_version": a.rule_version,
-        "model_version": a.model.version if a.model else None,
-        "degraded": a.degraded,
-        "fallback": decision.fallback,
-        "stepped_up": subject.stepped_up,
-    }
+    # Fitted like the row: the event rides in the same statement.
+    return store.fit(
+        {
+            "decision_id": decision.id,
+            "subject_kind": subject.kind,
+            "subject_id": subject.subject_id,
+            "user_id": subject.user_id,
+            "amount": subject.amount,
+            "currency": subject.currency,
+            "action": a.action,
+            "score": a.score,
+            "reasons": list(a.reasons),
+            "rule_version": a.rule_version,
+            "model_version": a.model.version if a.model else None,
+            "degraded": a.degraded,
+            "fallback": decision.fallback,
+            "stepped_up": subject.stepped_up,
+        }
+    )
 
 
 async def _store(
@@ -274,16 +277,20 @@ async def _store(
     *,
     out_of_band: bool,
 ) -> Decision:
-    """Write the decision, its event, and (review) a case; (block) apply the lock policy. A
-    failed write is logged and the decision still returned: the payment must not fail."""
+    """Write the decision, its event, and (review) a case; (block) apply the lock policy.
+
+    In the caller's transaction there is no savepoint (it cost two of the check's round trips):
+    the values are fitted to their columns before sending (`store.insert`), so the write cannot
+    fail on what it carries, and a value that cannot fit fails before anything is sent. What
+    is left — the database itself failing — would fail the payment's own next statement all the
+    same, and the decision then goes with its payment, as it must. A failed write is logged and
+    the decision still returned."""
     duration_ms = (time.perf_counter() - started) * 1000
     try:
         if out_of_band:
             async with conn.engine.begin() as own:
                 return await _write(rt, own, subject, decision, duration_ms)
-        # A savepoint: a failed write must not abort the payment's/transfer's transaction.
-        async with conn.begin_nested():
-            return await _write(rt, conn, subject, decision, duration_ms)
+        return await _write(rt, conn, subject, decision, duration_ms)
     except Exception:
         log.exception("fraud decision not stored", subject_id=subject.subject_id)
         return decision
@@ -316,6 +323,8 @@ async def _write(
             "score": a.score,
             "reasons": list(a.reasons),
         }
+        # Fitted like the decision (already written in this transaction, without a savepoint).
+        values = store.fit(values)
         data = {k: v for k, v in values.items() if k != "id"} | {"case_id": case_id}
         if await case_store.open_case(
             conn, values, events.event(events.CASE_OPENED, case_id, data)
@@ -347,12 +356,14 @@ async def _lock_policy(rt: FraudRuntime, conn: AsyncConnection, subject: RiskSub
             events.event(
                 events.USER_LOCK_REQUESTED,
                 subject.user_id,
-                {
-                    "user_id": subject.user_id,
-                    "blocks": blocks,
-                    "window_seconds": rt.settings.fraud_lock_window_seconds,
-                    "last_subject_id": subject.subject_id,
-                },
+                store.fit(
+                    {
+                        "user_id": subject.user_id,
+                        "blocks": blocks,
+                        "window_seconds": rt.settings.fraud_lock_window_seconds,
+                        "last_subject_id": subject.subject_id,
+                    }
+                ),
             ),
         )
 

@@ -1,8 +1,15 @@
-"""SQL of `fraud.decisions`: one row per risk check, with its feature snapshot and versions."""
+"""SQL of `fraud.decisions`: one row per risk check, with its feature snapshot and versions.
+
+The decision is written in the payment's/transfer's own transaction without a savepoint (two
+round trips fewer on the check's hot path), so its statement must not fail on what it carries:
+`insert` makes every value fit its column before sending (see `fit`) and refuses, before any
+statement is sent, a value that cannot (an amount past bigint, an unknown action).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime
 from typing import Any
 
@@ -49,16 +56,84 @@ _SELECT = (
 )
 
 
+_TEXT = ("id", "subject_id", "user_id", "rule_version", "model_version")
+_BIGINT = 2**63 - 1
+# What the table's CHECK constraints allow.
+_ALLOWED = {
+    "subject_kind": frozenset({"payment", "transfer"}),
+    "action": frozenset({"allow", "challenge", "review", "block"}),
+    "fallback": frozenset({None, "features", "model", "error"}),
+}
+
+
+def fit_text(value: str) -> str:
+    """`value` as PostgreSQL text can hold it: NUL (which it refuses) becomes U+FFFD and an
+    unpaired surrogate (which UTF-8 cannot encode) becomes '?'."""
+    if "\x00" in value:
+        value = value.replace("\x00", "\ufffd")
+    if not value.isascii():
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
+def fit(value: Any) -> Any:
+    """A JSON-able value that PostgreSQL's jsonb accepts: strings (and keys) through `fit_text`,
+    NaN and infinities as null, tuples as lists; the same walk down lists and dicts."""
+    if isinstance(value, str):
+        return fit_text(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {fit_text(str(k)): fit(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [fit(v) for v in value]
+    return value
+
+
+def _json(value: Any) -> str:
+    try:
+        dumped = json.dumps(
+            value, separators=(",", ":"), default=str, allow_nan=False, ensure_ascii=False
+        )
+        # jsonb refuses the escape of NUL; an unpaired surrogate would fail the encoding.
+        if "\\u0000" not in dumped:
+            dumped.encode("utf-8")
+            return dumped
+    except (ValueError, UnicodeEncodeError):  # NaN or infinity; a surrogate
+        pass
+    return json.dumps(
+        fit(value), separators=(",", ":"), default=lambda v: fit_text(str(v)), allow_nan=False
+    )
+
+
 def _params(values: dict[str, Any]) -> dict[str, Any]:
     params = {c: values.get(c) for c in COLUMNS}
+    for c, allowed in _ALLOWED.items():
+        if params[c] not in allowed:
+            raise ValueError(f"{c} {params[c]!r} is not one of {sorted(map(str, allowed))}")
+    amount, score, currency = params["amount"], params["score"], params["currency"]
+    if not (isinstance(amount, int) and -_BIGINT <= amount <= _BIGINT):
+        raise ValueError("amount is not a bigint")
+    if not (isinstance(score, int) and 0 <= score <= 1000):
+        raise ValueError("score is not within 0-1000")
+    if not (isinstance(currency, str) and len(currency) == 3 and currency.isascii()):
+        raise ValueError("currency is not three characters")
+    for c in _TEXT:
+        if params[c] is not None:
+            params[c] = fit_text(str(params[c]))
+    params["currency"] = fit_text(currency)
+    params["reasons"] = [fit_text(str(r)) for r in params["reasons"] or ()]
     for c in _JSON:
         if params[c] is not None:
-            params[c] = json.dumps(params[c], separators=(",", ":"), default=str)
+            params[c] = _json(params[c])
     return params
 
 
 async def insert(conn: AsyncConnection, values: dict[str, Any], event: Event) -> None:
-    """Write a decision (keys of `COLUMNS`; json columns as Python values) and its event."""
+    """Write a decision (keys of `COLUMNS`; json columns as Python values) and its event, in one
+    statement. The values are made to fit their columns first; one that cannot raises
+    `ValueError` before anything is sent, so the caller's transaction is never aborted by the
+    decision's values. The event's data must be fitted by the caller (`fit`)."""
     await execute_with_event(conn, _INSERT, _params(values), event)
 
 
