@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billfold import (
     fraud,
+    loyalty,
     network,
     notifications,
     p2p,
@@ -291,6 +292,7 @@ def create_app(settings: Settings) -> FastAPI:
             {"name": "fraud", "description": "The fraud review queue (administrators)"},
             {"name": "fraud rules", "description": "Fraud rules, backtests, block/allow lists"},
             {"name": "notifications", "description": "Inbox, live stream, preferences"},
+            {"name": "loyalty", "description": "Points, tiers, activity and redemptions"},
             {"name": "ops", "description": "Health and metrics"},
         ],
     )
@@ -318,6 +320,7 @@ def create_app(settings: Settings) -> FastAPI:
         runtimes.p2p.risk = check.transfers
         runtimes.transactions.risk = check.payments
     app.state.fraud = fraud_rt
+    app.state.loyalty = loyalty.LoyaltyRuntime(settings)
     install_error_handlers(app)
     app.include_router(users_router)
     app.include_router(wallet_router)
@@ -327,6 +330,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(transactions.router)
     app.include_router(history_router)
     app.include_router(notifications.router)
+    app.include_router(loyalty.router)
     app.include_router(fraud_cases_router)
     app.include_router(fraud_rules_router)
     _ops_routes(app)

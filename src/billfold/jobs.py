@@ -12,7 +12,7 @@ from typing import Any
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billfold import fraud, ledger, notifications, p2p, payment_methods, transactions
+from billfold import fraud, ledger, loyalty, notifications, p2p, payment_methods, transactions
 from billfold.app import build_runtimes, network_client, vault_client
 from billfold.config import Settings
 from billfold.platform import idempotency
@@ -40,6 +40,7 @@ def scheduled_jobs(
         async with unit_of_work(engine) as uow:
             await idempotency.purge_expired(await uow.connection())
 
+    points = loyalty.LoyaltyRuntime(settings)
     jobs = []
     if payments is not None:
         # Payments lapse before their (later-expiring) ledger holds: their own sweeper releases
@@ -64,6 +65,9 @@ def scheduled_jobs(
         Job("expire-micro-deposits", 300, lambda: payment_methods.expire_micro_deposits(engine)),
         Job("recover-fundings", 60, lambda: payment_methods.recover_fundings(engine, settings)),
         Job("purge-idempotency-keys", 3600, purge_idempotency_keys),
+        # Loyalty: lots past their expiry; members whose spend rolled out of the 12 months.
+        Job("expire-loyalty-points", 300, lambda: loyalty.expire_points(engine, points)),
+        Job("reevaluate-loyalty-tiers", 6 * 3600, lambda: loyalty.reevaluate_tiers(engine, points)),
     ]
 
 
@@ -87,6 +91,7 @@ def event_sink(
         # Receipts go to the process's BlobStore (the one the users runtime holds).
         *transactions.receipt_consumers(p2p_runtime.users.blobs),
         *notifications.consumers(notifications_runtime(p2p_runtime)),
+        *loyalty.consumers(loyalty.LoyaltyRuntime(p2p_runtime.settings)),
     ]
     # The live fraud features learn outcomes (completed, declined, devices) from events, also
     # while the checks are off: turned on, they start warm.

@@ -13,7 +13,9 @@ from billfold.platform.errors import Conflict, ProblemError, Unprocessable
 # The owner of the system accounts (funding, escrow, fees, network settlement).
 SYSTEM = "system"
 
-AccountKind = Literal["wallet", "escrow", "funding", "fees", "settlement"]
+# `points` (a user's loyalty points, PTS) and `loyalty` (the system's points and rewards
+# expense) are the Loyalty Service's (migration 0011).
+AccountKind = Literal["wallet", "escrow", "funding", "fees", "settlement", "points", "loyalty"]
 HoldStatus = Literal["active", "committed", "voided", "expired"]
 
 

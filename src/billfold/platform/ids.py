@@ -38,6 +38,7 @@ PREFIXES = frozenset(
         "lst",  # an entry of a fraud block/allow list
         "dec",  # a fraud risk check's decision
         "dlv",  # one delivery of a notification on one channel
+        "rdm",  # a redemption of loyalty points into wallet money
     }
 )
 

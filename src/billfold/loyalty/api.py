@@ -1,0 +1,94 @@
+"""Loyalty routes: the points account, its activity, and redeeming points into the wallet."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, status
+
+from billfold.gateway import Principal, Uow, require_idempotency_key, require_scopes
+from billfold.loyalty import service
+from billfold.loyalty.models import (
+    ActivityLine,
+    LoyaltyAccount,
+    LoyaltyRuntime,
+    NewRedemption,
+    Redemption,
+)
+from billfold.platform.errors import FieldError, ProblemError, problem_responses
+from billfold.platform.pagination import Page, PageParams, make_page, page_params
+
+router = APIRouter(tags=["loyalty"])
+
+# Points turn into wallet money: the same scope as the wallet.
+Me = Annotated[Principal, Depends(require_scopes("wallet"))]
+IdempotencyKey = Annotated[str, Depends(require_idempotency_key)]
+
+_MAX_ID = 2**63 - 1  # activity ids are bigints
+
+
+def _runtime(request: Request) -> LoyaltyRuntime:
+    return request.app.state.loyalty  # type: ignore[no-any-return]
+
+
+Runtime = Annotated[LoyaltyRuntime, Depends(_runtime)]
+
+
+def _after(cursor: str | None) -> int | None:
+    if cursor is None:
+        return None
+    if cursor.isdigit() and 0 < int(cursor) <= _MAX_ID:
+        return int(cursor)
+    raise ProblemError(
+        "The cursor is not valid; use next_cursor from the previous page",
+        status=422,
+        code="invalid_cursor",
+        errors=[FieldError(parameter="cursor", detail="not a cursor from this list")],
+    )
+
+
+@router.get(
+    "/v1/loyalty",
+    response_model=LoyaltyAccount,
+    summary="Your points, tier and what expires soon",
+    responses=problem_responses(401, 403),
+)
+async def get_account(me: Me, uow: Uow, rt: Runtime) -> LoyaltyAccount:
+    """The points balance (PTS), your tier and its multiplier, the progress to the next tier
+    (net spend of the last 365 days in the currency you are closest in) and the points that
+    expire within the configured window."""
+    return await service.account(await uow.connection(), rt, me.user_id)
+
+
+@router.get(
+    "/v1/loyalty/activity",
+    response_model=Page[ActivityLine],
+    summary="Points earned, reversed, redeemed and expired, newest first",
+    responses=problem_responses(401, 403, 422),
+)
+async def list_activity(
+    me: Me, uow: Uow, page: Annotated[PageParams, Depends(page_params)]
+) -> Page[ActivityLine]:
+    lines = await service.activity(
+        await uow.connection(), me.user_id, after=_after(page.after), limit=page.limit + 1
+    )
+    return make_page(lines, page.limit, "id")
+
+
+@router.post(
+    "/v1/loyalty/redemptions",
+    status_code=status.HTTP_201_CREATED,
+    response_model=Redemption,
+    summary="Redeem points into your wallet",
+    responses=problem_responses(401, 403, 409, 422, 428),
+)
+async def redeem(
+    body: NewRedemption, me: Me, uow: Uow, rt: Runtime, idempotency_key: IdempotencyKey
+) -> Redemption:
+    """Turn `points` into `currency` in your wallet at the configured rate (1 point = 1 cent by
+    default; a minimum and a step per currency). Points, money, the redemption and its event
+    commit together or not at all. Requires `Idempotency-Key`: a retry answers the first
+    result. Not enough points is a 422 `insufficient_points`."""
+    return await service.redeem(
+        await uow.connection(), rt, me.user_id, body, idempotency_key=idempotency_key
+    )

@@ -1,0 +1,144 @@
+"""What the Loyalty Service holds and answers: earn rules, the balance view, activity lines,
+redemptions, and its problems."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Literal
+
+from pydantic import BaseModel, Field, StrictInt
+
+from billfold.config import LoyaltyTier, Settings
+from billfold.platform.clock import utcnow
+from billfold.platform.errors import ProblemError, Unprocessable
+from billfold.platform.validation import Strict
+
+ActivityType = Literal["earned", "reversed", "redeemed", "expired"]
+
+# The largest integer every JSON parser keeps exact.
+MAX_POINTS = 2**53 - 1
+
+
+@dataclass
+class LoyaltyRuntime:
+    """The service's settings and its clock (a test moves the clock to expire points or let
+    spend roll out of the 12-month window)."""
+
+    settings: Settings
+    clock: Callable[[], datetime] = field(default=utcnow)
+
+    @property
+    def tiers(self) -> list[LoyaltyTier]:
+        return self.settings.loyalty_tiers
+
+    def tier(self, name: str) -> LoyaltyTier:
+        """The named tier's settings; a tier no longer configured counts as the lowest."""
+        for tier in self.tiers:
+            if tier.name == name:
+                return tier
+        return self.tiers[0]
+
+
+@dataclass(frozen=True, slots=True)
+class EarnRule:
+    """A base rate (`kind` base: points per currency unit) or a bonus (`kind` bonus: a
+    multiplier for captures matching every condition that is set, with caps on its extra
+    points)."""
+
+    id: str
+    name: str
+    kind: Literal["base", "bonus"]
+    currency: str | None
+    points_per_unit: Decimal | None
+    mcc: str | None
+    category: str | None
+    merchant_id: str | None
+    channel: str | None
+    multiplier: Decimal | None
+    cap_per_transaction: int | None
+    cap_per_month: int | None
+    priority: int
+    active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Capture:
+    """What the loyalty service reads from a `payment.captured` event."""
+
+    user_id: str
+    transaction_id: str
+    capture_id: str
+    amount: int
+    currency: str
+    category: str | None
+    mcc: str | None
+    merchant_id: str | None
+    channel: str | None
+
+
+# --- HTTP shapes ------------------------------------------------------------------------------
+
+
+class TierProgress(BaseModel):
+    """How far the rolling 12-month net spend is from the next tier, in one currency."""
+
+    next_tier: str | None = Field(description="null at the highest tier")
+    currency: str
+    spend: int = Field(description="Net spend (captures - refunds) of the last 365 days")
+    needed: int = Field(description="Minor units still to spend for the next tier (0 at the top)")
+
+
+class ExpiringSoon(BaseModel):
+    points: int = Field(description="Points that expire within the window, if not spent")
+    expires_at: datetime | None = Field(description="When the earliest of them expire")
+    window_days: int
+
+
+class LoyaltyAccount(BaseModel):
+    """`GET /v1/loyalty`: the points balance, tier and what is coming."""
+
+    balance: int = Field(description="Points (PTS); negative only after a refund's clawback")
+    tier: str
+    multiplier: float = Field(description="The tier's earn multiplier")
+    progress: TierProgress
+    expiring_soon: ExpiringSoon
+
+
+class ActivityLine(BaseModel):
+    id: str
+    type: ActivityType
+    points: int = Field(description="Signed: positive for earned, negative otherwise")
+    reference: str = Field(description="The capture, refund, redemption or payment behind it")
+    created_at: datetime
+
+
+class NewRedemption(Strict):
+    points: StrictInt = Field(gt=0, le=MAX_POINTS)
+    currency: str = Field(min_length=3, max_length=3)
+
+
+class Redemption(BaseModel):
+    id: str
+    points: int
+    amount: int = Field(description="Minor units credited to the wallet")
+    currency: str
+    balance: int = Field(description="Points left after the redemption")
+    created_at: datetime
+
+
+# --- problems ---------------------------------------------------------------------------------
+
+
+class InsufficientPoints(ProblemError):
+    status, code, title = 422, "insufficient_points", "Not enough points"
+
+
+class RedemptionCurrencyNotSupported(Unprocessable):
+    code, title = "currency_not_supported", "Currency not supported for redemptions"
+
+
+class InvalidRedemptionAmount(Unprocessable):
+    code, title = "invalid_points", "Invalid number of points"
