@@ -168,10 +168,13 @@ class Settings(BaseSettings):
     # A card payment still `authorizing` after this long was left by a crash between writing it
     # and recording the network's answer: the worker reverses it and marks it failed.
     payment_authorizing_deadline_seconds: int = Field(default=120, gt=0)
-    # Payments one API process works on at once before the network (the first transaction and
-    # the cryptogram); more wait their turn holding nothing, so a burst queues instead of
-    # failing in the database and vault pools. Waiting for the network is not counted.
+    # Payments one API process works on at once (the first transaction and the cryptogram,
+    # then the write of the network's answer, which goes first); more wait their turn holding
+    # nothing, so a burst queues instead of failing in the database and vault pools. Waiting
+    # for the network is not counted. Beyond `payment_admission_queue` payments waiting to
+    # start, a new one is answered 429 `overloaded` with Retry-After (transactions/admission.py).
     payment_admission_limit: int = Field(default=32, gt=0)
+    payment_admission_queue: int = Field(default=512, ge=0)
 
     # Fraud Detection Service: every payment and transfer is checked when enabled (off: the
     # payments' and transfers' own allow-all hook).

@@ -10,6 +10,7 @@ left `authorizing` writes nothing at all: no change and no event.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import httpx
@@ -19,6 +20,7 @@ from billfold.platform.clock import rfc3339
 from billfold.platform.events import outbox_written
 from billfold.transactions import events as payment_events
 from billfold.transactions import store
+from billfold.transactions.admission import AdmissionGate
 from tests.conftest import SignedIn
 from tests.integration.payment_methods_support import add_card
 from tests.integration.payments_support import events, pay, payment_body, sql
@@ -89,14 +91,50 @@ async def test_a_burst_beyond_the_admission_limit_queues(
     client: httpx.AsyncClient, app: Any, alice: SignedIn, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rt = app.state.transactions
-    monkeypatch.setattr(rt, "_admission", asyncio.Semaphore(1))
+    monkeypatch.setattr(rt, "_admission", AdmissionGate(1, queue_limit=10))
     methods = [await _card(client, alice) for _ in range(3)]
     answers = await asyncio.gather(
         *(pay(client, alice, payment_body("card", m, amount=500)) for m in methods)
     )
     assert [a.status_code for a in answers] == [201, 201, 201]
     assert {a.json()["status"] for a in answers} == {"authorized"}
-    assert rt.admission._value == 1  # every slot given back
+    # every slot given back, nobody left waiting, nobody refused
+    assert (rt.admission.working, rt.admission.waiting, rt.admission.refused) == (0, 0, 0)
+
+
+async def test_a_payment_past_the_admission_queue_is_refused_429_and_changes_nothing(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rt = app.state.transactions
+    gate = AdmissionGate(1, queue_limit=0)  # one payment at a time, none may wait
+    monkeypatch.setattr(rt, "_admission", gate)
+    method = await _card(client, alice)
+    key = uuid.uuid4().hex
+    count = "SELECT count(*) AS n FROM transactions.transactions WHERE user_id = :u"
+    outbox = (
+        "SELECT count(*) AS n FROM platform.outbox "
+        "WHERE type LIKE 'billfold.transactions.%' AND data->>'user_id' = :u"
+    )
+    user_id = alice.user["id"]
+    before = ((await sql(app, count, u=user_id))[0].n, (await sql(app, outbox, u=user_id))[0].n)
+    async with gate.start():  # another payment is working
+        # (a gate that queued it instead would wait for this slot forever: fail, not hang)
+        r = await asyncio.wait_for(
+            pay(client, alice, payment_body("card", method, amount=700), key=key), 10
+        )
+    assert r.status_code == 429, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert r.headers["retry-after"] == "1"
+    problem = r.json()
+    assert problem["code"] == "overloaded" and problem["status"] == 429
+    after = ((await sql(app, count, u=user_id))[0].n, (await sql(app, outbox, u=user_id))[0].n)
+    assert after == before  # nothing written: no payment, no event
+    assert gate.refused == 1 and gate.working == 0
+    # The same key after Retry-After is a fresh attempt, and it goes through.
+    again = await pay(client, alice, payment_body("card", method, amount=700), key=key)
+    assert again.status_code == 201, again.text
+    assert again.json()["status"] == "authorized"
+    assert "idempotent-replayed" not in again.headers
 
 
 async def _row(app: Any, txn_id: str) -> Any:

@@ -3,7 +3,6 @@ whose sweepers send reversals)."""
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -12,6 +11,7 @@ from billfold import users
 from billfold.config import Settings
 from billfold.network import CardNetwork
 from billfold.platform.idempotency import fingerprint_key
+from billfold.transactions.admission import AdmissionGate
 from billfold.transactions.risk import AllowAll, PaymentRiskCheck
 from billfold.vault import VaultClient
 
@@ -72,14 +72,16 @@ class TransactionsRuntime:
 
     def __post_init__(self) -> None:
         self._fingerprint_key = fingerprint_key(self.settings.secret_key)
-        self._admission: asyncio.Semaphore | None = None
+        self._admission: AdmissionGate | None = None
 
     @property
-    def admission(self) -> asyncio.Semaphore:
-        """How many payments may do their work before the network at once
-        (`payment_admission_limit`); the others wait in arrival order, holding nothing."""
+    def admission(self) -> AdmissionGate:
+        """How many payments may do their own work at once (`payment_admission_limit`), how
+        many may wait to start (`payment_admission_queue`): see `transactions.admission`."""
         if self._admission is None:  # made on first use, inside the process's event loop
-            self._admission = asyncio.Semaphore(self.settings.payment_admission_limit)
+            self._admission = AdmissionGate(
+                self.settings.payment_admission_limit, self.settings.payment_admission_queue
+            )
         return self._admission
 
     @property

@@ -391,10 +391,11 @@ async def pay(
         timer.add("auth", auth_ms)
     request_hash = fingerprint(rt, "/v1/payments", body)
     txn_id = new_id("txn")
-    # A payment's own work (tx1, the cryptogram) runs inside the admission gate; the wait for
-    # the network and tx2 do not: the gate bounds the load on the database and vault pools and
-    # on this event loop (a burst queues here, holding nothing), not the payments in flight.
-    async with rt.admission:
+    # A payment's own work (tx1, the cryptogram; later tx2) runs inside the admission gate, the
+    # wait for the network does not: the gate bounds the load on the database and vault pools
+    # and on this event loop (a burst queues here, holding nothing; past its queue, 429
+    # `overloaded` before anything is written), not the payments in flight.
+    async with rt.admission.start():
         with timer.step("db"):
             async with unit_of_work(engine) as uow:
                 conn = await uow.connection()
@@ -707,7 +708,9 @@ async def _record_answer(
     timer = ctx.timer
     late = False
     with timer.step("db"):
-        row, late = await _write_answer(engine, txn_id, ctx, authorization, decline, failed, rt)
+        # Ahead of every payment waiting to start: the answer is in, only its write is left.
+        async with rt.admission.finish():
+            row, late = await _write_answer(engine, txn_id, ctx, authorization, decline, failed, rt)
     if late:
         assert authorization is not None
         await reverse_quietly(rt, authorization, authorization.amount, "late_answer", txn_id)
