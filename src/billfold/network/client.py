@@ -74,6 +74,11 @@ class NetworkClientConfig:
         return host.strip("[]"), int(port)
 
 
+# Loop passes a timed-out request waits for the reader to match an answer already received:
+# a poll of the socket, the reader's step, the hand-over to the waiting request (and spare).
+_READ_PASSES = 8
+
+
 class _NoAnswer(Exception):
     """Sent, but no answer came (timeout or the connection dropped after sending)."""
 
@@ -471,8 +476,8 @@ class Iso8583Network:
             self.breaker.failure()
             raise _NoAnswer("connection lost while sending") from None
         try:
-            answer = await asyncio.wait_for(future, self.config.timeout)
-        except (TimeoutError, _NoAnswer):
+            answer = await self._answer(future)
+        except _NoAnswer:
             conn.pending.pop(key, None)
             self.breaker.failure()
             raise _NoAnswer("no answer") from None
@@ -482,6 +487,29 @@ class Iso8583Network:
         if self.breaker.failures == 0:
             self._stand_in_used.clear()
         return answer
+
+    async def _answer(self, future: asyncio.Future[wire.Message]) -> wire.Message:
+        """The answer to a message just sent, or `_NoAnswer` if the network has not answered
+        within `timeout` of the send.
+
+        The timer only says that the time is up; whether the answer came is decided after
+        this process has read what its socket already holds. On a busy event loop the timer
+        can fire while the answer waits unread (uvloop runs due timers before it polls the
+        sockets, and the reader task needs a few loop passes to match an answer): that delay
+        is ours, not the network's, and timing the payment out for it would reverse an
+        approval the network gave in time."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.config.timeout)
+        except TimeoutError:
+            pass
+        for _ in range(_READ_PASSES):
+            if future.done():
+                break
+            await asyncio.sleep(0)  # one loop pass: a socket poll, then the reader's step
+        if not future.done():
+            future.cancel()
+            raise _NoAnswer("no answer")
+        return future.result()  # or the reader's `_NoAnswer` (the connection dropped)
 
     async def _connection(self) -> _Connection:
         i = next(self._turn) % len(self._slots)

@@ -222,6 +222,7 @@ class NetworkSimulator:
             writer.close()
 
     async def _answer(self, message: wire.Message, writer: asyncio.StreamWriter) -> None:
+        received = time.monotonic()
         try:
             answer = await self._handle(message)
         except Exception:
@@ -234,6 +235,10 @@ class NetworkSimulator:
         delay = self.config.latency_ms + self._random.uniform(
             -self.config.jitter_ms, self.config.jitter_ms
         )
+        # The latency is the network's whole answer time, the issuer's own checks (its vault
+        # calls) included, as a real network's is: an issuer slowed by a busy machine answers
+        # later than `latency_ms`, never `latency_ms` after its checks.
+        delay -= (time.monotonic() - received) * 1000
         if delay > 0:
             await asyncio.sleep(delay / 1000)
         if writer.is_closing():
