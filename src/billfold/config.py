@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     # Base64 of 32 random bytes; encrypts secrets at rest (JWT keys, TOTP seeds).
     # Empty in development means "generate one into data_dir".
     secret_key: str = ""
+    # Seal one-time codes (verification, step-up, password reset) in the events that carry them
+    # to the notification service: `kid:base64(32 bytes)`, comma-separated; the first seals,
+    # every one opens (rotate by putting a new key first; drop an old one an hour later, when
+    # no code sealed under it is still alive). Empty: one key derived from secret_key (`sk1`).
+    one_time_code_keys: str = ""
 
     jwt_issuer: str = "billfold"
     jwt_audience: str = "billfold-api"

@@ -13,6 +13,7 @@ from billfold import jobs, ledger
 from tests.conftest import SignedIn
 from tests.integration.transfer_support import available as available  # re-exported
 from tests.integration.transfer_support import balance, outbox_events, sql
+from tests.support.one_time_codes import reveal_code
 
 EMAIL_DOMAIN = "example.com"
 
@@ -73,11 +74,11 @@ async def verify_contact(client: httpx.AsyncClient, app: Any, user: SignedIn, ch
     assert r.status_code == 201, r.text
     (sent,) = await sql(
         app,
-        "SELECT data->>'code' AS code FROM platform.outbox WHERE subject = :u "
+        "SELECT data FROM platform.outbox WHERE subject = :u "
         "AND type = 'billfold.users.verification.requested' ORDER BY seq DESC LIMIT 1",
         u=user.user["id"],
     )
-    code = sent.code
+    code = reveal_code(app, "billfold.users.verification.requested", sent.data)
     ok = await client.post(
         f"/v1/me/verifications/{r.json()['id']}/confirm", json={"code": code}, headers=user.headers
     )

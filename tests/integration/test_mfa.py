@@ -20,6 +20,7 @@ from sqlalchemy import text
 from billfold.platform.errors import ProblemError
 from billfold.users import mfa, verify_step_up
 from tests.conftest import SignedIn, device_key, sign_up
+from tests.support.one_time_codes import reveal_code
 
 PROBLEM = "application/problem+json"
 
@@ -62,7 +63,8 @@ async def outbox(app: Any, type_: str, user_id: str) -> list[dict[str, Any]]:
 
 async def step_up_code(app: Any, user_id: str, challenge_id: str) -> str:
     events = await outbox(app, "billfold.users.step_up.code_requested", user_id)
-    return next(e["code"] for e in events if e["challenge_id"] == challenge_id)
+    event = next(e for e in events if e["challenge_id"] == challenge_id)
+    return reveal_code(app, "billfold.users.step_up.code_requested", event)
 
 
 async def enable_totp(client: httpx.AsyncClient, user: SignedIn) -> tuple[str, str]:
@@ -83,7 +85,8 @@ async def verify_contact(app: Any, client: httpx.AsyncClient, user: SignedIn, ch
     assert r.status_code == 201, r.text
     vid = r.json()["id"]
     events = await outbox(app, "billfold.users.verification.requested", user.user["id"])
-    code = next(e["code"] for e in events if e["verification_id"] == vid)
+    event = next(e for e in events if e["verification_id"] == vid)
+    code = reveal_code(app, "billfold.users.verification.requested", event)
     r = await client.post(
         f"/v1/me/verifications/{vid}/confirm", json={"code": code}, headers=user.headers
     )

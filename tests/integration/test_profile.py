@@ -10,19 +10,21 @@ from PIL import Image
 from sqlalchemy import text
 
 from tests.conftest import new_phone, registration, sign_up
+from tests.support.one_time_codes import reveal_code
 
 
 async def _latest_code(app, user_id: str) -> str:
     async with app.state.resources.engine.connect() as conn:
-        return (
+        data = (
             await conn.execute(
                 text(
-                    "SELECT data->>'code' FROM platform.outbox WHERE subject = :u "
+                    "SELECT data FROM platform.outbox WHERE subject = :u "
                     "AND type = 'billfold.users.verification.requested' ORDER BY seq DESC LIMIT 1"
                 ),
                 {"u": user_id},
             )
         ).scalar_one()
+    return reveal_code(app, "billfold.users.verification.requested", data)
 
 
 async def _email_code(client, app, user) -> tuple[dict, str, str]:

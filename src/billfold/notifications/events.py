@@ -151,12 +151,13 @@ async def _kyc(conn: AsyncConnection, event: dict[str, Any]) -> list[Intent]:
 
 async def _code(conn: AsyncConnection, event: dict[str, Any]) -> list[Intent]:
     d = event["data"]
-    code, target = d.get("code"), d.get("target")
-    if not code or not target:
-        return []  # already stripped (a replay of a published event): nothing to send
+    target = d.get("target")
+    if not isinstance(d.get("sealed_code"), dict) or not target:
+        return []  # no sealed code (stripped, or written before codes were sealed): no message
     channel = "email" if d.get("channel") == "email" else "sms"
     ref = d.get("verification_id") or d.get("challenge_id") or d.get("reset_id") or event["id"]
-    ctx = {"code": code, "minutes": max(int(d.get("expires_in") or 600) // 60, 1)}
+    # The code stays sealed in the delivery until the dispatcher sends it.
+    ctx = {"minutes": max(int(d.get("expires_in") or 600) // 60, 1)}
     return [
         Intent(
             d["user_id"],
@@ -166,6 +167,7 @@ async def _code(conn: AsyncConnection, event: dict[str, Any]) -> list[Intent]:
             {"purpose": event["type"].rsplit(".", 2)[-2]},
             event,
             direct=(channel, target),
+            sealed={"type": event["type"], "data": d},
         )
     ]
 

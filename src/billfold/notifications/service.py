@@ -9,6 +9,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
+from functools import cached_property
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -32,7 +33,7 @@ from billfold.notifications.templates import Rendered, render
 from billfold.platform.clock import rfc3339, utcnow
 from billfold.platform.db import unit_of_work
 from billfold.platform.ids import new_id
-from billfold.platform.keys import SealedBox
+from billfold.platform.keys import SealedBox, SealError, SealRing
 from billfold.platform.observability import get_logger
 
 log = get_logger(__name__)
@@ -43,10 +44,15 @@ LEASE_SECONDS = 60
 
 @dataclass(frozen=True)
 class NotificationsRuntime:
-    """What the service needs per process: settings and the box that seals one-time codes."""
+    """What the service needs per process: settings, and the keys of one-time codes (`codes`
+    opens what the users service sealed; `sealed` opened what older deliveries kept)."""
 
     settings: Settings
     sealed: SealedBox
+
+    @cached_property
+    def codes(self) -> SealRing:
+        return users.one_time_code_ring(self.settings)
 
     def provider(self, channel: str, platform: str | None = None) -> str | None:
         """The configured provider of a channel (and, for push, a device platform), if any."""
@@ -67,7 +73,9 @@ class NotificationsRuntime:
 @dataclass(frozen=True)
 class Intent:
     """Something to tell one user: a kind, its template data, a key that makes it once only.
-    `direct` sends it on exactly that channel to exactly that address (one-time codes)."""
+    `direct` sends it on exactly that channel to exactly that address (one-time codes);
+    `sealed` is the event whose sealed secret (a one-time code) the message needs: it stays
+    sealed in the delivery and is opened only to send it."""
 
     user_id: str
     kind: str
@@ -76,6 +84,7 @@ class Intent:
     data: dict[str, Any] = field(default_factory=dict)
     event: dict[str, Any] | None = None
     direct: tuple[str, str] | None = None
+    sealed: dict[str, Any] | None = None
 
 
 # --- preferences ---------------------------------------------------------------------------------
@@ -241,9 +250,11 @@ async def notify(conn: AsyncConnection, rt: NotificationsRuntime, intent: Intent
     party = await users.get_party(conn, intent.user_id)
     if party is None or party.status == "closed":
         return None
+    context = {"name": party.name, **intent.context}
+    # A secret (the code) is not opened here: what is rendered now is only the row's title.
     rendered = render(
         kind.name,
-        {"name": party.name, **intent.context},
+        {"code": "", **context} if kind.secret else context,
         locale=party.locale,
         timezone=party.timezone,
     )
@@ -296,9 +307,20 @@ async def notify(conn: AsyncConnection, rt: NotificationsRuntime, intent: Intent
             "now": now,
         }
         if kind.secret:
-            values["sealed_content"] = rt.sealed.seal(
-                json.dumps(content).encode(), _aad(delivery_id)
-            )
+            # The event's sealed code and what to render it with, nothing in clear: the
+            # dispatcher opens and renders it at send time, and wipes it once sent.
+            values["sealed_content"] = json.dumps(
+                {
+                    "event": intent.sealed,
+                    "render": {
+                        "kind": kind.name,
+                        "context": context,
+                        "locale": party.locale,
+                        "timezone": party.timezone,
+                    },
+                },
+                separators=(",", ":"),
+            ).encode()
         else:
             values["content"] = content
         await store.insert_delivery(conn, values, t.detail)
@@ -385,7 +407,10 @@ class Dispatcher:
 
     async def _prepare(self, conn: AsyncConnection, row: Row[Any]) -> _Job:
         if row.sealed_content is not None:
-            content = json.loads(self._rt.sealed.open(row.sealed_content, _aad(row.id)))
+            try:
+                content = self._open(row)
+            except (SealError, ValueError, KeyError, TypeError):
+                return _Job(row, None, error="the sealed content does not open")
         else:
             content = row.content or {}
         target, token = row.target, None
@@ -397,6 +422,26 @@ class Dispatcher:
             target = token = device.push_token
         data = {"notification_id": row.notification_id, "delivery_id": row.id}
         return _Job(row, Message(row.id, target, content, data), token)
+
+    def _open(self, row: Row[Any]) -> dict[str, Any]:
+        """A secret delivery's content, opened and rendered only now, to send it."""
+        raw = bytes(row.sealed_content)
+        if not raw.startswith(b"{"):
+            # Sealed whole under the process box (deliveries queued before codes were sealed
+            # by the users service).
+            return dict(json.loads(self._rt.sealed.open(raw, _aad(row.id))))
+        envelope = json.loads(raw)
+        code = users.open_one_time_code(self._rt.codes, envelope["event"])
+        if code is None:
+            raise ValueError("no sealed code")
+        spec = envelope["render"]
+        rendered = render(
+            spec["kind"],
+            {**spec["context"], "code": code},
+            locale=spec["locale"],
+            timezone=spec["timezone"],
+        )
+        return _content(row.channel, rendered, {})
 
     async def _send(self, job: _Job) -> Outcome:
         if job.message is None:

@@ -15,6 +15,7 @@ from billfold.users.directory import (
     get_party,
     push_devices,
 )
+from billfold.users.events import one_time_code_ring, open_one_time_code
 from billfold.users.mfa import StepUpClaims, step_up_required, verify_step_up
 from billfold.users.models import Email, Handle, Phone, mask_email, mask_phone
 from billfold.users.runtime import UsersRuntime
@@ -36,6 +37,8 @@ __all__ = [
     "get_party",
     "mask_email",
     "mask_phone",
+    "one_time_code_ring",
+    "open_one_time_code",
     "push_devices",
     "step_up_required",
     "verify_step_up",

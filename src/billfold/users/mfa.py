@@ -386,20 +386,21 @@ async def start_step_up(
         address = user.phone if sms else user.email
         target = mask_phone(address) if sms else mask_email(address)
         # The notification service delivers the code; the event is its only carrier.
-        await events.publish(
+        await events.publish_code(
             conn,
+            rt.codes,
             events.STEP_UP_CODE_REQUESTED,
             user.id,
             {
                 "challenge_id": challenge_id,
                 "channel": request.method,
                 "target": address,
-                "code": code,
                 "purpose": request.purpose,
                 "reference": request.reference,
                 "locale": user.locale,
                 "expires_in": ttl,
             },
+            code,
         )
     else:  # device_signature
         device = (

@@ -151,18 +151,19 @@ async def start_password_reset(
     await rt.redis.set(_reset_key(rt, reset_id), json.dumps(record), ex=RESET_TTL_SECONDS)
     if real and user is not None:
         # The notification service delivers the code; the event is its only carrier.
-        await events.publish(
+        await events.publish_code(
             conn,
+            rt.codes,
             events.PASSWORD_RESET_REQUESTED,
             user.id,
             {
                 "reset_id": reset_id,
                 "channel": "email",
                 "target": user.email,
-                "code": code,
                 "locale": user.locale,
                 "expires_in": RESET_TTL_SECONDS,
             },
+            code,
         )
     return PasswordResetStarted(reset_id=reset_id, expires_in=RESET_TTL_SECONDS)
 

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -13,7 +14,8 @@ from redis.asyncio import Redis
 
 from billfold.config import Settings
 from billfold.platform.blobs import BlobStore
-from billfold.platform.keys import SealedBox
+from billfold.platform.keys import SealedBox, SealRing
+from billfold.users.events import one_time_code_ring
 from billfold.users.tokens import AccessTokens
 
 # argon2id; RFC 9106's second recommended option (64 MiB, t=3, p=4).
@@ -32,6 +34,11 @@ class UsersRuntime:
 
     def key(self, *parts: str) -> str:
         return self.settings.redis_prefix + ":".join(parts)
+
+    @cached_property
+    def codes(self) -> SealRing:
+        """Seals one-time codes for the notification service (the events' only carrier)."""
+        return one_time_code_ring(self.settings)
 
     def keyed_hash(self, domain: str, message: str) -> bytes:
         """HMAC-SHA256 of `message` under a key derived from the secret key for `domain`, so a

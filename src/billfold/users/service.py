@@ -254,18 +254,19 @@ async def start_verification(
         },
     )
     # The notification service delivers the code; the event is its only carrier.
-    await events.publish(
+    await events.publish_code(
         conn,
+        rt.codes,
         events.VERIFICATION_REQUESTED,
         user_id,
         {
             "verification_id": verification_id,
             "channel": channel,
             "target": target,
-            "code": code,
             "locale": user.locale,
             "expires_in": rt.settings.verification_code_ttl_seconds,
         },
+        code,
     )
     row = await store.get_verification(conn, user_id, verification_id)
     assert row is not None

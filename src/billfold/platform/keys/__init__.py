@@ -1,7 +1,8 @@
 """Keys that protect data at rest.
 
-`SealedBox` seals small secrets under the process secret key. A `KeyStore` holds the vault's
-key-encryption keys and fingerprint key: `Pkcs11KeyStore` (an HSM over PKCS#11; SoftHSM2 in
+`SealedBox` seals small secrets under the process secret key; `SealRing` seals what travels
+between services (one-time codes in events) under named, rotatable keys. A `KeyStore` holds
+the vault's key-encryption keys and fingerprint key: `Pkcs11KeyStore` (an HSM over PKCS#11; SoftHSM2 in
 development and CI) or `SoftwareKeyStore` (demo without an HSM, not for production).
 """
 
@@ -17,12 +18,15 @@ from billfold.platform.keys.base import (
     UnknownKekVersion,
     UnwrapFailed,
 )
+from billfold.platform.keys.ring import SealError, SealRing
 from billfold.platform.keys.software import SealedBox, SoftwareKeyStore
 
 __all__ = [
     "DATA_KEY_BYTES",
     "KeyStore",
     "KeyStoreError",
+    "SealError",
+    "SealRing",
     "SealedBox",
     "SoftwareKeyStore",
     "UnknownKekVersion",
