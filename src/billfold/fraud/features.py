@@ -453,7 +453,13 @@ for i = 1, 4 do out[#out + 1] = str(p[i]) end
 local total = 0
 for _, c in ipairs(redis.call('HVALS', KEYS[4])) do total = total + tonumber(c) end
 out[#out + 1] = total
-return out
+-- One string, fields split by NUL (no field can hold one: numbers, our own members, and
+-- profile values from PostgreSQL text): a 32-element array reply costs the client ~0.1 ms of
+-- parsing, a single bulk string almost nothing. Integers as %d, exact like an integer reply.
+for i = 1, #out do
+  if type(out[i]) == 'number' then out[i] = string.format('%d', out[i]) end
+end
+return table.concat(out, '\0')
 """
 
 # A completed payment/transfer joins the user's history once: its id goes into the user's set
@@ -516,9 +522,12 @@ def _opt_float(v: Any) -> float | None:
     return float(s) if s else None
 
 
-def _raw_from_reply(reply: Sequence[Any]) -> tuple[RawState, bool]:
-    """The snapshot script's answer; also whether the profile copy was missing."""
-    v = list(reply)
+def _raw_from_reply(reply: bytes | str) -> tuple[RawState, bool]:
+    """The snapshot script's answer (its fields split by NUL); also whether the profile copy
+    was missing."""
+    v: Sequence[Any] = reply.split(b"\0") if isinstance(reply, bytes) else reply.split("\0")
+    if len(v) != 32:
+        raise ValueError(f"the snapshot script answered {len(v)} fields, not 32")
     created, kyc, country, tz = (_text(x) for x in v[27:31])
     profile = (
         Profile(_from_ms(float(created)), int(kyc or 0), country, tz or "UTC") if created else None
