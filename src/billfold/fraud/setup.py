@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 
 from billfold import p2p, transactions
 from billfold.config import Settings
+from billfold.fraud.events import lock_consumer
 from billfold.fraud.features import PostgresFeatures, RedisFeatures, feature_consumers
 from billfold.fraud.lists import load_lists
 from billfold.fraud.rules import RuleBook
@@ -67,5 +68,6 @@ def build_runtime(
 
 
 def consumers(redis: Redis, settings: Settings) -> list[Consumer]:
-    """The fraud consumers of the worker: the live features' outcome updates."""
-    return feature_consumers(redis, settings)
+    """The fraud consumers of the worker: the live features' outcome updates, and the lock
+    policy's account locks."""
+    return [*feature_consumers(redis, settings), lock_consumer(redis, settings)]

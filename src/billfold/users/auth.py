@@ -21,6 +21,7 @@ from billfold.platform.db import UnitOfWork
 from billfold.platform.errors import NotFound, ProblemError, TooManyRequests
 from billfold.platform.ids import is_valid_id, new_id
 from billfold.users import events
+from billfold.users.locks import account_locked
 from billfold.users.runtime import UsersRuntime
 from billfold.users.store import accounts as accounts_store
 from billfold.users.store import sessions as store
@@ -29,6 +30,14 @@ USER_SCOPES = ("profile", "devices", "wallet", "pay")
 WEARABLE_SCOPES = ("pay",)
 ADMIN_SCOPES = ("admin",)
 CHALLENGE_TTL_SECONDS = 120
+
+
+def cannot_sign_in(status: str | None) -> ProblemError:
+    """Why an account whose credential checked out gets no session: locked (403
+    `account_locked`), or gone/closed (the generic invalid grant)."""
+    if status == "locked":
+        return account_locked()
+    return invalid_grant("This account cannot sign in; contact support")
 
 
 def invalid_grant(detail: str = "The credentials are not valid") -> ProblemError:
@@ -238,7 +247,7 @@ async def password_grant(
         raise invalid_grant("The email or password is not correct")
     await clear_password_failures(rt, email)  # the right password ends the backoff
     if user.status != "active":
-        raise invalid_grant("This account cannot sign in; contact support")
+        raise cannot_sign_in(user.status)
     device = None
     if device_id is not None:
         device = (
@@ -283,7 +292,7 @@ async def finish_mfa_sign_in(
     conn = await uow.connection()
     user = await accounts_store.get_user(conn, pending["user_id"])
     if user is None or user.status != "active":
-        raise invalid_grant("This account cannot sign in; contact support")
+        raise cannot_sign_in(user.status if user else None)
     device = None
     if pending.get("device_id"):
         device = await store.get_device(conn, user.id, pending["device_id"])
@@ -328,7 +337,7 @@ async def refresh_grant(
     if row.revoked_at is not None or row.expires_at <= now or row.token_expires_at <= now:
         raise invalid_grant("The session has ended; sign in again")
     if row.user_status != "active":
-        raise invalid_grant("This account cannot sign in; contact support")
+        raise cannot_sign_in(row.user_status)
     scopes = _narrow(list(row.scopes), scope)
     await store.mark_refresh_token_used(conn, token_hash, now)
     new_refresh = secrets.token_urlsafe(32)
@@ -444,7 +453,7 @@ async def device_signature_grant(
         raise invalid_grant("The device signature does not verify")
     user = await accounts_store.get_user(conn, device.user_id)
     if user is None or user.status != "active":
-        raise invalid_grant("This account cannot sign in; contact support")
+        raise cannot_sign_in(user.status if user else None)
     return await open_session(
         uow, rt, user=user, device=device, method="device", scope=scope, client=client
     )

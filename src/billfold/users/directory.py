@@ -89,3 +89,9 @@ async def forget_push_token(conn: AsyncConnection, device_id: str, push_token: s
     """The push provider said `push_token` is no longer valid (APNs 410 Unregistered, FCM
     UNREGISTERED): stop using it. A token the device has replaced meanwhile is left alone."""
     return await session_store.forget_push_token(conn, device_id, push_token)
+
+
+async def is_admin(conn: AsyncConnection, user_id: str) -> bool:
+    """Whether `user_id` is an active administrator (e.g. someone a fraud case may go to)."""
+    user = await store.get_user(conn, user_id)
+    return user is not None and user.role == "admin" and user.status == "active"

@@ -32,6 +32,9 @@ PASSKEY_REMOVED = "billfold.users.passkey.removed"
 PASSWORD_CHANGED = "billfold.users.password.changed"
 PASSWORD_RESET_REQUESTED = "billfold.users.password_reset.requested"
 PASSWORD_RESET = "billfold.users.password.reset"
+# An account locked (a fraud policy, an administrator) or unlocked: the security notification.
+ACCOUNT_LOCKED = "billfold.users.account.locked"
+ACCOUNT_UNLOCKED = "billfold.users.account.unlocked"
 
 
 async def publish(conn: AsyncConnection, type_: str, user_id: str, data: dict[str, Any]) -> Event:

@@ -42,6 +42,7 @@ from billfold.users.auth import (
     ClientContext,
     TokenGrant,
     b64url_decode,
+    cannot_sign_in,
     invalid_grant,
     open_session,
 )
@@ -325,7 +326,7 @@ async def passkey_grant(
         raise invalid_grant("The passkey's signature counter went backwards; it may be cloned")
     user = await accounts_store.get_user(conn, row.user_id)
     if user is None or user.status != "active":
-        raise invalid_grant("This account cannot sign in; contact support")
+        raise cannot_sign_in(user.status if user else None)
     await store.record_use(conn, row.id, new_count, utcnow())
     return await open_session(
         uow, rt, user=user, device=None, method="passkey", scope=scope, client=client

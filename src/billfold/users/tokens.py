@@ -259,7 +259,7 @@ class AccessTokens:
         self._settings = settings
 
     def _revoked_key(self, session_id: str) -> str:
-        return f"{self._settings.redis_prefix}revoked-session:{session_id}"
+        return revoked_session_key(self._settings, session_id)
 
     async def issue(
         self,
@@ -311,10 +311,20 @@ class AccessTokens:
 
     async def revoke_sessions(self, session_ids: list[str]) -> None:
         """Reject live access tokens of these sessions for as long as they could still be valid."""
-        if not session_ids:
-            return
-        ttl = self._settings.access_token_ttl_seconds + _CLOCK_SKEW
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for sid in session_ids:
-                pipe.set(self._revoked_key(sid), "1", ex=ttl)
-            await pipe.execute()
+        await deny_sessions(self._redis, self._settings, session_ids)
+
+
+def revoked_session_key(settings: Settings, session_id: str) -> str:
+    return f"{settings.redis_prefix}revoked-session:{session_id}"
+
+
+async def deny_sessions(redis: Redis, settings: Settings, session_ids: list[str]) -> None:
+    """Reject live access tokens of these sessions for as long as they could still be valid
+    (for processes without an `AccessTokens`, such as the worker's consumers)."""
+    if not session_ids:
+        return
+    ttl = settings.access_token_ttl_seconds + _CLOCK_SKEW
+    async with redis.pipeline(transaction=False) as pipe:
+        for sid in session_ids:
+            pipe.set(revoked_session_key(settings, sid), "1", ex=ttl)
+        await pipe.execute()

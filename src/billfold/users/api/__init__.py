@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter
 
-from billfold.users.api import accounts, auth, devices, kyc, mfa, passkeys
+from billfold.users.api import accounts, admin, auth, devices, kyc, mfa, passkeys
 
 router = APIRouter()
 router.include_router(accounts.router)
@@ -11,3 +11,4 @@ router.include_router(devices.router)
 router.include_router(mfa.router)
 router.include_router(passkeys.router)
 router.include_router(kyc.router)
+router.include_router(admin.router)
