@@ -239,6 +239,8 @@ def create_app(settings: Settings) -> FastAPI:
     # Its own tiny pool: a key reload must never wait for a connection that the request which
     # triggered it is holding.
     keys_engine = create_engine(settings.database_url, pool_size=1, max_overflow=1)
+    # Live notification streams hold a Redis connection each: a bounded pool of their own.
+    streams = notifications.StreamGate(settings.redis_url, settings.notifications_stream_limit)
     runtimes = build_runtimes(settings, redis, keys_engine)
     settings, sealed, keyring = runtimes.settings, runtimes.sealed, runtimes.keyring
     users_rt = runtimes.users
@@ -266,6 +268,7 @@ def create_app(settings: Settings) -> FastAPI:
             await runtimes.network.aclose()
             await runtimes.vault.aclose()
             await redis.aclose()
+            await streams.aclose()
             await engine.dispose()
             await keys_engine.dispose()
 
@@ -297,6 +300,7 @@ def create_app(settings: Settings) -> FastAPI:
         ],
     )
     app.state.resources = Resources(settings, engine, redis, metrics, keys_engine)
+    app.state.notification_streams = streams
     app.state.users = users_rt
     app.state.p2p = runtimes.p2p
     app.state.vault = runtimes.vault

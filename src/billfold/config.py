@@ -243,6 +243,10 @@ class Settings(BaseSettings):
     notifications_retry_base_seconds: float = Field(default=30.0, gt=0)
     notifications_rate_limit_per_hour: int = Field(default=30, gt=0)
     notifications_low_balance_threshold: int = Field(default=1_000, ge=0)
+    # Live notification streams (SSE) one API process holds open at once. Each holds a Redis
+    # connection of the streams' own pool (never the API's); past it a new stream is refused
+    # with 503 `stream_capacity` and Retry-After.
+    notifications_stream_limit: int = Field(default=100, gt=0)
 
     # Event bus. Empty: the embedded bus (the relay reads the outbox on LISTEN/NOTIFY and runs
     # the consumers itself). `host:port[,host:port…]`: the relay publishes the outbox to Kafka

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,6 +13,7 @@ import httpx
 import pytest
 import uvicorn
 
+from billfold.notifications import StreamGate
 from tests.conftest import SignedIn, free_port, fund
 from tests.integration.notifications_support import harness, notifications_of
 from tests.integration.transfer_support import send_ok
@@ -213,3 +215,58 @@ async def test_preferences_defaults_changes_and_locks(
         r = await client.put("/v1/me/notification-preferences", json=bad, headers=bob.headers)
         assert r.status_code == 422, (bad, r.text)
         assert r.headers["content-type"] == "application/problem+json"
+
+
+async def test_streams_have_their_own_bounded_redis_pool_and_past_it_a_503(
+    served: str,
+    client: httpx.AsyncClient,
+    app: Any,
+    alice: SignedIn,
+    bob: SignedIn,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each open stream holds a pub/sub connection: they come from a pool of their own (named
+    connections show it), at most `notifications_stream_limit` of them, never the API's."""
+    name = f"sse-test-{uuid.uuid4().hex[:8]}"
+    gate = StreamGate(app.state.resources.settings.redis_url, 1, client_name=name)
+    monkeypatch.setattr(app.state, "notification_streams", gate)
+    redis = app.state.resources.redis
+
+    async def stream_connections() -> int:
+        return len([c for c in await redis.client_list() if c.get("name") == name])
+
+    try:
+        async with httpx.AsyncClient(base_url=served, timeout=10) as http:
+            async with http.stream("GET", "/v1/notifications/stream", headers=bob.headers) as first:
+                assert first.status_code == 200
+                reader = asyncio.create_task(_events(first, 1))
+                await asyncio.sleep(0.3)  # subscribed
+                assert await stream_connections() == 1
+
+                # Full: the next stream is refused at once, and says when to come back.
+                full = await http.get("/v1/notifications/stream", headers=alice.headers)
+                assert full.status_code == 503
+                assert full.headers["content-type"] == "application/problem+json"
+                assert full.json()["code"] == "stream_capacity"
+                assert int(full.headers["retry-after"]) > 0
+                # The API itself goes on (its Redis pool is not the streams').
+                r = await http.get("/v1/notifications/unread-count", headers=alice.headers)
+                assert r.status_code == 200
+
+                # The open stream still works.
+                live = await _inbox_item(app, client, alice, bob)
+                (event,) = await asyncio.wait_for(reader, 10)
+                assert event["id"] == live
+
+            # Closed: its place (and connection) is free for the next one.
+            for _ in range(50):
+                if gate.open_streams == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert gate.open_streams == 0
+            async with http.stream(
+                "GET", "/v1/notifications/stream", headers=alice.headers
+            ) as again:
+                assert again.status_code == 200
+    finally:
+        await gate.aclose()

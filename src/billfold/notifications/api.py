@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from redis.asyncio import Redis
 from sqlalchemy.engine import Row
+from starlette.types import Receive, Scope, Send
 
 from billfold import users
 from billfold.gateway import Principal, Uow, require_admin, require_scopes
@@ -36,8 +37,15 @@ from billfold.notifications.models import (
     ReadAll,
     UnreadCount,
 )
+from billfold.notifications.streams import StreamGate, StreamSlot
 from billfold.platform.clock import utcnow
-from billfold.platform.errors import Conflict, Forbidden, NotFound, problem_responses
+from billfold.platform.errors import (
+    Conflict,
+    Forbidden,
+    NotFound,
+    ServiceUnavailable,
+    problem_responses,
+)
 from billfold.platform.ids import is_valid_id
 from billfold.platform.pagination import Page, PageParams, make_page, page_params
 
@@ -48,6 +56,8 @@ Admin = Annotated[Principal, Depends(require_admin)]
 
 # A comment line this often keeps proxies from closing an idle stream.
 HEARTBEAT_SECONDS = 15.0
+# When a client refused for lack of stream capacity may try again.
+STREAM_RETRY_AFTER_SECONDS = 5
 
 
 def _not_found() -> NotFound:
@@ -152,6 +162,21 @@ async def _event_stream(
         await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
+class _SlotStreamingResponse(StreamingResponse):
+    """Gives the stream's slot back however the response ends (also when the client left
+    before the body began, when the body generator never runs)."""
+
+    def __init__(self, slot: StreamSlot, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slot = slot
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._slot.release()
+
+
 def _sse(event_id: str, data: str) -> bytes:
     return f"id: {event_id}\nevent: notification\ndata: {data}\n\n".encode()
 
@@ -162,7 +187,7 @@ def _sse(event_id: str, data: str) -> bytes:
     response_class=StreamingResponse,
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "An endless event stream"},
-        **problem_responses(401, 403),
+        **problem_responses(401, 403, 503),
     },
 )
 async def stream(
@@ -173,18 +198,33 @@ async def stream(
 ) -> StreamingResponse:
     """`text/event-stream`: one `notification` event per new inbox item (`id` is the
     notification id). Reconnect with `Last-Event-ID` to receive what arrived meanwhile. Any API
-    process can serve it: deliveries are announced over Redis pub/sub."""
+    process can serve it: deliveries are announced over Redis pub/sub. Each process holds a
+    bounded number of streams: past it, 503 `stream_capacity` with `Retry-After`."""
     res = request.app.state.resources
+    gate: StreamGate = request.app.state.notification_streams
+    slot = gate.admit()
+    if slot is None:
+        raise ServiceUnavailable(
+            "Too many live streams are open on this server; try again shortly",
+            code="stream_capacity",
+            headers={"Retry-After": str(STREAM_RETRY_AFTER_SECONDS)},
+        )
     channel = stream_channel(res.settings.redis_prefix, me.user_id)
-    backlog: list[NotificationView] = []
-    if last_event_id and is_valid_id(last_event_id, "ntf"):
-        conn = await uow.connection()
-        rows = await store.list_inbox(conn, me.user_id, 100, last_event_id, newest_first=False)
-        backlog = [_view(r) for r in rows]
-    # The stream must not hold the request's database connection (nor its transaction) open.
-    await uow.rollback()
-    return StreamingResponse(
-        _event_stream(request, res.redis, channel, backlog),
+    try:
+        backlog: list[NotificationView] = []
+        if last_event_id and is_valid_id(last_event_id, "ntf"):
+            conn = await uow.connection()
+            rows = await store.list_inbox(conn, me.user_id, 100, last_event_id, newest_first=False)
+            backlog = [_view(r) for r in rows]
+        # The stream must not hold the request's database connection (nor its transaction).
+        await uow.rollback()
+    except BaseException:
+        slot.release()
+        raise
+    # Its pub/sub connection comes from the streams' own pool, never the API's.
+    return _SlotStreamingResponse(
+        slot,
+        _event_stream(request, gate.redis, channel, backlog),
         media_type="text/event-stream",
         headers={"X-Accel-Buffering": "no"},
     )
