@@ -335,6 +335,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(history_router)
     app.include_router(notifications.router)
     app.include_router(loyalty.router)
+    app.include_router(loyalty.admin_router)
     app.include_router(fraud_cases_router)
     app.include_router(fraud_rules_router)
     _ops_routes(app)

@@ -712,3 +712,30 @@ async def test_tiers_follow_rolling_net_spend_up_and_down(
         ("green", "gold", 1.25),
         ("gold", "green", 1.0),
     ]
+
+
+# --- the worker's wiring ------------------------------------------------------------------------
+
+
+async def test_the_worker_runs_the_loyalty_consumer_and_jobs(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn, settings: Any
+) -> None:
+    from billfold import jobs
+    from billfold.platform.bus.consumers import select_consumers
+
+    sink = jobs.event_sink(app.state.resources.engine, app.state.p2p)
+    (chosen,) = select_consumers(sink.consumers, ["loyalty"])  # worker --consumers loyalty
+    assert chosen.name == "loyalty"
+    names = {j.name for j in jobs.scheduled_jobs(app.state.resources.engine, settings)}
+    assert {"expire-loyalty-points", "reevaluate-loyalty-tiers"} <= names
+
+    await fund(app, alice.user["id"], 10_000)
+    payment_id = await captured_wallet_payment(client, alice, 4_200)
+    rows = await sql(
+        app,
+        "SELECT id, type, subject, time, data FROM platform.outbox WHERE subject = :s ORDER BY seq",
+        s=payment_id,
+    )
+    for r in rows:
+        await sink(envelope(r.id, r.type, r.subject, r.time, r.data))
+    assert (await loyalty_account(client, alice))["balance"] == 42

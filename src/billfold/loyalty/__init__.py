@@ -4,12 +4,19 @@ rolling 12-month net spend, and redemption into the wallet. It learns about paym
 their events.
 
 Public face: `LoyaltyRuntime`, `consumers(rt)` for the worker's event sink, the scheduled jobs
-`expire_points` and `reevaluate_tiers`, and `router`.
+`expire_points` and `reevaluate_tiers`, `router` and `admin_router` (earn rules, administrators).
 """
 
-from billfold.loyalty.api import router
+from billfold.loyalty.api import admin_router, router
 from billfold.loyalty.consumers import consumers
 from billfold.loyalty.models import LoyaltyRuntime
 from billfold.loyalty.service import expire_points, reevaluate_tiers
 
-__all__ = ["LoyaltyRuntime", "consumers", "expire_points", "reevaluate_tiers", "router"]
+__all__ = [
+    "LoyaltyRuntime",
+    "admin_router",
+    "consumers",
+    "expire_points",
+    "reevaluate_tiers",
+    "router",
+]

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, status
+from fastapi import APIRouter, Depends, Path, Request, status
 
-from billfold.gateway import Principal, Uow, require_idempotency_key, require_scopes
+from billfold.gateway import (
+    Principal,
+    Uow,
+    require_admin,
+    require_idempotency_key,
+    require_scopes,
+)
 from billfold.loyalty import service
 from billfold.loyalty.models import (
     ActivityLine,
+    EarnRuleChange,
+    EarnRuleView,
     LoyaltyAccount,
     LoyaltyRuntime,
+    NewEarnRule,
     NewRedemption,
     Redemption,
 )
@@ -92,3 +101,47 @@ async def redeem(
     return await service.redeem(
         await uow.connection(), rt, me.user_id, body, idempotency_key=idempotency_key
     )
+
+
+# --- earn rules (administrators) ----------------------------------------------------------------
+
+admin_router = APIRouter(tags=["loyalty"])
+Admin = Annotated[Principal, Depends(require_admin)]
+RulePath = Annotated[str, Path(max_length=64)]
+
+
+@admin_router.get(
+    "/v1/admin/loyalty/earn-rules",
+    response_model=list[EarnRuleView],
+    summary="Every earn rule, active or not",
+    responses=problem_responses(401, 403),
+)
+async def list_rules(admin: Admin, uow: Uow) -> list[EarnRuleView]:
+    return [EarnRuleView.of(r) for r in await service.list_rules(await uow.connection())]
+
+
+@admin_router.post(
+    "/v1/admin/loyalty/earn-rules",
+    status_code=status.HTTP_201_CREATED,
+    response_model=EarnRuleView,
+    summary="Add a base rate or a bonus rule",
+    responses=problem_responses(401, 403, 409, 422),
+)
+async def create_rule(body: NewEarnRule, admin: Admin, uow: Uow) -> EarnRuleView:
+    """A base rate (points per unit of one currency; one active per currency) or a bonus: a
+    multiplier for captures matching every condition given (MCC, category, merchant id,
+    channel, currency), with optional caps on its extra points per capture and per month; the
+    matching rule of highest `priority` (then multiplier) applies."""
+    return EarnRuleView.of(await service.create_rule(await uow.connection(), body))
+
+
+@admin_router.patch(
+    "/v1/admin/loyalty/earn-rules/{rule_id}",
+    response_model=EarnRuleView,
+    summary="Change a rule's rate, caps, priority or state",
+    responses=problem_responses(401, 403, 404, 409, 422),
+)
+async def change_rule(
+    rule_id: RulePath, body: EarnRuleChange, admin: Admin, uow: Uow
+) -> EarnRuleView:
+    return EarnRuleView.of(await service.change_rule(await uow.connection(), rule_id, body))

@@ -7,13 +7,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, StrictInt
+from pydantic import BaseModel, BeforeValidator, Field, StrictBool, StrictInt, model_validator
 
 from billfold.config import LoyaltyTier, Settings
 from billfold.platform.clock import utcnow
-from billfold.platform.errors import ProblemError, Unprocessable
+from billfold.platform.errors import Conflict, ProblemError, Unprocessable
 from billfold.platform.validation import Strict
 
 ActivityType = Literal["earned", "reversed", "redeemed", "expired"]
@@ -142,3 +142,101 @@ class RedemptionCurrencyNotSupported(Unprocessable):
 
 class InvalidRedemptionAmount(Unprocessable):
     code, title = "invalid_points", "Invalid number of points"
+
+
+class RuleConflict(Conflict):
+    code, title = "earn_rule_conflict", "Earn rule conflict"
+
+
+# --- earn rules (administrators) ----------------------------------------------------------------
+
+RuleId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+Condition = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")]
+
+
+def _json_number(value: object) -> object:
+    # A rate is a JSON number, as amounts are integers: "2" or true is a 422, never coerced.
+    if isinstance(value, (str, bool)):
+        raise ValueError("must be a number")
+    return value
+
+
+Multiplier = Annotated[
+    Decimal,
+    BeforeValidator(_json_number),
+    Field(ge=1, le=100, max_digits=8, decimal_places=3),
+]
+PointsPerUnit = Annotated[
+    Decimal,
+    BeforeValidator(_json_number),
+    Field(ge=0, le=10_000, max_digits=12, decimal_places=4),
+]
+Cap = Annotated[StrictInt, Field(ge=0, le=MAX_POINTS)]
+Priority = Annotated[StrictInt, Field(ge=-1000, le=1000)]
+
+
+class EarnRuleView(BaseModel):
+    id: str
+    name: str
+    kind: Literal["base", "bonus"]
+    currency: str | None
+    points_per_unit: float | None = Field(description="base: points per currency unit")
+    mcc: str | None
+    category: str | None
+    merchant_id: str | None
+    channel: str | None
+    multiplier: float | None = Field(description="bonus: the multiplier of the standard points")
+    cap_per_transaction: int | None = Field(description="bonus: most extra points a capture")
+    cap_per_month: int | None = Field(description="bonus: most extra points a calendar month")
+    priority: int
+    active: bool
+
+    @classmethod
+    def of(cls, rule: EarnRule) -> EarnRuleView:
+        values = {k: getattr(rule, k) for k in EarnRule.__slots__}
+        return cls.model_validate(values)
+
+
+class NewEarnRule(Strict):
+    """A base rate (`kind` base: `currency` and `points_per_unit`) or a bonus (`kind` bonus:
+    `multiplier`, optional conditions and caps)."""
+
+    id: RuleId
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
+    kind: Literal["base", "bonus"]
+    currency: str | None = Field(default=None, pattern=r"^[A-Z]{3}$")
+    points_per_unit: PointsPerUnit | None = None
+    mcc: str | None = Field(default=None, pattern=r"^[0-9]{4}$")
+    category: Condition | None = None
+    merchant_id: Condition | None = None
+    channel: Condition | None = None
+    multiplier: Multiplier | None = None
+    cap_per_transaction: Cap | None = None
+    cap_per_month: Cap | None = None
+    priority: Priority = 0
+    active: StrictBool = True
+
+    @model_validator(mode="after")
+    def _shape(self) -> NewEarnRule:
+        if self.kind == "base" and (
+            self.currency is None or self.points_per_unit is None or self.multiplier is not None
+        ):
+            raise ValueError("a base rule has a currency and points_per_unit, no multiplier")
+        if self.kind == "bonus" and (self.multiplier is None or self.points_per_unit is not None):
+            raise ValueError("a bonus rule has a multiplier, no points_per_unit")
+        return self
+
+
+class EarnRuleChange(Strict):
+    """What an administrator may change of a rule (its conditions are its identity: add a new
+    rule and deactivate the old one instead)."""
+
+    name: str | None = Field(
+        default=None, min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$"
+    )
+    points_per_unit: PointsPerUnit | None = None
+    multiplier: Multiplier | None = None
+    cap_per_transaction: Cap | None = None
+    cap_per_month: Cap | None = None
+    priority: Priority | None = None
+    active: StrictBool | None = None

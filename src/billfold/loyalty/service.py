@@ -24,19 +24,22 @@ from billfold.loyalty.models import (
     ActivityLine,
     Capture,
     EarnRule,
+    EarnRuleChange,
     ExpiringSoon,
     InsufficientPoints,
     InvalidRedemptionAmount,
     LoyaltyAccount,
     LoyaltyRuntime,
+    NewEarnRule,
     NewRedemption,
     Redemption,
     RedemptionCurrencyNotSupported,
+    RuleConflict,
     TierProgress,
 )
 from billfold.platform.clock import rfc3339
 from billfold.platform.db import unit_of_work
-from billfold.platform.errors import FieldError
+from billfold.platform.errors import FieldError, NotFound, Unprocessable
 from billfold.platform.ids import new_id
 from billfold.platform.money import POINTS, Money, minor_units
 
@@ -571,3 +574,52 @@ async def activity(
         )
         for r in rows
     ]
+
+
+# --- earn rules (administrators) ----------------------------------------------------------------
+
+
+def _base_rule_exists(currency: str | None) -> RuleConflict:
+    return RuleConflict(
+        f"{currency or 'This currency'} has an active base rate already; deactivate it first"
+    )
+
+
+async def list_rules(conn: AsyncConnection) -> list[EarnRule]:
+    return await store.all_rules(conn)
+
+
+async def create_rule(conn: AsyncConnection, body: NewEarnRule) -> EarnRule:
+    """Add a base rate or a bonus rule; it applies to captures from the next one on."""
+    if body.currency == POINTS:
+        raise Unprocessable(
+            "Points earn no points",
+            code="currency_not_supported",
+            errors=[FieldError(pointer="#/currency", detail="not a currency that earns")],
+        )
+    try:
+        rule = await store.insert_rule(conn, body.model_dump())
+    except store.ActiveBaseRuleExists:
+        raise _base_rule_exists(body.currency) from None
+    if rule is None:
+        raise RuleConflict(f"A rule {body.id} exists already")
+    return rule
+
+
+async def change_rule(conn: AsyncConnection, rule_id: str, body: EarnRuleChange) -> EarnRule:
+    """Change a rule's rate, caps, priority, name or whether it is active."""
+    rule = await store.get_rule(conn, rule_id)
+    if rule is None:
+        raise NotFound("No such earn rule", code="earn_rule_not_found")
+    wrong = "multiplier" if rule.kind == "base" else "points_per_unit"
+    if getattr(body, wrong) is not None:
+        raise Unprocessable(
+            f"A {rule.kind} rule has no {wrong}",
+            errors=[FieldError(pointer=f"#/{wrong}", detail=f"not part of a {rule.kind} rule")],
+        )
+    try:
+        changed = await store.update_rule(conn, rule_id, body.model_dump())
+    except store.ActiveBaseRuleExists:
+        raise _base_rule_exists(rule.currency) from None
+    assert changed is not None
+    return changed

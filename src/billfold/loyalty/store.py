@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import Row
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billfold.loyalty.models import Capture, EarnRule
@@ -395,3 +396,73 @@ async def activity(
 ) -> list[Row[Any]]:
     rows = await conn.execute(_ACTIVITY, {"user_id": user_id, "after": after, "limit": limit})
     return list(rows)
+
+
+# --- earn rules (administrators) ----------------------------------------------------------------
+
+_RULE_COLUMNS = (
+    "id, name, kind, currency, points_per_unit, mcc, category, merchant_id, channel, "
+    "multiplier, cap_per_transaction, cap_per_month, priority, active"
+)
+_ALL_RULES = text(f"SELECT {_RULE_COLUMNS} FROM loyalty.earn_rules ORDER BY kind, id")
+_RULE = text(f"SELECT {_RULE_COLUMNS} FROM loyalty.earn_rules WHERE id = :id")
+_INSERT_RULE = text(
+    f"""
+    INSERT INTO loyalty.earn_rules ({_RULE_COLUMNS})
+    VALUES (:id, :name, :kind, :currency, :points_per_unit, :mcc, :category, :merchant_id,
+            :channel, :multiplier, :cap_per_transaction, :cap_per_month, :priority, :active)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING {_RULE_COLUMNS}
+    """
+)
+# The columns an administrator may change (EarnRuleChange); a NULL leaves a value as it is.
+_UPDATE_RULE = text(
+    f"""
+    UPDATE loyalty.earn_rules SET
+        name = coalesce(:name, name),
+        points_per_unit = coalesce(:points_per_unit, points_per_unit),
+        multiplier = coalesce(:multiplier, multiplier),
+        cap_per_transaction = coalesce(:cap_per_transaction, cap_per_transaction),
+        cap_per_month = coalesce(:cap_per_month, cap_per_month),
+        priority = coalesce(:priority, priority),
+        active = coalesce(:active, active)
+    WHERE id = :id
+    RETURNING {_RULE_COLUMNS}
+    """
+)
+
+
+class ActiveBaseRuleExists(Exception):
+    """A currency has one active base rate at most (the partial unique index)."""
+
+
+async def all_rules(conn: AsyncConnection) -> list[EarnRule]:
+    return [EarnRule(**r._mapping) for r in await conn.execute(_ALL_RULES)]
+
+
+async def get_rule(conn: AsyncConnection, rule_id: str) -> EarnRule | None:
+    row = (await conn.execute(_RULE, {"id": rule_id})).first()
+    return None if row is None else EarnRule(**row._mapping)
+
+
+async def _write_rule(conn: AsyncConnection, query: Any, values: dict[str, Any]) -> Row[Any] | None:
+    try:
+        async with conn.begin_nested():
+            return (await conn.execute(query, values)).first()
+    except IntegrityError as exc:
+        if "earn_rules_one_base" in str(exc.orig):
+            raise ActiveBaseRuleExists() from None
+        raise
+
+
+async def insert_rule(conn: AsyncConnection, values: dict[str, Any]) -> EarnRule | None:
+    """The new rule, or None when a rule has this id already."""
+    row = await _write_rule(conn, _INSERT_RULE, values)
+    return None if row is None else EarnRule(**row._mapping)
+
+
+async def update_rule(
+    conn: AsyncConnection, rule_id: str, values: dict[str, Any]
+) -> EarnRule | None:
+    row = await _write_rule(conn, _UPDATE_RULE, {**values, "id": rule_id})
+    return None if row is None else EarnRule(**row._mapping)
