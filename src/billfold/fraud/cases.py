@@ -9,18 +9,19 @@ import json
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from sqlalchemy.engine import Row
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from billfold import p2p, transactions
+from billfold import p2p, transactions, users
 from billfold.fraud import events
 from billfold.fraud.rules import MULTILINE, PRINTABLE
 from billfold.fraud.runtime import FraudRuntime
 from billfold.fraud.store import cases as store
 from billfold.fraud.store import decisions
 from billfold.platform.clock import utcnow
-from billfold.platform.errors import Conflict, NotFound, ProblemError
+from billfold.platform.db import UnitOfWork
+from billfold.platform.errors import Conflict, FieldError, NotFound, ProblemError, Unprocessable
 from billfold.platform.events import record_event
 
 CaseStatus = Literal["open", "assigned", "decided"]
@@ -37,6 +38,20 @@ class CaseNotFound(NotFound):
 
 class CaseDecided(Conflict):
     code, title = "case_decided", "The case is already decided"
+
+
+class CaseExpired(Conflict):
+    code, title = "case_expired", "The review hold of this case expired"
+
+
+# A decision being applied: what `subject_status` of an undecided case says between the
+# committed claim of an outcome and the committed case (`decide`).
+APPLYING: dict[str, str] = {"release": "releasing", "confirm_fraud": "refusing"}
+# `subject_status` of an undecided case whose payment/transfer is no longer held (its review
+# hold expired and the money went back): it can no longer be released.
+EXPIRED = "expired"
+# `subject_status` of a case decided `confirm_fraud` whose payment/transfer was no longer held.
+NOT_PENDING = "not_pending"
 
 
 # --- views and requests -----------------------------------------------------------------------
@@ -98,8 +113,10 @@ class AuditEntry(BaseModel):
 
 class CaseDetail(CaseView):
     """A case with what a reviewer needs: the decision (features, hits, model), every decision
-    on the same payment/transfer, the comments and the audit trail."""
+    on the same payment/transfer, the comments, the audit trail, and whether the user's account
+    is locked (`account_status`: a release may unlock it)."""
 
+    account_status: Literal["active", "locked", "closed"] | None = None
     decision: DecisionView
     decisions: list[DecisionView]
     comments: list[CommentView]
@@ -118,6 +135,15 @@ class NewComment(BaseModel):
 class CaseDecisionRequest(BaseModel):
     decision: Outcome
     note: str | None = Field(default=None, max_length=2000, pattern=MULTILINE)
+    # With `release` only: the reviewer also unlocks the user's account (locked by the fraud
+    # lock policy or an administrator). Never implied: a release alone leaves a lock in place.
+    unlock_account: bool = False
+
+    @model_validator(mode="after")
+    def _unlock_only_on_release(self) -> CaseDecisionRequest:
+        if self.unlock_account and self.decision != "release":
+            raise ValueError("unlock_account is only allowed with the decision release")
+        return self
 
 
 # --- use cases --------------------------------------------------------------------------------
@@ -176,6 +202,7 @@ async def get_case(conn: AsyncConnection, case_id: str) -> CaseDetail:
     history = await decisions.for_subject(conn, row.subject_id)
     return CaseDetail(
         **case_view(row).model_dump(),
+        account_status=await users.account_status(conn, row.user_id),  # type: ignore[arg-type]
         decision=decision_view(decision),
         decisions=[decision_view(d) for d in history],
         comments=[
@@ -197,6 +224,12 @@ async def assign(
     if row.status == "decided":
         raise CaseDecided("This case is already decided")
     assignee = body.assignee_id or actor_id
+    if assignee != actor_id and not await users.is_admin(conn, assignee):
+        raise Unprocessable(
+            "A case can only be assigned to an administrator",
+            code="invalid_assignee",
+            errors=[FieldError(pointer="#/assignee_id", detail="not an active administrator")],
+        )
     if row.assignee_id != assignee or row.status != "assigned":
         await store.update(conn, case_id, {"status": "assigned", "assignee_id": assignee})
         await store.audit(
@@ -232,34 +265,70 @@ async def comment(
 
 
 async def decide(
-    conn: AsyncConnection,
+    uow: UnitOfWork,
     rt: FraudRuntime,
     case_id: str,
     actor_id: str,
     body: CaseDecisionRequest,
 ) -> CaseDetail:
     """Release or confirm fraud: the held payment/transfer completes or is refused, the
-    decision is labelled, the audit trail and an event record it. A decided case is 409."""
-    row = await _locked(conn, case_id)
-    if row.status == "decided":
-        raise CaseDecided("This case is already decided", extra={"outcome": row.outcome})
-    subject_status = await _apply(conn, rt, row, body.decision)
-    label = LABELS[body.decision]
+    decision is labelled, the audit trail and an event record it. A decided case is 409
+    `case_decided`, one whose hold expired 409 `case_expired`.
+
+    A payment's review decision commits in the payments' own transaction (a card void talks to
+    the network after it), so the case cannot commit with it. The outcome is claimed first, in
+    a transaction of its own (`subject_status` `releasing`/`refusing`): from then on the case
+    can only end that way. A crash after the money moved leaves the claim; deciding the same
+    again finishes the case (the payments' review decisions do nothing to a payment no longer
+    in review), the other outcome is 409. Two reviewers at once: one claims, both may apply
+    the same idempotent effect, exactly one marks the case decided, the other gets 409."""
+    outcome = body.decision
+    claimed = await _claim(uow.engine, case_id, outcome)
+    if claimed.subject_kind == "payment":
+        # Before the case's row lock is taken: the payments' transaction is another connection.
+        subject_status = await _apply_to_payment(uow.engine, rt, claimed.subject_id, outcome)
+        conn = await uow.connection()
+        row = await _locked(conn, case_id)
+        if row.status == "decided":
+            raise CaseDecided("This case is already decided", extra={"outcome": row.outcome})
+    else:
+        conn = await uow.connection()
+        row = await _locked(conn, case_id)
+        subject_status = await _apply_to_transfer(conn, rt, row, outcome)
+    if subject_status is None and outcome == "release":
+        # Nothing is held any more: a release would move no money while the reviewer believes
+        # it did. The case says so, and stays open for a `confirm_fraud` label if it was fraud.
+        await uow.rollback()  # the case's row lock; an error answer writes nothing anyway
+        await _expire(uow.engine, case_id, actor_id)
+        raise CaseExpired(
+            "The review hold of this case expired and the money went back to the customer: "
+            "there is nothing to release",
+            extra={"subject_status": EXPIRED},
+        )
+    if subject_status is None:
+        # Refusing what is no longer held: the money is back already; the label still counts.
+        subject_status = NOT_PENDING
+    label = LABELS[outcome]
     await decisions.set_label(conn, row.decision_id, label)
     await store.update(
         conn,
         case_id,
         {
             "status": "decided",
-            "outcome": body.decision,
+            "outcome": outcome,
             "subject_status": subject_status,
             "decided_by": actor_id,
             "decided_at": utcnow(),
         },
     )
-    detail = {"outcome": body.decision, "label": label, "subject_status": subject_status}
+    detail: dict[str, Any] = {"outcome": outcome, "label": label, "subject_status": subject_status}
     if body.note:
         detail["note"] = body.note
+    if body.unlock_account:
+        change = await users.unlock_account(
+            conn, row.user_id, reason=f"fraud case {case_id} released", by=actor_id
+        )
+        detail["account_unlocked"] = change.changed
     await store.audit(conn, case_id, actor_id, "decided", detail)
     await record_event(
         conn,
@@ -272,7 +341,7 @@ async def decide(
                 "subject_kind": row.subject_kind,
                 "subject_id": row.subject_id,
                 "user_id": row.user_id,
-                "outcome": body.decision,
+                "outcome": outcome,
                 "label": label,
                 "subject_status": subject_status,
                 "decided_by": actor_id,
@@ -282,27 +351,74 @@ async def decide(
     return await get_case(conn, case_id)
 
 
-async def _apply(conn: AsyncConnection, rt: FraudRuntime, case: Row[Any], outcome: str) -> str:
-    """Complete or refuse what the case holds; the subject's status afterwards. One no longer
-    held (its review expired, or a card authorization was declined) is left as it is."""
-    if case.subject_kind == "transfer":
-        assert rt.p2p is not None, "the app gives the fraud runtime the transfers' runtime"
-        try:
-            if outcome == "release":
-                row = await p2p.release_pending(conn, rt.p2p, case.subject_id)
-            else:
-                row = await p2p.fail_pending(conn, case.subject_id, FRAUD_CONFIRMED)
-        except ProblemError as e:
-            if e.status != 404:
-                raise
-            return "not_pending"
-        return str(row.status)
+async def _claim(engine: AsyncEngine, case_id: str, outcome: str) -> Row[Any]:
+    """Commit the claim of `outcome` on the case (or find it claimed already for the same
+    outcome: a retry); anything else already decided, claimed or expired is 409."""
+    async with engine.begin() as conn:
+        row = await _locked(conn, case_id)
+        if row.status == "decided":
+            raise CaseDecided("This case is already decided", extra={"outcome": row.outcome})
+        if row.subject_status == EXPIRED and outcome == "release":
+            raise CaseExpired(
+                "The review hold of this case expired and the money went back to the customer: "
+                "there is nothing to release",
+                extra={"subject_status": EXPIRED},
+            )
+        claimed = next((o for o, s in APPLYING.items() if s == row.subject_status), None)
+        if claimed is not None and claimed != outcome:
+            raise CaseDecided(
+                "Another decision on this case is being applied", extra={"outcome": claimed}
+            )
+        if claimed is None:
+            await store.update(conn, case_id, {"subject_status": APPLYING[outcome]})
+        return row
+
+
+async def _expire(engine: AsyncEngine, case_id: str, actor_id: str | None) -> None:
+    """The case's payment/transfer is no longer held (its review hold expired): the case stays
+    undecided, unlabelled, and says so (`subject_status` `expired`)."""
+    async with engine.begin() as conn:
+        row = await _locked(conn, case_id)
+        if row.status == "decided" or row.subject_status == EXPIRED:
+            return
+        await store.update(conn, case_id, {"subject_status": EXPIRED})
+        await store.audit(conn, case_id, actor_id, "expired", {"subject_id": row.subject_id})
+
+
+async def _apply_to_transfer(
+    conn: AsyncConnection, rt: FraudRuntime, case: Row[Any], outcome: str
+) -> str | None:
+    """Complete or refuse the held transfer in the case's own transaction; None when it is no
+    longer pending (its review hold expired: the sender has the money back)."""
+    assert rt.p2p is not None, "the app gives the fraud runtime the transfers' runtime"
+    try:
+        if outcome == "release":
+            row = await p2p.release_pending(conn, rt.p2p, case.subject_id)
+        else:
+            row = await p2p.fail_pending(conn, case.subject_id, FRAUD_CONFIRMED)
+    except ProblemError as e:
+        if e.status != 404:
+            raise
+        return None
+    return str(row.status)
+
+
+async def _apply_to_payment(
+    engine: AsyncEngine, rt: FraudRuntime, payment_id: str, outcome: str
+) -> str | None:
+    """Approve or refuse the payment held for review (its own transaction; idempotent: a
+    payment no longer in review is left as it is). None for a release of one whose review
+    lapsed (`expired`: nothing to release)."""
     assert rt.transactions is not None, "the app gives the fraud runtime the payments' runtime"
-    # The payments' review decisions run in their own transaction (a card void talks to the
-    # network after it commits); both are idempotent, so a retry after a failure here is safe.
-    engine = conn.engine
-    if outcome == "release":
-        payment = await transactions.approve_review(engine, case.subject_id)
-    else:
-        payment = await transactions.reject_review(engine, rt.transactions, case.subject_id)
+    try:
+        if outcome == "release":
+            payment = await transactions.approve_review(engine, payment_id)
+        else:
+            payment = await transactions.reject_review(engine, rt.transactions, payment_id)
+    except ProblemError as e:
+        if e.status != 404:
+            raise
+        return None
+    if payment.status == "expired" and outcome == "release":
+        return None
     return str(payment.status)

@@ -334,6 +334,8 @@ async def refresh_grant(
             )
         await rt.tokens.revoke_sessions(revoked)
         raise invalid_grant("The refresh token was already used; the session has been revoked")
+    if row.user_status == "locked":  # its sessions were revoked with the lock: say why
+        raise account_locked()
     if row.revoked_at is not None or row.expires_at <= now or row.token_expires_at <= now:
         raise invalid_grant("The session has ended; sign in again")
     if row.user_status != "active":

@@ -79,7 +79,8 @@ async def get_case(case_id: CaseId, admin: Admin, uow: Uow) -> CaseDetail:
     responses=problem_responses(401, 403, 404, 409, 422),
 )
 async def assign(case_id: CaseId, body: AssignCase, admin: Admin, uow: Uow) -> CaseDetail:
-    """`409 case_decided` once decided."""
+    """`409 case_decided` once decided; `422 invalid_assignee` unless the assignee is an
+    active administrator."""
     return await cases.assign(await uow.connection(), case_id, admin.user_id, body)
 
 
@@ -105,5 +106,7 @@ async def decide(
 ) -> CaseDetail:
     """`release`: the held payment is authorized / the transfer completes; `confirm_fraud`: the
     payment is voided / the transfer returns to its sender, and the decision is labelled
-    `fraud` for training (`release` labels it `legit`). `409 case_decided` once decided."""
-    return await cases.decide(await uow.connection(), rt, case_id, admin.user_id, body)
+    `fraud` for training (`release` labels it `legit`). `409 case_decided` once decided (or
+    while another outcome is being applied), `409 case_expired` when the review hold expired.
+    `"unlock_account": true` (with `release` only) also unlocks the user's account."""
+    return await cases.decide(uow, rt, case_id, admin.user_id, body)
