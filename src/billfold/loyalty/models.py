@@ -30,6 +30,11 @@ class LoyaltyRuntime:
     settings: Settings
     clock: Callable[[], datetime] = field(default=utcnow)
 
+    def __post_init__(self) -> None:
+        names = [tier.name for tier in self.settings.loyalty_tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"BILLFOLD_LOYALTY_TIERS names a tier twice: {names}")
+
     @property
     def tiers(self) -> list[LoyaltyTier]:
         return self.settings.loyalty_tiers

@@ -421,7 +421,7 @@ async def redeem(
     transaction: the member lock, FIFO lot consumption, the PTS posting (points → system), the
     money posting (system rewards → wallet), the redemption row and its event."""
     rate = rt.settings.loyalty_redemption_rates.get(body.currency)
-    if rate is None:
+    if rate is None or body.currency == POINTS:
         raise RedemptionCurrencyNotSupported(
             f"Points cannot be redeemed into {body.currency}",
             errors=[FieldError(pointer="#/currency", detail="not offered for redemptions")],
