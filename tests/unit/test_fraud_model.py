@@ -266,6 +266,25 @@ def test_scores_fraud_above_honest_traffic(small: synthetic.Dataset, artifact: A
     assert weights == sorted(weights, reverse=True)
 
 
+def test_one_row_scores_exactly_as_the_batch_path(
+    small: synthetic.Dataset, artifact: Artifact
+) -> None:
+    # `score` takes LightGBM's single-row C API and its own row for the forest; every row
+    # (missing values, strings and non-finite numbers too) scores as `batch` does.
+    rows: list[dict[str, object]] = [dict(r) for r in small.rows[:400]]
+    rows[0] = {"amount": 1200, "mcc": "5411"}
+    rows[1] = {**rows[1], "amount_zscore": float("nan"), "speed_kmh": float("inf")}
+    rows[2] = {**rows[2], "history_count": None, "channel": 7, "is_payment": True}
+    with np.errstate(over="ignore"):  # the batch's infinity passes float64's max on its way
+        batch = artifact.batch(rows)  # type: ignore[arg-type]
+    for i, row in enumerate(rows):
+        one = artifact.score(row, explain=False)  # type: ignore[arg-type]
+        assert one.probability == round(float(batch.probability[i]), 6), i
+        assert one.anomaly == pytest.approx(batch.anomaly[i], abs=1e-6), i
+    with pytest.raises(ValueError):
+        artifact._predict_one(np.zeros((1, len(artifact.features) + 1)))
+
+
 def test_missing_features_are_missing_not_an_error(artifact: Artifact) -> None:
     score = artifact.score({"amount": 1200, "is_payment": True, "mcc": "5411"})
     assert 0.0 <= score.probability <= 1.0 and 0.0 <= score.anomaly <= 1.0

@@ -83,12 +83,13 @@ def as_matrix(
 ) -> np.ndarray:
     """Rows of features → a float64 matrix in `names` order (bools as 0/1, a missing or
     non-numeric value as NaN, which LightGBM treats as missing)."""
-    return np.array([[_number(row.get(name)) for name in names] for row in rows]).reshape(
+    return np.array([[model_input(row.get(name)) for name in names] for row in rows]).reshape(
         -1, len(names)
     )
 
 
-def _number(value: FeatureValue) -> float:
+def model_input(value: FeatureValue) -> float:
+    """One feature as the model takes it: a number, NaN when missing or non-numeric."""
     if value is None or isinstance(value, str):
         return math.nan
     return float(value)
