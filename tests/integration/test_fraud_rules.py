@@ -20,7 +20,7 @@ from billfold.fraud.models import FEATURE_NAMES, RiskSubject
 from billfold.fraud.rules import DEFAULT_RULES, NEUTRAL, RuleBook
 from billfold.fraud.store import rules as store
 from billfold.platform.ids import new_id
-from tests.conftest import SignedIn
+from tests.conftest import SignedIn, idem
 
 RULES = "/v1/admin/fraud/rules"
 LISTS = "/v1/admin/fraud/lists"
@@ -612,3 +612,76 @@ async def test_list_entries_are_added_found_and_removed(
     assert network not in json.dumps([d for _, d in events])  # the value stays out of events
     for leftover in (allowed.json()["id"], back.json()["id"]):
         await client.delete(f"{LISTS}/{leftover}", headers=admin.headers)
+
+
+async def test_list_values_are_checked_per_kind_and_networks_are_not_too_broad(
+    app: Any, client: httpx.AsyncClient, admin: SignedIn
+) -> None:
+    """A block list refuses what would stop a large share of all customers (0.0.0.0/0, ::/0,
+    anything wider than a /16 of IPv4 or a /32 of IPv6), and so does an allow list (it would
+    exempt them from every rule); each kind takes only values of its kind. Refused entries
+    change nothing."""
+    count = await _entries(app)
+    too_broad = ["0.0.0.0/0", "::/0", "10.0.0.0/8", "192.168.0.0/15", "2001:db8::/31", "::/1"]
+    for listed in ("block", "allow"):
+        for value in too_broad:
+            r = await client.post(
+                LISTS,
+                json={"list": listed, "kind": "ip", "value": value, "reason": "too much"},
+                headers=idem(**admin.headers),
+            )
+            assert r.status_code == 422, (listed, value, r.text)
+            assert r.json()["code"] == "network_too_broad"
+            assert r.json()["errors"][0]["pointer"] == "#/value"
+    bad = {
+        "device": ["phone-1", "usr_01", "dev_", "dev_a b"],
+        "card": ["4111111111111111", "fp_abc", "ab" * 31, "zz" * 32],
+        "country": ["XX", "ZZ", "D", "DEU", "Germany", "1A"],
+        "merchant": ["-shop", "a" * 65, "shop name"],
+        "recipient": ["bob", "+1 555", "usr_", "@handle"],
+        "ip": ["300.1.1.1", "1.2.3", "example.com"],
+    }
+    for kind, values in bad.items():
+        for value in values:
+            r = await client.post(
+                LISTS,
+                json={"list": "block", "kind": kind, "value": value, "reason": "x"},
+                headers=idem(**admin.headers),
+            )
+            assert r.status_code == 422, (kind, value, r.text)
+            assert r.json()["code"] == "validation_failed", (kind, value)
+            assert len(value) < 6 or value not in r.json()["detail"]  # not echoed back
+    assert await _entries(app) == count
+
+    tag = uuid.uuid4().hex
+    good = {
+        ("ip", f"10.{int(tag[:2], 16)}.0.0/16"): f"10.{int(tag[:2], 16)}.0.0/16",
+        ("ip", f"2001:db8:{tag[:4]}::/48"): f"2001:db8:{tag[:4]}::/48",
+        ("device", f"dev_{tag[:26]}"): f"dev_{tag[:26]}",
+        ("card", (tag * 2).upper()): tag * 2,
+        ("country", "kp"): "KP",
+        ("merchant", f"mch_{tag[:8]}:store-1"): f"mch_{tag[:8]}:store-1",
+        ("recipient", f"Mule.{tag[:6]}@Example.com"): f"mule.{tag[:6]}@example.com",
+        ("recipient", f"usr_{tag[:26]}"): f"usr_{tag[:26]}",
+    }
+    created = []
+    for (kind, value), stored in good.items():
+        r = await client.post(
+            LISTS,
+            json={"list": "block", "kind": kind, "value": value, "reason": "ok"},
+            headers=idem(**admin.headers),
+        )
+        if r.status_code == 409:  # KP may be listed by another test of the session already
+            assert kind == "country"
+            continue
+        assert r.status_code == 201, (kind, value, r.text)
+        assert r.json()["value"] == stored
+        created.append(r.json()["id"])
+    for entry_id in created:
+        await client.delete(f"{LISTS}/{entry_id}", headers=admin.headers)
+
+
+async def _entries(app: Any) -> int:
+    async with app.state.resources.engine.connect() as conn:
+        found = await conn.execute(text("SELECT count(*) FROM fraud.list_entries"))
+        return int(found.scalar_one())

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+import phonenumbers
+import pycountry
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -64,21 +67,86 @@ class ListEntry:
     expires_at: datetime | None = None
 
 
+# The broadest network a list may hold: a /16 of IPv4 (65,536 addresses) or a /32 of IPv6 (an
+# ISP's allocation). Anything wider (0.0.0.0/0, ::/0, a /8) would block, or on an allow list
+# exempt from every rule, a large share of all customers at once: a typo, not a decision.
+MIN_PREFIX = {4: 16, 6: 32}
+# What the check compares list values with (`_subject_values`): the users' device ids, the
+# vault's card fingerprints (hex HMAC-SHA256), user ids, and merchant ids as payments accept
+# them (`transactions.models.Identifier`).
+_DEVICE_ID = re.compile(r"dev_[A-Za-z0-9_]{1,60}")
+_USER_ID = re.compile(r"usr_[A-Za-z0-9_]{1,60}")
+_CARD_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+_MERCHANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+_EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{1,63}")
+
+
+class ListValueInvalid(ValueError):
+    """A list value that is not of its kind, or (`code` `network_too_broad`) an IP network
+    wider than `MIN_PREFIX` allows."""
+
+    def __init__(self, detail: str, code: str = "validation_failed") -> None:
+        super().__init__(detail)
+        self.code = code
+
+
+def _network(value: str) -> str:
+    try:
+        network = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ListValueInvalid("an IP address or network (CIDR) such as 203.0.113.0/24") from None
+    minimum = MIN_PREFIX[network.version]
+    if network.prefixlen < minimum:
+        raise ListValueInvalid(
+            f"a network no wider than /{minimum} for IPv{network.version} "
+            f"(this one is a /{network.prefixlen})",
+            code="network_too_broad",
+        )
+    if network.num_addresses == 1:
+        return str(network.network_address)
+    return str(network)
+
+
+def _recipient(value: str) -> str:
+    if _USER_ID.fullmatch(value):
+        return value
+    if _EMAIL.fullmatch(value):
+        return value.lower()
+    try:
+        number = phonenumbers.parse(value, None)
+    except phonenumbers.NumberParseException:
+        number = None
+    if number is not None and phonenumbers.is_valid_number(number):
+        return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    raise ListValueInvalid("a user id (usr_…), an e-mail address or an E.164 phone number")
+
+
 def normalize(kind: str, value: str) -> str:
-    """The stored form of a value: an IP or network in canonical notation (a network given with
-    host bits set is the network), a country in upper case, others trimmed. Raises ValueError."""
+    """The stored form of a value, checked against its kind: an IP or network in canonical
+    notation (a network given with host bits set is the network; no wider than `MIN_PREFIX`),
+    a device id (`dev_…`), a card fingerprint (64 hex digits, lower case), a recipient (user
+    id, e-mail in lower case, or E.164 phone), a merchant id, an ISO 3166-1 alpha-2 country in
+    upper case. Raises `ListValueInvalid` (a ValueError)."""
     value = value.strip()
     if not value or not value.isprintable():
-        raise ValueError("empty or not printable")
+        raise ListValueInvalid("empty or not printable")
     if kind == "ip":
-        network = ipaddress.ip_network(value, strict=False)
-        if network.num_addresses == 1:
-            return str(network.network_address)
-        return str(network)
+        return _network(value)
     if kind == "country":
         value = value.upper()
-        if len(value) != 2 or not value.isascii() or not value.isalpha():
-            raise ValueError("a country is an ISO 3166-1 alpha-2 code such as DE")
+        if len(value) != 2 or not value.isascii() or pycountry.countries.get(alpha_2=value) is None:
+            raise ListValueInvalid("an ISO 3166-1 alpha-2 country code such as DE")
+        return value
+    if kind == "device" and not _DEVICE_ID.fullmatch(value):
+        raise ListValueInvalid("a device id such as dev_01j…")
+    if kind == "card":
+        value = value.lower()
+        if not _CARD_FINGERPRINT.fullmatch(value):
+            raise ListValueInvalid("a card fingerprint (64 hexadecimal digits)")
+    if kind == "merchant" and not _MERCHANT_ID.fullmatch(value):
+        raise ListValueInvalid("a merchant id (letters, digits and . _ : -, at most 64)")
+    if kind == "recipient":
+        return _recipient(value)
     return value
 
 
@@ -224,12 +292,12 @@ async def add_entry(uow: UnitOfWork, actor: str, body: AddEntry) -> ListEntryVie
     """A new live entry; `409 list_entry_exists` (with its id) if the value is listed already."""
     try:
         value = normalize(body.kind, body.value)
-    except ValueError as exc:
+    except ListValueInvalid as exc:
         raise ProblemError(
-            f"Not a valid {body.kind}: {exc}",
+            f"Not a valid {body.kind} list value: it must be {exc}",
             status=422,
-            code="validation_failed",
-            errors=[FieldError(pointer="#/value", detail=f"not a valid {body.kind}")],
+            code=exc.code,
+            errors=[FieldError(pointer="#/value", detail=str(exc), code=exc.code)],
         ) from None
     now = utcnow()
     if body.expires_at is not None and body.expires_at <= now:
