@@ -739,3 +739,36 @@ async def test_the_worker_runs_the_loyalty_consumer_and_jobs(
     for r in rows:
         await sink(envelope(r.id, r.type, r.subject, r.time, r.data))
     assert (await loyalty_account(client, alice))["balance"] == 42
+
+
+async def test_the_worker_earns_and_reverses_points_on_its_own(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn, settings: Any
+) -> None:
+    """`billfold worker` (its relay, sink and consumers, as `billfold up` runs them): a capture
+    becomes points and a refund takes them back with nobody delivering events by hand."""
+    from billfold.jobs import run_background
+    from billfold.platform.db import create_engine
+
+    await fund(app, alice.user["id"], 10_000)
+    payment_id = await captured_wallet_payment(client, alice, 7_700)
+    engine = create_engine(settings.database_url, pool_size=3)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(run_background(engine, settings, stop))
+
+    async def balance_becomes(expected: int) -> None:
+        for _ in range(300):
+            if (await loyalty_account(client, alice))["balance"] == expected:
+                return
+            assert not runner.done(), runner
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"the balance never became {expected}")
+
+    try:
+        await balance_becomes(77)
+        r = await act(client, alice, payment_id, "refunds", {"amount": 3_850})
+        assert r.status_code == 201, r.text
+        await balance_becomes(39)  # floor(77 x 1/2) = 38 taken back
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 20)
+        await engine.dispose()
