@@ -568,9 +568,17 @@ async def test_redemption_needs_a_key_and_a_user_and_points_are_not_sent_to_peop
     # Nobody without points redeems any.
     r = await redeem(client, bob, {"points": 100, "currency": "USD"})
     assert r.status_code == 422 and r.json()["code"] == "insufficient_points"
-    # P2P transfers refuse the points unit.
+    # P2P transfers, money requests and payments refuse the points unit.
     r = await send(client, alice, 100, "PTS", user_id=bob.user["id"])
     assert r.status_code == 422 and r.json()["code"] == "currency_not_supported", r.text
+    r = await client.post(
+        "/v1/transfer-requests",
+        json={"payer": {"user_id": bob.user["id"]}, "amount": 100, "currency": "PTS"},
+        headers={**alice.headers, "Idempotency-Key": uuid.uuid4().hex},
+    )
+    assert r.status_code == 422 and r.json()["code"] == "currency_not_supported", r.text
+    r = await pay(client, alice, payment_body(amount=100, currency="PTS"))
+    assert r.status_code == 422, r.text
 
 
 # --- activity -----------------------------------------------------------------------------------
