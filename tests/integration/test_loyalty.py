@@ -352,6 +352,16 @@ async def test_card_captures_earn_with_a_capped_bonus_and_nothing_else_earns(
     ]
     assert list(rows[0].rule_ids) == ["base-usd", rule_id]
     assert (await loyalty_account(client, alice))["balance"] == 250
+    # The month's bonus is used up: a third payment there earns the base rate only.
+    await fund(app, alice.user["id"], 10_000)
+    third = await captured_wallet_payment(client, alice, 5_000, shop(id=merchant_id))
+    await points.deliver(third)
+    (row,) = await sql(
+        app,
+        "SELECT points, rule_ids FROM loyalty.earnings WHERE transaction_id = :t",
+        t=third,
+    )
+    assert (row.points, list(row.rule_ids)) == (50, ["base-usd"])
     await assert_lots_match_balance(app, alice)
 
 

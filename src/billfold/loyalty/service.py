@@ -151,6 +151,8 @@ async def earn(conn: AsyncConnection, rt: LoyaltyRuntime, capture: Capture) -> i
         used = await store.bonus_this_month(conn, capture.user_id, earned.bonus_rule.id, start, end)
         bonus_points = max(0, min(bonus_points, earned.bonus_rule.cap_per_month - used))
     points = earned.base_points + bonus_points
+    # The rules that gave points: a bonus capped to nothing this month gave none.
+    rule_ids = earned.rule_ids if bonus_points else earned.rule_ids[:1]
     posting = None
     if points > 0:
         posting = await ledger.move(
@@ -168,7 +170,7 @@ async def earn(conn: AsyncConnection, rt: LoyaltyRuntime, capture: Capture) -> i
         tier=tier.name,
         base_points=earned.base_points,
         bonus_points=bonus_points,
-        rule_ids=earned.rule_ids,
+        rule_ids=rule_ids,
         bonus_rule_id=earned.bonus_rule.id if earned.bonus_rule and bonus_points else None,
         posting_id=posting.id if posting else None,
         now=now,
@@ -201,7 +203,7 @@ async def earn(conn: AsyncConnection, rt: LoyaltyRuntime, capture: Capture) -> i
                 "points": points,
                 "spend_amount": capture.amount,
                 "currency": capture.currency,
-                "rule_ids": earned.rule_ids,
+                "rule_ids": rule_ids,
                 "tier": tier.name,
                 "balance": balance,
                 "expires_at": rfc3339(expires_at),
