@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import platform
 import random
@@ -60,6 +61,31 @@ OAKLAND = (37.8044, -122.2712)
 
 
 STAGES = ("features", "rules", "model", "combine", "store")
+
+
+class GcPauses:
+    """The garbage collector's pauses while it is on (`gc.callbacks`): a full collection of a
+    process holding SQLAlchemy, LightGBM and onnxruntime lands in some check's latency."""
+
+    def __init__(self) -> None:
+        self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self._started = 0.0
+        self.on = False
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if not self.on:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses[info["generation"]].append(time.perf_counter() - self._started)
+
+    def render(self) -> str:
+        return ", ".join(
+            f"gen{g} {len(p)} x (max {max(p, default=0) * 1000:.2f} ms, "
+            f"total {sum(p) * 1000:.1f} ms)"
+            for g, p in self.pauses.items()
+        )
 
 
 def _ms(values: list[float], q: float) -> float:
@@ -252,11 +278,16 @@ async def _run(args: argparse.Namespace, settings: Any, engine: Any, redis: Any)
         pings: list[float] = []
         checks: list[float] = []
         print(f"running   check + redis-ping x {args.checks} ...", file=sys.stderr)
+        gc_pauses = GcPauses()
+        gc.callbacks.append(gc_pauses)
+        gc_pauses.on = True
         for i in range(args.checks):
             started = time.perf_counter()
             await redis.ping()
             pings.append(time.perf_counter() - started)
             checks.append(await one(conn, users[i % len(users)]))
+        gc_pauses.on = False
+        gc.callbacks.remove(gc_pauses)
 
     print(f"running   check-c{args.concurrency} for {args.duration} s ...", file=sys.stderr)
     concurrent: list[float] = []
@@ -305,6 +336,7 @@ async def _run(args: argparse.Namespace, settings: Any, engine: Any, redis: Any)
     if args.stages:
         clock.table(args.stages)
         print()
+    print(f"gc        during `check`: {gc_pauses.render()}")
     print(f"decisions {dict(sorted(actions.items()))}, degraded (Redis over budget): {fallbacks}")
     p50_ratio = _ms(checks, 50) / _ms(pings, 50)
     p99_ratio = _ms(checks, 99) / _ms(pings, 99)
