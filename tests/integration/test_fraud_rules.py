@@ -494,6 +494,43 @@ async def test_the_rule_book_picks_up_rule_and_list_changes(
     assert await hits(book) == []
 
 
+async def test_a_steady_stream_of_checks_never_waits_for_the_rule_book(
+    app: Any, client: httpx.AsyncClient, admin: SignedIn
+) -> None:
+    now = [0.0]
+    book = RuleBook(lists=load_lists, refresh_seconds=1.0, clock=lambda: now[0])
+    engine = app.state.resources.engine
+
+    class NoStatements:
+        """A check's connection that must not be used: the book may only take its engine."""
+
+        def __init__(self) -> None:
+            self.engine = engine
+
+        async def execute(self, *args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("the rule book used the check's connection")
+
+    check: Any = NoStatements()
+    async with engine.connect() as conn:
+        first = await book.current(conn)  # the first load is the caller's
+    created = await create(client, admin, reason_code="test_background_reason")
+    now[0] = 0.4  # young: no I/O at all
+    assert await book.current(check) is first
+    await book.settled()
+    now[0] = 0.6  # half old: answered at once, checked behind the caller's back
+    assert await book.current(check) is first
+    await book.settled()
+    refreshed = await book.current(check)
+    assert refreshed.version != first.version
+    assert [h.reason_code for h in refreshed.evaluate(crafted())] == ["test_background_reason"]
+
+    # Without checks in the second half, an old set is checked before it is used.
+    await client.post(f"{RULES}/{created['id']}/disable", headers=admin.headers)
+    now[0] = 1.7
+    async with engine.connect() as conn:
+        assert (await book.current(conn)).version == first.version
+
+
 async def test_a_rule_book_without_changes_costs_no_reload(app: Any) -> None:
     book = RuleBook(lists=load_lists, refresh_seconds=0)
     async with app.state.resources.engine.connect() as conn:

@@ -47,7 +47,7 @@ from pydantic import (
     field_validator,
 )
 from sqlalchemy.engine import Row
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from billfold.fraud.models import (
     FEATURE_NAMES,
@@ -339,10 +339,14 @@ def error_counter(registry: CollectorRegistry) -> Callable[[str], None]:
 class RuleBook:
     """The process's compiled rules (and lists), refreshed when they change.
 
-    `current(conn)` is the hot path: without I/O while the set is younger than `refresh_seconds`,
-    then one single-row read of the change counters (on the caller's connection, inside its
-    transaction); a reload happens only when a counter moved. While one task reloads, the others
-    keep using the set they have."""
+    `current(conn)` is the hot path and costs no I/O while traffic flows: once the set is half
+    `refresh_seconds` old, a background task (on a connection of its own) reads the change
+    counters (one single-row read) and reloads only when a counter moved, while the checks
+    keep using the set they have. A set that has grown `refresh_seconds` old all the same (no
+    check came in the second half, or the refresh failed) is checked by the caller before it is
+    used, on the caller's connection, inside its transaction, as is the first load and the one
+    after `invalidate`. So a change is in force at most `refresh_seconds` after it committed,
+    and a steady stream of checks never waits for it."""
 
     def __init__(
         self,
@@ -362,6 +366,7 @@ class RuleBook:
         self._counters: tuple[int, int] | None = None
         self._checked = -math.inf
         self._lock = asyncio.Lock()
+        self._background: asyncio.Task[None] | None = None
 
     def invalidate(self) -> None:
         """Check the counters on the next `current` call, whatever the age of the set."""
@@ -369,14 +374,37 @@ class RuleBook:
 
     async def current(self, conn: AsyncConnection) -> CompiledRules:
         rules = self._rules
-        if rules is not None and (
-            self._clock() - self._checked < self.refresh_seconds or self._lock.locked()
-        ):
-            return rules
+        if rules is not None:
+            age = self._clock() - self._checked
+            if age < self.refresh_seconds / 2 or self._lock.locked():
+                return rules
+            if age < self.refresh_seconds:
+                self._refresh_in_background(conn.engine)
+                return rules
         async with self._lock:
             if self._rules is not None and self._clock() - self._checked < self.refresh_seconds:
                 return self._rules
             return await self._refresh(conn)
+
+    def _refresh_in_background(self, engine: AsyncEngine) -> None:
+        if self._background is None or self._background.done():
+            self._background = asyncio.get_running_loop().create_task(
+                self._refresh_own(engine), name="fraud-rule-book-refresh"
+            )
+
+    async def _refresh_own(self, engine: AsyncEngine) -> None:
+        try:
+            # The connection first: the lock is not held while the pool is waited for.
+            async with engine.connect() as conn, self._lock:
+                if self._clock() - self._checked >= self.refresh_seconds / 2:
+                    await self._refresh(conn)
+        except Exception:  # the checks go on with the set they have; the next one tries again
+            log.exception("fraud_rules_refresh_failed")
+
+    async def settled(self) -> None:
+        """Wait for a background refresh in flight, if any (tests, an orderly shutdown)."""
+        if self._background is not None:
+            await asyncio.shield(self._background)
 
     async def _refresh(self, conn: AsyncConnection) -> CompiledRules:
         counters = await store.counters(conn)
