@@ -790,3 +790,31 @@ async def test_the_worker_earns_and_reverses_points_on_its_own(
         stop.set()
         await asyncio.wait_for(runner, 20)
         await engine.dispose()
+
+
+async def test_a_capture_handled_after_its_refund_gives_the_refunded_share_back(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn, points: Points
+) -> None:
+    """The capture's event was parked (dead letter) and replayed after the refund's: the points
+    end where in-order handling leaves them."""
+    await fund(app, alice.user["id"], 20_000)
+    payment_id = await captured_wallet_payment(client, alice, 10_000)  # 100 points
+    r = await act(client, alice, payment_id, "refunds", {"amount": 2_500})
+    assert r.status_code == 201, r.text
+    rows = await sql(
+        app,
+        "SELECT id, type, subject, time, data FROM platform.outbox WHERE subject = :s "
+        "ORDER BY seq DESC",
+        s=payment_id,
+    )
+    for row in rows:  # newest first: the refund before the capture
+        await points.sink(envelope(row.id, row.type, row.subject, row.time, row.data))
+    assert (await loyalty_account(client, alice))["balance"] == 75
+    (late,) = await loyalty_events(app, REVERSED, alice)
+    assert late["points"] == 25 and late["refund_id"] is None and late["capture_id"]
+    # The rest refunded in order: exactly what was earned is gone.
+    r = await act(client, alice, payment_id, "refunds", {})
+    assert r.status_code == 201, r.text
+    await points.deliver(payment_id)
+    assert (await loyalty_account(client, alice))["balance"] == 0
+    await assert_lots_match_balance(app, alice)

@@ -209,6 +209,20 @@ async def earn(conn: AsyncConnection, rt: LoyaltyRuntime, capture: Capture) -> i
                 "expires_at": rfc3339(expires_at),
             },
         )
+    if await store.refunded_before(conn, capture.transaction_id):
+        # Refunds of this payment were handled before this capture (a late replay): what
+        # they refunded takes its share of these points back now.
+        await _take_back(
+            conn,
+            user_id=capture.user_id,
+            transaction_id=capture.transaction_id,
+            reversal_key=f"late:{capture.capture_id}",
+            refund_id=None,
+            capture_id=capture.capture_id,
+            refund_amount=0,
+            currency=capture.currency,
+            now=now,
+        )
     await evaluate_tier(conn, rt, capture.user_id, member.tier, now)
     return points
 
@@ -230,16 +244,50 @@ async def reverse_refund(
     payment has lost floor(earned * refunded / captured) points in all, so rounding never
     drifts over several partial refunds and a full refund takes back exactly what was earned.
     The payment's own lot gives first, then the oldest; what the lots no longer hold (points
-    already redeemed) leaves the balance below zero. Returns the points taken back."""
+    already redeemed) leaves the balance below zero. A refund of a payment that earned nothing
+    (yet) is recorded too: a capture handled after it (a dead letter replayed late) takes its
+    share back at once. Returns the points taken back."""
     now = rt.clock()
-    member = await store.lock_member(conn, user_id)
-    if member is None or await store.reversed_refund(conn, refund_id):
-        return 0  # nothing was ever earned, or this refund was handled
+    member = await store.join_and_lock(conn, user_id, rt.tiers[0].name, now)
+    if await store.reversed_refund(conn, refund_id):
+        return 0  # this refund was handled
+    points = await _take_back(
+        conn,
+        user_id=user_id,
+        transaction_id=transaction_id,
+        reversal_key=refund_id,
+        refund_id=refund_id,
+        capture_id=None,
+        refund_amount=refund_amount,
+        currency=currency,
+        now=now,
+    )
+    await evaluate_tier(conn, rt, user_id, member.tier, now)
+    return points
+
+
+async def _take_back(
+    conn: AsyncConnection,
+    *,
+    user_id: str,
+    transaction_id: str,
+    reversal_key: str,
+    refund_id: str | None,
+    capture_id: str | None,
+    refund_amount: int,
+    currency: str,
+    now: datetime,
+) -> int:
+    """Bring the payment's reversed points up to floor(earned * refunded / captured), counting
+    `refund_amount` as refunded now; one reversal row (UNIQUE `reversal_key`) either way."""
     totals = await store.transaction_totals(conn, transaction_id)
     captured, earned = int(totals.captured), int(totals.earned)
     refunded = min(int(totals.refunded) + refund_amount, captured)
     target = earned * refunded // captured if captured > 0 else 0
     points = max(0, min(target, earned) - int(totals.reversed))
+    if points == 0 and refund_amount == 0:
+        return 0  # a late capture whose share was taken back already: nothing to record
+    reference = refund_id or capture_id or reversal_key
     posting = None
     if points > 0:
         posting = await ledger.move(
@@ -248,14 +296,14 @@ async def reverse_refund(
             debit=(user_id, POINTS_ACCOUNT),
             credit=LOYALTY,
             kind=POSTING_REVERSAL,
-            reference=refund_id,
+            reference=reference,
             memo=f"Points of refunded payment {transaction_id}",
         )
         lots = await store.open_lots(conn, user_id, first=transaction_id)
         await store.take_from_lots(conn, _take_fifo(lots, points))
     await store.insert_reversal(
         conn,
-        refund_id=refund_id,
+        refund_id=reversal_key,
         transaction_id=transaction_id,
         user_id=user_id,
         refund_amount=refund_amount,
@@ -266,22 +314,19 @@ async def reverse_refund(
     )
     if posting is not None:
         balance = posting.balance_of(user_id, POINTS_ACCOUNT).posted
-        await store.add_activity(conn, user_id, "reversed", -points, refund_id, now)
-        await events.publish(
-            conn,
-            events.POINTS_REVERSED,
-            user_id,
-            {
-                "user_id": user_id,
-                "transaction_id": transaction_id,
-                "refund_id": refund_id,
-                "refund_amount": refund_amount,
-                "currency": currency,
-                "points": points,
-                "balance": balance,
-            },
-        )
-    await evaluate_tier(conn, rt, user_id, member.tier, now)
+        await store.add_activity(conn, user_id, "reversed", -points, reference, now)
+        data = {
+            "user_id": user_id,
+            "transaction_id": transaction_id,
+            "refund_id": refund_id,
+            "refund_amount": refund_amount,
+            "currency": currency,
+            "points": points,
+            "balance": balance,
+        }
+        if capture_id is not None:
+            data["capture_id"] = capture_id
+        await events.publish(conn, events.POINTS_REVERSED, user_id, data)
     return points
 
 

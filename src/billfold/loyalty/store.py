@@ -257,6 +257,15 @@ async def transaction_totals(conn: AsyncConnection, transaction_id: str) -> Row[
     return (await conn.execute(_TRANSACTION_TOTALS, {"t": transaction_id})).one()
 
 
+_REFUNDED_BEFORE = text(
+    "SELECT 1 FROM loyalty.reversals WHERE transaction_id = :t AND refund_amount > 0 LIMIT 1"
+)
+
+
+async def refunded_before(conn: AsyncConnection, transaction_id: str) -> bool:
+    return (await conn.execute(_REFUNDED_BEFORE, {"t": transaction_id})).first() is not None
+
+
 async def reversed_refund(conn: AsyncConnection, refund_id: str) -> bool:
     return (await conn.execute(_REVERSED, {"refund_id": refund_id})).first() is not None
 
