@@ -89,6 +89,9 @@ class Providers:
         self.fcm.unavailable.clear()
         self.apns.unregistered.clear()
         self.twilio.invalid.clear()
+        self.twilio.undeliverable.clear()
+        self.twilio.reports.clear()
+        self.twilio.report = self.twilio.report_first = False
         ses_backends[DEFAULT_ACCOUNT_ID][SES_REGION].sent_messages.clear()
 
 

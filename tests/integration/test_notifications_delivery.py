@@ -29,11 +29,12 @@ from tests.integration.notifications_support import (
     sql,
     verify_contacts,
 )
+from tests.integration.test_notifications_inbox import served
 from tests.integration.transfer_support import send_ok
 from tests.support.notification_servers import twilio_signature
 from tests.support.one_time_codes import reveal_code
 
-__all__ = ["providers"]
+__all__ = ["providers", "served"]
 
 
 def _token(prefix: str) -> str:
@@ -250,7 +251,7 @@ async def test_past_the_hourly_budget_only_the_inbox_is_told(
     statuses = []
     for n in await notifications_of(app, bob, "transfer_received"):
         by_channel = await deliveries_of(app, n.id)
-        assert by_channel["in_app"][0].status == "delivered"
+        assert by_channel["in_app"][0].status == "sent"
         statuses.append((by_channel["email"][0].status, by_channel["email"][0].error))
     assert statuses == [("sent", None), ("sent", None), ("failed", "rate_limited")]
     assert len([m for m in providers.smtp.messages if bob.email in m.rcpt_tos]) == 2
@@ -397,7 +398,8 @@ async def test_twilio_status_callbacks_mark_sms_delivered_or_failed(
         await h.dispatch()
     first, second = [m for m in providers.twilio.messages if m["to"] == bob.user["phone"]]
     url = f"{settings.public_url}/v1/notifications/webhooks/twilio"
-    assert first["callback"] == url
+    # Each message's callback names its delivery (Twilio signs the URL with its query).
+    assert first["callback"].startswith(f"{url}?delivery=dlv_")
 
     async def callback(sid: str, status: str, signature: str | None = None) -> httpx.Response:
         form = {"MessageSid": sid, "MessageStatus": status, "AccountSid": "AC" + "0" * 32}
@@ -413,6 +415,33 @@ async def test_twilio_status_callbacks_mark_sms_delivered_or_failed(
     assert (await callback(first["sid"], "sent")).status_code == 204  # not final: ignored
     assert (await callback(first["sid"], "delivered")).status_code == 204
     assert (await callback(second["sid"], "undelivered")).status_code == 204
+    assert (await callback(first["sid"], "delivered")).status_code == 204  # a repeat: no change
+
+    # Signed by Twilio but about no message of ours: 404; unsigned junk: 403; never a 500.
+    unknown = await callback("SM" + "f" * 32, "delivered")
+    assert unknown.status_code == 404 and unknown.json()["code"] == "delivery_not_found"
+    form = {"MessageSid": "SM" + "e" * 32, "MessageStatus": "delivered"}
+    other = first["callback"].removeprefix(settings.public_url)
+    signature = twilio_signature(providers.twilio.auth_token, first["callback"], form)
+    r = await client.post(other, data=form, headers={"X-Twilio-Signature": signature})
+    assert r.status_code == 404  # that delivery is another message
+    junk_url = f"{url}?delivery=not-an-id"
+    signature = twilio_signature(providers.twilio.auth_token, junk_url, form)
+    r = await client.post(
+        "/v1/notifications/webhooks/twilio?delivery=not-an-id",
+        data=form,
+        headers={"X-Twilio-Signature": signature},
+    )
+    assert r.status_code == 404
+    for junk in (
+        {"json": {"MessageSid": first["sid"], "MessageStatus": "failed"}},
+        {"content": b"\xff\xfe", "headers": {"content-type": "multipart/form-data; boundary=x"}},
+        {"content": b""},
+    ):
+        r = await client.post("/v1/notifications/webhooks/twilio", **junk)  # type: ignore[arg-type]
+        assert 400 <= r.status_code < 500 and r.headers["content-type"] == (
+            "application/problem+json"
+        ), r.text
     rows = await sql(
         app,
         "SELECT provider_message_id, status, error FROM notifications.deliveries "
@@ -469,3 +498,59 @@ async def test_only_development_prints_one_time_codes(
     assert code in capsys.readouterr().out
     # Delivered twice, told once (the production and development sinks share the inbox).
     assert len(await notifications_of(app, bob, "verification_code")) == 1
+
+
+@pytest.mark.parametrize("reports_first", [False, True], ids=["after-the-answer", "before-it"])
+async def test_twilios_own_reports_settle_the_sms_delivery_log(
+    served: str,
+    client: httpx.AsyncClient,
+    app: Any,
+    providers: Providers,
+    alice: SignedIn,
+    bob: SignedIn,
+    monkeypatch: pytest.MonkeyPatch,
+    reports_first: bool,
+) -> None:
+    """The local Twilio calls each message's StatusCallback on the served API as Twilio does:
+    Bob's SMS ends `delivered`, Alice's (an unreachable handset) `failed`. The reports may come
+    before the dispatcher recorded Twilio's answer: the log is the same either way."""
+    providers.reset()
+    providers.twilio.report = True
+    providers.twilio.report_first = reports_first
+    overrides = {"twilio_auth_token": providers.twilio.auth_token, "public_url": served}
+    monkeypatch.setattr(
+        app.state.resources, "settings", app.state.resources.settings.model_copy(update=overrides)
+    )
+    transfers = []
+    for sender, recipient in ((alice, bob), (bob, alice)):
+        await verify_contacts(app, recipient)
+        r = await client.put(
+            "/v1/me/notification-preferences",
+            json={"categories": [{"category": "transfers", "channels": {"sms": True}}]},
+            headers=recipient.headers,
+        )
+        assert r.status_code == 200, r.text
+        await fund(app, sender.user["id"], 5_000)
+        transfers.append((await send_ok(client, sender, 100, recipient))["id"])
+    providers.twilio.undeliverable.add(alice.user["phone"])
+    async with harness(app, **providers.settings(public_url=served)) as h:
+        await h.deliver(*transfers)
+        await h.dispatch()
+        await providers.twilio.reported()
+    assert providers.twilio.reports and {code for _, code in providers.twilio.reports} == {204}
+
+    outcome = {}
+    for who in (bob, alice):
+        (received,) = await notifications_of(app, who, "transfer_received")
+        (sms,) = (await deliveries_of(app, received.id))["sms"]
+        outcome[who.user["id"]] = (sms.status, sms.error, await log_of(app, sms.id))
+        sent = {m["sid"] for m in providers.twilio.messages if m["to"] == who.user["phone"]}
+        assert sms.provider_message_id in sent
+    assert outcome == {
+        bob.user["id"]: ("delivered", None, ["queued", "sending", "sent", "delivered"]),
+        alice.user["id"]: (
+            "failed",
+            "twilio undelivered 30003",
+            ["queued", "sending", "sent", "failed"],
+        ),
+    }

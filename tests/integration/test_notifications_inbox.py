@@ -47,6 +47,8 @@ async def test_inbox_read_unread_and_the_delivery_log(
     )
     assert [n["id"] for n in r.json()["data"]] == [first]
 
+    unseen = await client.get(f"/v1/notifications/{first}", headers=bob.headers)
+    assert unseen.json()["deliveries"][0]["status"] == "sent"  # told, not yet seen
     r = await client.post(f"/v1/notifications/{first}/read", headers=bob.headers)
     assert r.status_code == 200 and r.json()["read"] is True and r.json()["read_at"]
     count = await client.get("/v1/notifications/unread-count", headers=bob.headers)
@@ -64,7 +66,9 @@ async def test_inbox_read_unread_and_the_delivery_log(
     assert r.status_code == 200
     (delivery,) = r.json()["deliveries"]
     assert delivery["channel"] == "in_app" and delivery["target"] == "inbox"
-    assert [e["status"] for e in delivery["log"]] == ["queued", "sending", "delivered"]
+    # Told by the dispatcher (`sent`), then `delivered` by the reads above.
+    assert [e["status"] for e in delivery["log"]] == ["queued", "sending", "sent", "delivered"]
+    assert delivery["log"][-1]["detail"] == "read" and delivery["status"] == "delivered"
 
     # Someone else's notification, or junk, is a 404; so is marking it.
     for path in (f"/v1/notifications/{first}", f"/v1/notifications/{first}/read"):
@@ -126,6 +130,14 @@ async def test_the_stream_delivers_live_and_replays_after_a_reconnect(
             live = await _inbox_item(app, client, alice, bob)
             (event,) = await asyncio.wait_for(reader, 10)
         assert event["id"] == live and event["event"] == "notification"
+        # Shown on the stream: delivered (recorded once the event went out).
+        for _ in range(40):
+            detail = await client.get(f"/v1/notifications/{live}", headers=bob.headers)
+            (in_app,) = detail.json()["deliveries"]
+            if in_app["status"] == "delivered":
+                break
+            await asyncio.sleep(0.05)
+        assert (in_app["status"], in_app["log"][-1]["detail"]) == ("delivered", "streamed")
         assert event["data"]["title"] == "Money received"
         assert event["data"]["body"] == "Alice Example sent you $1.50."
 

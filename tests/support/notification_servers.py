@@ -26,6 +26,7 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+import httpx
 import jwt
 import uvicorn
 from aiosmtpd.controller import Controller
@@ -183,15 +184,26 @@ def _fcm_error(status: int, state: str, code: str | None) -> JSONResponse:
 
 @dataclass
 class FakeTwilio:
-    """Twilio's `POST /2010-04-01/Accounts/<sid>/Messages.json` with HTTP Basic auth."""
+    """Twilio's `POST /2010-04-01/Accounts/<sid>/Messages.json` with HTTP Basic auth.
+
+    With `report` on, it then calls a message's `StatusCallback` as Twilio does, form-encoded
+    and signed (`X-Twilio-Signature`): `sent`, then `delivered`, or `undelivered` (30003) for
+    the numbers in `undeliverable`. `report_first`: the reports arrive before the API's answer
+    (Twilio's callbacks can overtake the sender's own bookkeeping)."""
 
     account_sid: str = "AC" + "0" * 32
     auth_token: str = "twilio-test-token"
     sender: str = "+15005550006"
     messages: list[dict[str, str]] = field(default_factory=list)
     invalid: set[str] = field(default_factory=set)
+    report: bool = False
+    report_first: bool = False
+    undeliverable: set[str] = field(default_factory=set)
+    # (status reported, the webhook's HTTP status) per callback made.
+    reports: list[tuple[str, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self._reporting: set[asyncio.Task[None]] = set()
         self._server = _Uvicorn(
             Starlette(
                 routes=[
@@ -210,6 +222,7 @@ class FakeTwilio:
         await self._server.start()
 
     async def stop(self) -> None:
+        await self.reported()
         await self._server.stop()
 
     async def _create(self, request: Request) -> Response:
@@ -229,10 +242,43 @@ class FakeTwilio:
         self.messages.append(
             {"sid": sid, "to": to, "from": sender, "body": body, "callback": str(callback or "")}
         )
+        if self.report and isinstance(callback, str) and callback:
+            reporting = self._report(str(callback), sid, to)
+            if self.report_first:
+                await reporting
+            else:
+                task = asyncio.create_task(reporting)
+                self._reporting.add(task)
+                task.add_done_callback(self._reporting.discard)
         return JSONResponse(
             {"sid": sid, "status": "queued", "to": to, "from": sender, "body": body},
             status_code=201,
         )
+
+    async def _report(self, url: str, sid: str, to: str) -> None:
+        final = "undelivered" if to in self.undeliverable else "delivered"
+        async with httpx.AsyncClient(timeout=10) as http:
+            for status in ("sent", final):
+                form = {
+                    "AccountSid": self.account_sid,
+                    "ApiVersion": "2010-04-01",
+                    "From": self.sender,
+                    "MessageSid": sid,
+                    "MessageStatus": status,
+                    "SmsSid": sid,
+                    "SmsStatus": status,
+                    "To": to,
+                }
+                if status == "undelivered":
+                    form["ErrorCode"] = "30003"
+                signature = twilio_signature(self.auth_token, url, form)
+                answer = await http.post(url, data=form, headers={"X-Twilio-Signature": signature})
+                self.reports.append((status, answer.status_code))
+
+    async def reported(self) -> None:
+        """Wait for the status callbacks in flight."""
+        while self._reporting:
+            await asyncio.gather(*list(self._reporting))
 
 
 def twilio_signature(auth_token: str, url: str, params: dict[str, str]) -> str:

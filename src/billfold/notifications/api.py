@@ -3,6 +3,7 @@ administrators' view of failed deliveries."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -128,13 +129,35 @@ async def unread_count(me: Me, uow: Uow) -> UnreadCount:
     responses=problem_responses(401, 403),
 )
 async def read_all(me: Me, uow: Uow) -> ReadAll:
-    updated = await store.read_all(await uow.connection(), me.user_id, utcnow())
+    conn = await uow.connection()
+    updated = await store.read_all(conn, me.user_id, utcnow())
+    await service.mark_seen(conn, me.user_id, None, "read")
     return ReadAll(updated=updated)
 
 
+# Receipts of streamed items still being written (a reference keeps each task alive).
+_RECEIPTS: set[asyncio.Task[None]] = set()
+
+
+async def _shown(engine: Any, user_id: str, ids: list[str]) -> None:
+    """Record that the stream showed these items. Shielded: a client that leaves right after
+    an event cancels the stream, not the receipt of what it was shown."""
+    if not ids:
+        return
+    task = asyncio.create_task(service.mark_streamed(engine, user_id, ids))
+    _RECEIPTS.add(task)
+    task.add_done_callback(_RECEIPTS.discard)
+    await asyncio.shield(task)
+
+
 async def _event_stream(
-    request: Request, redis: Redis, channel: str, backlog: list[NotificationView]
+    request: Request,
+    redis: Redis,
+    channel: str,
+    backlog: list[NotificationView],
+    user_id: str,
 ) -> AsyncIterator[bytes]:
+    engine = request.app.state.resources.engine
     pubsub = redis.pubsub()
     await pubsub.subscribe(channel)
     try:
@@ -143,6 +166,7 @@ async def _event_stream(
         for item in backlog:
             seen = max(seen, item.id)
             yield _sse(item.id, item.model_dump_json())
+        await _shown(engine, user_id, [item.id for item in backlog])
         idle = 0.0
         while not await request.is_disconnected():
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
@@ -157,6 +181,7 @@ async def _event_stream(
             if data.get("id", "") <= seen:
                 continue  # already sent from the backlog
             yield _sse(data["id"], json.dumps(data, separators=(",", ":")))
+            await _shown(engine, user_id, [data["id"]])
     finally:
         await pubsub.unsubscribe(channel)
         await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -224,7 +249,7 @@ async def stream(
     # Its pub/sub connection comes from the streams' own pool, never the API's.
     return _SlotStreamingResponse(
         slot,
-        _event_stream(request, gate.redis, channel, backlog),
+        _event_stream(request, gate.redis, channel, backlog, me.user_id),
         media_type="text/event-stream",
         headers={"X-Accel-Buffering": "no"},
     )
@@ -256,9 +281,12 @@ async def get_notification(me: Me, uow: Uow, notification_id: str) -> Notificati
 async def _set_read(me: Principal, uow: Uow, notification_id: str, read: bool) -> NotificationView:
     if not is_valid_id(notification_id, "ntf"):
         raise _not_found()
-    row = await store.set_read(await uow.connection(), me.user_id, notification_id, read, utcnow())
+    conn = await uow.connection()
+    row = await store.set_read(conn, me.user_id, notification_id, read, utcnow())
     if row is None:
         raise _not_found()
+    if read:
+        await service.mark_seen(conn, me.user_id, [notification_id], "read")
     return _view(row)
 
 
@@ -401,22 +429,39 @@ async def retry_delivery(admin: Admin, uow: Uow, delivery_id: str) -> DeliveryVi
     responses=problem_responses(403, 404),
 )
 async def twilio_status(request: Request, uow: Uow) -> Response:
-    """Called by Twilio, signed with `X-Twilio-Signature` (HMAC-SHA1 under the account's auth
-    token over this URL and the form): `delivered` marks the SMS delivered, `undelivered` and
-    `failed` mark it failed. A signature that does not verify is 403
-    `invalid_webhook_signature`, nothing changes."""
+    """Called by Twilio on the `StatusCallback` URL each SMS was sent with (it names the
+    delivery), signed with `X-Twilio-Signature` (HMAC-SHA1 under the account's auth token over
+    that URL and the sorted form): `delivered` marks the SMS delivered, `undelivered` and
+    `failed` mark it failed, the others only confirm Twilio has it. A signature that does not
+    verify is 403 `invalid_webhook_signature`; a message that is not one of ours is 404
+    `delivery_not_found`; nothing changes either way."""
     settings = request.app.state.resources.settings
     if not settings.twilio_auth_token:
         raise NotFound("SMS is not configured", code="not_found")
     form = await request.form()
     params = {k: v for k, v in form.items() if isinstance(v, str)}
+    # Twilio signs the URL exactly as it was given it, query string included.
     url = f"{settings.public_url.rstrip('/')}{STATUS_CALLBACK_PATH}"
+    query = request.scope.get("query_string", b"").decode("latin-1")
+    if query:
+        url = f"{url}?{query}"
     signature = request.headers.get("x-twilio-signature", "")
     if not valid_signature(settings.twilio_auth_token, url, params, signature):
         raise Forbidden("The request is not signed by Twilio", code="invalid_webhook_signature")
-    status = FINAL_STATUSES.get(params.get("MessageStatus", ""))
+    delivery_id = request.query_params.get("delivery")
     sid = params.get("MessageSid", "")
-    if status is not None and sid:
-        detail = f"twilio {params['MessageStatus']} {params.get('ErrorCode', '')}".strip()
-        await service.provider_receipt(await uow.connection(), "twilio", sid, status, detail)
+    reported = params.get("MessageStatus", "")
+    known = bool(sid) and (delivery_id is None or is_valid_id(delivery_id, "dlv"))
+    if known:
+        detail = f"twilio {reported} {params.get('ErrorCode', '')}".strip()
+        known = await service.provider_receipt(
+            await uow.connection(),
+            "twilio",
+            delivery_id,
+            sid,
+            FINAL_STATUSES.get(reported),
+            detail,
+        )
+    if not known:
+        raise NotFound("No such message", code="delivery_not_found")
     return Response(status_code=204)

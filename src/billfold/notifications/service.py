@@ -545,8 +545,57 @@ async def retry_delivery(conn: AsyncConnection, delivery_id: str) -> bool:
 
 
 async def provider_receipt(
-    conn: AsyncConnection, provider: str, message_id: str, status: str, detail: str
-) -> str | None:
-    """A provider's delivery receipt for a sent message (`delivered` or `failed`); the id of the
-    delivery it concerned, None if none was waiting for one."""
-    return await store.mark_delivered(conn, provider, message_id, status, detail)
+    conn: AsyncConnection,
+    provider: str,
+    delivery_id: str | None,
+    message_id: str,
+    final: str | None,
+    detail: str,
+) -> bool:
+    """A provider's report on a message it accepted (`final`: `delivered`, `failed`, or None
+    for "I have it"). False when no delivery of ours is that message.
+
+    The report may come before the dispatcher recorded the provider's answer (it records a
+    batch after all its sends), or after it gave up on an answer that never came: either way
+    the provider has the message, so the delivery is `sent` (with the provider's id) first,
+    and the dispatcher's late record changes nothing. A repeated or late report of a
+    delivery already delivered or failed changes nothing either."""
+    row = await store.lock_for_receipt(conn, provider, delivery_id, message_id)
+    if row is None or row.provider_message_id not in (None, message_id):
+        return False
+    now = utcnow()
+    if row.status in ("delivered", "failed"):
+        return True
+    if row.status in ("queued", "sending"):
+        await store.settle(
+            conn,
+            row.id,
+            "sent",
+            now,
+            detail=f"{message_id} (reported by {provider})",
+            provider_message_id=message_id,
+        )
+    if final is not None:
+        await store.settle(conn, row.id, final, now, detail=detail)
+    return True
+
+
+async def mark_streamed(engine: AsyncEngine, user_id: str, notification_ids: list[str]) -> None:
+    """Items a live stream showed are delivered, in a short transaction of its own (a stream
+    holds no connection between events). Best effort: a receipt is never worth breaking the
+    stream for."""
+    if not notification_ids:
+        return
+    try:
+        async with unit_of_work(engine) as uow:
+            await mark_seen(await uow.connection(), user_id, notification_ids, "streamed")
+    except Exception:
+        log.warning("could not record streamed notifications", exc_info=True)
+
+
+async def mark_seen(
+    conn: AsyncConnection, user_id: str, notification_ids: list[str] | None, how: str
+) -> int:
+    """The user saw these inbox items (None: every one): read, or shown on a live stream.
+    Their in-app deliveries are `delivered` (in-app's only receipt)."""
+    return await store.mark_seen(conn, user_id, notification_ids, utcnow(), how)

@@ -227,28 +227,112 @@ async def finish(
     )
 
 
-async def mark_delivered(
-    conn: AsyncConnection, provider: str, message_id: str, status: str, detail: str
-) -> str | None:
-    """A provider's delivery receipt (e.g. Twilio's status callback) for a sent delivery."""
+async def lock_for_receipt(
+    conn: AsyncConnection, provider: str, delivery_id: str | None, message_id: str
+) -> Row[Any] | None:
+    """The delivery a provider reports on (by our id when the report carries it, else by the
+    provider's message id), locked against the dispatcher recording the same send."""
     result = await conn.execute(
+        text(
+            f"""
+            SELECT {_DELIVERY_COLUMNS} FROM notifications.deliveries
+            WHERE provider = :provider AND (
+                (CAST(:id AS text) IS NOT NULL AND id = :id)
+                OR (CAST(:id AS text) IS NULL AND provider_message_id = :mid))
+            FOR UPDATE
+            """
+        ),
+        {"provider": provider, "id": delivery_id, "mid": message_id},
+    )
+    return result.first()
+
+
+async def settle(
+    conn: AsyncConnection,
+    delivery_id: str,
+    status: str,
+    now: datetime,
+    *,
+    detail: str | None,
+    provider_message_id: str | None = None,
+) -> None:
+    """Move a delivery on by a report (a provider's receipt, the inbox being read or
+    streamed): its status, its log line; a secret's content goes once it left us."""
+    await conn.execute(
         text(
             """
             WITH d AS (
-                UPDATE notifications.deliveries SET status = :status, updated_at = now(),
-                    error = CASE WHEN :status = 'failed' THEN :detail ELSE error END
-                WHERE provider = :provider AND provider_message_id = :mid AND status = 'sent'
+                UPDATE notifications.deliveries
+                SET status = :status, updated_at = :now, lease_until = NULL,
+                    error = CASE WHEN :status = 'failed' THEN :detail ELSE NULL END,
+                    provider_message_id = coalesce(:message_id, provider_message_id),
+                    content = CASE WHEN sealed_content IS NOT NULL THEN NULL ELSE content END,
+                    sealed_content = NULL
+                WHERE id = :id
+                RETURNING id
+            )
+            INSERT INTO notifications.delivery_log (delivery_id, status, detail)
+            SELECT id, :status, :detail FROM d
+            """
+        ),
+        {
+            "id": delivery_id,
+            "status": status,
+            "now": now,
+            "detail": detail,
+            "message_id": provider_message_id,
+        },
+    )
+
+
+async def mark_seen(
+    conn: AsyncConnection,
+    user_id: str,
+    notification_ids: list[str] | None,
+    now: datetime,
+    detail: str,
+) -> int:
+    """The user saw these inbox items (None: all of them): their in-app deliveries that were
+    not yet delivered are. One still `sending` was seen on a stream before its sender recorded
+    the announcement: it is `sent` first (the sender's late record then changes nothing)."""
+    params = {"uid": user_id, "ids": notification_ids, "now": now, "detail": detail}
+    mine = (
+        "user_id = :uid AND channel = 'in_app' "
+        "AND (CAST(:ids AS text[]) IS NULL OR notification_id = ANY(:ids))"
+    )
+    await conn.execute(
+        text(
+            f"""
+            WITH d AS (
+                UPDATE notifications.deliveries
+                SET status = 'sent', updated_at = :now, lease_until = NULL
+                WHERE {mine} AND status = 'sending'
+                RETURNING id
+            )
+            INSERT INTO notifications.delivery_log (delivery_id, status, detail)
+            SELECT id, 'sent', 'announced' FROM d
+            """
+        ),
+        params,
+    )
+    result = await conn.execute(
+        text(
+            f"""
+            WITH d AS (
+                UPDATE notifications.deliveries
+                SET status = 'delivered', updated_at = :now, lease_until = NULL, error = NULL
+                WHERE {mine} AND status IN ('queued', 'sent')
                 RETURNING id
             ), logged AS (
                 INSERT INTO notifications.delivery_log (delivery_id, status, detail)
-                SELECT id, :status, :detail FROM d
+                SELECT id, 'delivered', :detail FROM d
             )
-            SELECT id FROM d
+            SELECT count(*) FROM d
             """
         ),
-        {"provider": provider, "mid": message_id, "status": status, "detail": detail},
+        params,
     )
-    return result.scalar_one_or_none()
+    return int(result.scalar_one())
 
 
 async def deliveries_of(conn: AsyncConnection, notification_id: str) -> list[Row[Any]]:

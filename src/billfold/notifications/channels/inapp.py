@@ -31,8 +31,9 @@ class InAppChannel:
             )
         except RedisError as exc:
             return transient(exc)
-        # Stored and announced: a stream that was not listening replays it from the inbox.
-        return Outcome("delivered")
+        # Stored and announced: `delivered` comes when a stream shows it or it is read (a
+        # stream that was not listening replays it from the inbox).
+        return Outcome("sent")
 
     async def aclose(self) -> None:
         return None

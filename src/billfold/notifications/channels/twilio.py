@@ -17,9 +17,22 @@ from billfold.notifications.channels.base import Message, Outcome, retry_after, 
 _PERMANENT = frozenset({21211, 21214, 21408, 21610, 21612, 21614})
 
 
-# MessageStatus values of a status callback that end a message, and what they mean for us.
-FINAL_STATUSES = {"delivered": "delivered", "undelivered": "failed", "failed": "failed"}
+# MessageStatus values of a status callback that end a message, and what they mean for us;
+# any other (queued, accepted, sending, sent…) only says Twilio has it.
+FINAL_STATUSES = {
+    "delivered": "delivered",
+    "read": "delivered",
+    "undelivered": "failed",
+    "failed": "failed",
+    "canceled": "failed",
+}
 STATUS_CALLBACK_PATH = "/v1/notifications/webhooks/twilio"
+
+
+def status_callback_url(base: str, delivery_id: str) -> str:
+    """Where Twilio reports on one message: the delivery's id rides in the (signed) URL, so a
+    report that comes before we recorded Twilio's answer still finds its delivery."""
+    return f"{base}?delivery={delivery_id}"
 
 
 def request_signature(auth_token: str, url: str, params: Mapping[str, str]) -> str:
@@ -55,7 +68,7 @@ class TwilioChannel:
     async def send(self, message: Message) -> Outcome:
         form = {"To": message.target, "From": self._sender, "Body": message.content["text"]}
         if self._callback:
-            form["StatusCallback"] = self._callback
+            form["StatusCallback"] = status_callback_url(self._callback, message.delivery_id)
         try:
             response = await self._http.post(self._url, data=form)
         except httpx.HTTPError as exc:
