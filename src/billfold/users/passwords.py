@@ -1,8 +1,8 @@
 """Changing a password, and resetting a forgotten one without revealing who has an account.
 
 A reset lives in Redis for `RESET_TTL_SECONDS`: only an HMAC of its 6-digit code is kept, the
-code itself travels once in the `password_reset.requested` outbox event (the relay strips it
-after publishing). Every request answers alike: an unknown email, an inactive account or a
+code itself travels once, sealed for the notification service, in the
+`password_reset.requested` outbox event. Every request answers alike: an unknown email, an inactive account or a
 request over the per-email limit gets a decoy reset that looks and counts down exactly like a
 real one, and no code is sent.
 """
