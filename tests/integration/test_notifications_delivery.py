@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from billfold import users
 from billfold.platform.db import unit_of_work
 from billfold.platform.events import Event, record_event
 from tests.conftest import SignedIn, fund, make_admin, set_kyc_tier
@@ -554,3 +555,38 @@ async def test_twilios_own_reports_settle_the_sms_delivery_log(
             ["queued", "sending", "sent", "failed"],
         ),
     }
+
+
+async def test_a_locked_and_unlocked_account_is_told_on_its_security_channels(
+    client: httpx.AsyncClient, app: Any, providers: Providers, bob: SignedIn
+) -> None:
+    """A lock (a fraud policy or an administrator) signs the user out everywhere: they learn
+    why they cannot sign in by e-mail and, with no device to push to, by SMS; the lock's
+    reason (the locker's own words) is not shown. Unlocking is told the same way."""
+    providers.reset()
+    await verify_contacts(app, bob)
+    uid = bob.user["id"]
+    async with unit_of_work(app.state.resources.engine) as uow:
+        change = await users.lock_account(
+            await uow.connection(), uid, reason="fraud rule R-17 hit 3 times", by=None
+        )
+    assert change.changed
+    async with unit_of_work(app.state.resources.engine) as uow:
+        await users.unlock_account(await uow.connection(), uid, reason="checked", by=None)
+    async with harness(app, **providers.settings()) as h:
+        await h.deliver(uid, times=2)
+        await h.dispatch()
+    for kind, subject in (
+        ("account_locked", "Your billfold account is locked"),
+        ("account_unlocked", "Your billfold account is unlocked"),
+    ):
+        (n,) = await notifications_of(app, bob, kind)
+        assert n.category == "security" and n.in_app
+        by_channel = await deliveries_of(app, n.id)
+        assert sorted(by_channel) == ["email", "in_app", "sms"]
+        assert by_channel["email"][0].status == by_channel["sms"][0].status == "sent"
+        mails = [m for m in providers.smtp.messages if bob.email in m.rcpt_tos]
+        assert any(f"Subject: {subject}".encode() in m.content for m in mails)
+    everything = b"".join(m.content for m in providers.smtp.messages)
+    everything += "".join(m["body"] for m in providers.twilio.messages).encode()
+    assert b"R-17" not in everything

@@ -66,6 +66,8 @@ KINDS: dict[str, Kind] = {
         Kind("fraud_block", SECURITY),
         Kind("new_device", SECURITY),
         Kind("new_sign_in", SECURITY),
+        Kind("account_locked", SECURITY),
+        Kind("account_unlocked", SECURITY),
         Kind("verification_code", SECURITY, secret=True),
         Kind("kyc_result", "account"),
         Kind("low_balance", "balance"),

@@ -29,6 +29,8 @@ KYC_STATUS_CHANGED = "billfold.users.kyc.status_changed"
 VERIFICATION_REQUESTED = "billfold.users.verification.requested"
 STEP_UP_CODE_REQUESTED = "billfold.users.step_up.code_requested"
 PASSWORD_RESET_REQUESTED = "billfold.users.password_reset.requested"
+ACCOUNT_LOCKED = "billfold.users.account.locked"
+ACCOUNT_UNLOCKED = "billfold.users.account.unlocked"
 WALLET_WITHDRAWN = "billfold.ledger.wallet.withdrawn"
 TIER_CHANGED = "billfold.loyalty.tier.changed"
 
@@ -139,6 +141,14 @@ async def _session(conn: AsyncConnection, event: dict[str, Any]) -> list[Intent]
     return [Intent(d["user_id"], "new_sign_in", key, {"at": event["time"]}, {}, event)]
 
 
+async def _account_lock(conn: AsyncConnection, event: dict[str, Any]) -> list[Intent]:
+    # The reason is the locker's own words (a policy, an administrator's note): not for the user.
+    d = event["data"]
+    kind = "account_locked" if event["type"] == ACCOUNT_LOCKED else "account_unlocked"
+    ctx = {"at": event["time"]}
+    return [Intent(d["user_id"], kind, f"{kind}:{event['id']}", ctx, {}, event)]
+
+
 async def _kyc(conn: AsyncConnection, event: dict[str, Any]) -> list[Intent]:
     d = event["data"]
     status = d.get("to_status")
@@ -196,6 +206,8 @@ _HANDLERS: dict[str, Handler] = {
     DEVICE_ENROLLED: _device,
     SESSION_CREATED: _session,
     KYC_STATUS_CHANGED: _kyc,
+    ACCOUNT_LOCKED: _account_lock,
+    ACCOUNT_UNLOCKED: _account_lock,
     VERIFICATION_REQUESTED: _code,
     STEP_UP_CODE_REQUESTED: _code,
     PASSWORD_RESET_REQUESTED: _code,
