@@ -14,6 +14,7 @@ import pytest
 
 from billfold import ledger, p2p, transactions
 from billfold.fraud import cases
+from billfold.fraud.cases import expiry_consumer
 from billfold.platform.bus.consumers import ConsumerSink
 from tests.conftest import SignedIn, fund, idem, make_admin, sign_up
 from tests.integration.payment_methods_support import add_card
@@ -88,6 +89,23 @@ async def payment_events(app: Any, payment_id: str) -> list[str]:
         p=payment_id,
     )
     return [r.type.rsplit(".", 1)[1] for r in rows]
+
+
+async def deliver_expiries(app: Any, subject_id: str) -> int:
+    """The worker's `fraud.case-expiry` consumer (with its inbox) on the subject's events, twice
+    (a redelivery changes nothing)."""
+    rows = await sql(
+        app,
+        "SELECT id, type, data FROM platform.outbox WHERE type IN "
+        "('billfold.transactions.payment.expired', 'billfold.p2p.transfer.failed') "
+        "AND coalesce(data->>'transaction_id', data->>'transfer_id') = :s",
+        s=subject_id,
+    )
+    consumer = expiry_consumer()
+    sink = ConsumerSink(app.state.resources.engine, [consumer])
+    for row in rows * 2:
+        assert await sink.deliver(consumer, {"id": row.id, "type": row.type, "data": row.data})
+    return len(rows)
 
 
 async def test_a_released_card_payment_completes_and_is_captured(
@@ -238,6 +256,9 @@ async def test_a_payment_case_whose_review_expired_cannot_be_released(
         )
     assert await transactions.expire_authorizations(engine, app.state.transactions) >= 1
     assert await balance(client, alice) == Balance(20_000, 0)  # the sweeper gave the money back
+    assert await deliver_expiries(app, payment_id) == 1
+    got = (await client.get(f"/v1/admin/fraud/cases/{case['id']}", headers=admin.headers)).json()
+    assert got["status"] == "open" and got["subject_status"] == "expired"
 
     r = await decide(client, admin, case["id"], {"decision": "release"})
     assert r.status_code == 409 and r.json()["code"] == "case_expired", r.text
@@ -284,6 +305,12 @@ async def test_a_transfer_case_whose_review_hold_expired_cannot_be_released(
     got = await client.get(f"/v1/transfers/{transfer_id}", headers=alice.headers)
     assert got.json()["status"] == "failed"
     assert await balance(client, alice) == Balance(20_000, 0)
+    # Here the release comes before the case-expiry consumer: the release finds it out itself.
+    r = await decide(client, admin, case["id"], {"decision": "release"})
+    assert r.status_code == 409 and r.json()["code"] == "case_expired", r.text
+    assert await deliver_expiries(app, transfer_id) == 1  # then changes nothing more
+    detail = (await client.get(f"/v1/admin/fraud/cases/{case['id']}", headers=admin.headers)).json()
+    assert [a["action"] for a in detail["audit"]] == ["opened", "expired"]
 
     r = await decide(client, admin, case["id"], {"decision": "release"})
     assert r.status_code == 409 and r.json()["code"] == "case_expired", r.text

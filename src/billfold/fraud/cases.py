@@ -19,6 +19,7 @@ from billfold.fraud.rules import MULTILINE, PRINTABLE
 from billfold.fraud.runtime import FraudRuntime
 from billfold.fraud.store import cases as store
 from billfold.fraud.store import decisions
+from billfold.platform.bus.consumers import Consumer
 from billfold.platform.clock import utcnow
 from billfold.platform.db import UnitOfWork
 from billfold.platform.errors import Conflict, FieldError, NotFound, ProblemError, Unprocessable
@@ -375,14 +376,44 @@ async def _claim(engine: AsyncEngine, case_id: str, outcome: str) -> Row[Any]:
 
 
 async def _expire(engine: AsyncEngine, case_id: str, actor_id: str | None) -> None:
-    """The case's payment/transfer is no longer held (its review hold expired): the case stays
-    undecided, unlabelled, and says so (`subject_status` `expired`)."""
     async with engine.begin() as conn:
-        row = await _locked(conn, case_id)
-        if row.status == "decided" or row.subject_status == EXPIRED:
+        await _mark_expired(conn, await _locked(conn, case_id), actor_id)
+
+
+async def _mark_expired(conn: AsyncConnection, row: Row[Any], actor_id: str | None) -> None:
+    """The case's payment/transfer is no longer held (its review hold expired): the case stays
+    undecided, unlabelled, and says so (`subject_status` `expired`). `row` is locked."""
+    if row.status == "decided" or row.subject_status == EXPIRED:
+        return
+    await store.update(conn, row.id, {"subject_status": EXPIRED})
+    await store.audit(conn, row.id, actor_id, "expired", {"subject_id": row.subject_id})
+
+
+# A payment lapsed (its review outlived the authorization) / a transfer failed: the events that
+# end a held subject without a case decision (a case's own refusal of a transfer commits with
+# the decided case, so it is never seen on an undecided one).
+PAYMENT_EXPIRED = "billfold.transactions.payment.expired"
+TRANSFER_FAILED = "billfold.p2p.transfer.failed"
+
+
+def expiry_consumer() -> Consumer:
+    """`fraud.case-expiry`: a held payment or transfer whose review hold ran out marks its
+    undecided case `expired` at once (instead of at the next release attempt), so the queue
+    shows what can no longer be released. Idempotent (inbox, and an expired case stays so)."""
+
+    async def handle(conn: AsyncConnection, event: dict[str, Any]) -> None:
+        data = event["data"]
+        subject_id = data.get(
+            "transaction_id" if event["type"] == PAYMENT_EXPIRED else "transfer_id"
+        )
+        if not isinstance(subject_id, str):
             return
-        await store.update(conn, case_id, {"subject_status": EXPIRED})
-        await store.audit(conn, case_id, actor_id, "expired", {"subject_id": row.subject_id})
+        case = await store.by_subject(conn, subject_id)
+        if case is None or case.status == "decided":
+            return
+        await _mark_expired(conn, await _locked(conn, case.id), None)
+
+    return Consumer("fraud.case-expiry", frozenset({PAYMENT_EXPIRED, TRANSFER_FAILED}), handle)
 
 
 async def _apply_to_transfer(

@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 
 from billfold import p2p, transactions
 from billfold.config import Settings
+from billfold.fraud.cases import expiry_consumer
 from billfold.fraud.events import lock_consumer
 from billfold.fraud.features import PostgresFeatures, RedisFeatures, feature_consumers
 from billfold.fraud.lists import load_lists
@@ -68,6 +69,6 @@ def build_runtime(
 
 
 def consumers(redis: Redis, settings: Settings) -> list[Consumer]:
-    """The fraud consumers of the worker: the live features' outcome updates, and the lock
-    policy's account locks."""
-    return [*feature_consumers(redis, settings), lock_consumer(redis, settings)]
+    """The fraud consumers of the worker: the live features' outcome updates, the lock
+    policy's account locks, and cases whose review hold expired."""
+    return [*feature_consumers(redis, settings), lock_consumer(redis, settings), expiry_consumer()]
