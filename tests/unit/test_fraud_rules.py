@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from billfold.fraud.lists import ListEntry, ListSet, normalize
+from billfold.fraud.lists import ListEntry, ListSet, ListValueInvalid, normalize
 from billfold.fraud.models import FEATURE_NAMES, FEATURES, RiskSubject, Thresholds
 from billfold.fraud.rules import (
     DEFAULT_RULES,
@@ -453,7 +453,9 @@ def test_an_expired_entry_stops_matching() -> None:
     ("kind", "value", "stored"),
     [
         ("ip", " 10.1.2.3 ", "10.1.2.3"),
-        ("ip", "10.1.2.3/8", "10.0.0.0/8"),
+        # Host bits set: the network. (A /8 is refused now: wider than MIN_PREFIX, below.)
+        ("ip", "10.1.2.3/16", "10.1.0.0/16"),
+        ("ip", "2001:db8:1:2::5/48", "2001:db8:1::/48"),
         ("ip", "2001:0DB8::0001/128", "2001:db8::1"),
         ("country", "de", "DE"),
         ("device", "  dev_1 ", "dev_1"),
@@ -470,6 +472,17 @@ def test_values_are_stored_in_one_form(kind: str, value: str, stored: str) -> No
 def test_values_that_are_not_of_their_kind_are_refused(kind: str, value: str) -> None:
     with pytest.raises(ValueError):
         normalize(kind, value)
+
+
+@pytest.mark.parametrize(
+    "value", ["0.0.0.0/0", "10.1.2.3/8", "10.0.0.0/15", "::/0", "2001:db8::/31", "::/1"]
+)
+def test_networks_wider_than_the_minimum_prefix_are_refused(value: str) -> None:
+    with pytest.raises(ListValueInvalid) as refused:
+        normalize("ip", value)
+    assert refused.value.code == "network_too_broad"
+    assert normalize("ip", "10.0.0.0/16") == "10.0.0.0/16"  # the broadest allowed
+    assert normalize("ip", "2001:db8::/32") == "2001:db8::/32"
 
 
 def test_every_feature_has_a_neutral_value() -> None:
