@@ -17,7 +17,7 @@ import pytest
 from billfold import users
 from billfold.platform.db import unit_of_work
 from billfold.platform.events import Event, record_event
-from tests.conftest import SignedIn, fund, make_admin, set_kyc_tier
+from tests.conftest import SignedIn, fund, make_admin, new_phone, set_kyc_tier
 from tests.integration.notifications_support import (
     Providers,
     deliveries_of,
@@ -31,7 +31,7 @@ from tests.integration.notifications_support import (
     verify_contacts,
 )
 from tests.integration.test_notifications_inbox import served
-from tests.integration.transfer_support import send_ok
+from tests.integration.transfer_support import send, send_ok
 from tests.support.notification_servers import twilio_signature
 from tests.support.one_time_codes import reveal_code
 
@@ -590,3 +590,41 @@ async def test_a_locked_and_unlocked_account_is_told_on_its_security_channels(
     everything = b"".join(m.content for m in providers.smtp.messages)
     everything += "".join(m["body"] for m in providers.twilio.messages).encode()
     assert b"R-17" not in everything
+
+
+async def test_money_sent_to_an_unregistered_contact_invites_them_once(
+    client: httpx.AsyncClient, app: Any, providers: Providers, alice: SignedIn, bob: SignedIn
+) -> None:
+    """A transfer to an e-mail or phone nobody has verified: the invitee gets the claim
+    instructions (sign up or in, verify that contact within the claim window) by e-mail or SMS,
+    once; the sender's inbox shows no such item. A contact someone has verified is not
+    invited: the money is claimed for them."""
+    providers.reset()
+    await verify_contacts(app, bob)
+    await fund(app, alice.user["id"], 10_000)
+    stranger_mail = f"user-{uuid.uuid4().hex[:10]}@example.com"
+    stranger_phone = new_phone()
+    sent = []
+    for recipient in ({"email": stranger_mail}, {"phone": stranger_phone}, {"email": bob.email}):
+        r = await send(client, alice, 1_234, "USD", **recipient)
+        assert r.status_code == 201, r.text
+        sent.append(r.json()["id"])
+    async with harness(app, **providers.settings()) as h:
+        await h.deliver(*sent, times=2)
+        await h.dispatch()
+
+    (mail,) = [m for m in providers.smtp.messages if stranger_mail in m.rcpt_tos]
+    text = mail.content.decode()
+    assert "Alice Example sent you $12.34 with billfold" in text
+    assert "verify this e-mail address in your profile within 14 days" in text
+    (sms,) = [m for m in providers.twilio.messages if m["to"] == stranger_phone]
+    assert sms["body"].startswith("billfold: Alice Example sent you $12.34.")
+    assert "14 days" in sms["body"]
+    # Bob has that e-mail verified: no invitation, however the claim goes.
+    assert not [
+        m for m in providers.smtp.messages if bob.email in m.rcpt_tos and b"sign up" in m.content
+    ]
+    invitations = await notifications_of(app, alice, "transfer_invitation")
+    assert len(invitations) == 2 and not any(n.in_app for n in invitations)
+    inbox = await client.get("/v1/notifications", headers=alice.headers)
+    assert all(n["kind"] != "transfer_invitation" for n in inbox.json()["data"])

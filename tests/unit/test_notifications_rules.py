@@ -28,6 +28,7 @@ CONTEXT = {
     "tier": "gold",
     "previous": "green",
     "multiplier": 2,
+    "days": 14,
 }
 
 

@@ -50,6 +50,9 @@ class Kind:
     category: str
     # A one-time code: sealed until sent, never in the inbox, no preferences.
     secret: bool = False
+    # Shown in the owner's inbox. An invitation is sent for its owner (the sender) to someone
+    # else's address: it is the owner's to account for (rate limit, delivery log), not to read.
+    inbox: bool = True
 
 
 KINDS: dict[str, Kind] = {
@@ -59,6 +62,7 @@ KINDS: dict[str, Kind] = {
         Kind("transfer_received", "transfers"),
         Kind("transfer_claimed", "transfers"),
         Kind("transfer_expired", "transfers"),
+        Kind("transfer_invitation", "transfers", inbox=False),
         Kind("payment_authorized", "payments"),
         Kind("payment_declined", "payments"),
         Kind("payment_refunded", "payments"),

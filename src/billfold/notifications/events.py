@@ -83,6 +83,45 @@ async def _transfer(conn: AsyncConnection, event: dict[str, Any]) -> list[Intent
     return intents
 
 
+async def _invitation(
+    conn: AsyncConnection, rt: NotificationsRuntime, event: dict[str, Any]
+) -> list[Intent]:
+    """Money sent to an e-mail or phone nobody has verified: the invitee is told how to claim it
+    (sign up or in, verify that contact before the claim window closes). Someone who has it
+    verified is not invited: the claim consumer hands them the money, and they are told it was
+    received. The sender owns the message (their hourly budget, their delivery log)."""
+    d = event["data"]
+    invitee = d.get("invitee") or {}
+    sender = d.get("sender_id")
+    if not isinstance(invitee, dict) or len(invitee) != 1 or not isinstance(sender, str):
+        return []
+    ((kind, address),) = invitee.items()
+    if kind not in ("email", "phone") or not isinstance(address, str) or not address:
+        return []
+    _, owner = await users.find_counterparty(conn, sender, kind, address)
+    if owner is not None and address in (owner.verified_email, owner.verified_phone):
+        return []
+    tid = d["transfer_id"]
+    ctx = {
+        "amount": d["amount"],
+        "currency": d["currency"],
+        "at": event["time"],
+        "counterparty": await _name(conn, sender),
+        "days": max(rt.settings.p2p_claim_ttl_seconds // 86_400, 1),
+    }
+    return [
+        Intent(
+            sender,
+            "transfer_invitation",
+            f"transfer_invitation:{tid}",
+            ctx,
+            {"transfer_id": tid},
+            event,
+            direct=("email" if kind == "email" else "sms", address),
+        )
+    ]
+
+
 async def _payment(conn: AsyncConnection, event: dict[str, Any]) -> list[Intent]:
     d, at = event["data"], event["time"]
     txn = d["transaction_id"]
@@ -278,6 +317,8 @@ def consumers(rt: NotificationsRuntime) -> list[Consumer]:
         handler = _HANDLERS.get(event["type"])
         if handler is not None:
             intents += await handler(conn, event)
+        if event["type"] == TRANSFER_PENDING_CLAIM:
+            intents += await _invitation(conn, rt, event)
         if event["type"] in _WALLET_MOVES:
             intents += await _low_balance(conn, rt, event)
         for intent in intents:

@@ -269,7 +269,7 @@ async def notify(conn: AsyncConnection, rt: NotificationsRuntime, intent: Intent
         "event_id": intent.event["id"] if intent.event else None,
         "event_type": intent.event["type"] if intent.event else None,
         "locale": rendered.language,
-        "in_app": not kind.secret,
+        "in_app": kind.inbox and not kind.secret,
         # A one-time code is never stored in clear: the row keeps its title only.
         "title": rendered.title,
         "body": "" if kind.secret else rendered.body,
@@ -284,7 +284,8 @@ async def notify(conn: AsyncConnection, rt: NotificationsRuntime, intent: Intent
     if kind.category != SECURITY:
         await _rate_limit(conn, rt, party.user_id, targets, now)
         resume = quiet_until(now, party.timezone, await store.quiet_hours(conn, party.user_id))
-        if resume is not None:
+        # A direct message goes to someone else's address: the owner's quiet hours are not theirs.
+        if resume is not None and intent.direct is None:
             for t in targets:
                 if t.channel in HELD_IN_QUIET_HOURS and t.status == "queued":
                     t.next_attempt_at = resume
