@@ -21,6 +21,12 @@ from tests.integration.payments_support import act, pay, payment_body, sql
 from tests.integration.test_devices import _device_login, _enrol
 from tests.integration.test_fraud_decisions import Rules, make_runtime, payment
 from tests.integration.test_fraud_flows import rule
+from tests.integration.test_passkeys import (
+    authenticator,
+    passkey_token,
+    register,
+    sign_in_options,
+)
 
 pytestmark = pytest.mark.usefixtures("network_simulator")
 
@@ -315,3 +321,28 @@ async def test_only_active_administrators_are_assignees(
         assign, json={"assignee_id": other_admin.user["id"]}, headers=idem(**admin.headers)
     )
     assert r.status_code == 422 and r.json()["code"] == "invalid_assignee"
+
+
+async def test_a_locked_account_cannot_sign_in_with_a_passkey(
+    client: httpx.AsyncClient, app: Any, admin: SignedIn
+) -> None:
+    erin = await sign_up(client, name="Erin Example", country="US")
+    device = authenticator(app)
+    await register(client, erin, device)
+    r = await client.post(
+        f"/v1/admin/users/{erin.user['id']}/lock",
+        json={"reason": "phishing reported"},
+        headers=idem(**admin.headers),
+    )
+    assert r.status_code == 200
+    opts = await sign_in_options(client)  # a discoverable credential: no e-mail named
+    r = await passkey_token(client, opts["challenge_id"], device.get(opts["options"]))
+    assert r.status_code == 403 and r.json()["code"] == "account_locked", r.text
+    r = await client.post(
+        f"/v1/admin/users/{erin.user['id']}/unlock",
+        json={"reason": "phishing cleared"},
+        headers=idem(**admin.headers),
+    )
+    opts = await sign_in_options(client)
+    r = await passkey_token(client, opts["challenge_id"], device.get(opts["options"]))
+    assert r.status_code == 200, r.text
