@@ -20,6 +20,7 @@ from sqlalchemy import text
 
 from billfold.network import NO_ANSWER
 from billfold.transactions import expire_authorizations, recover_stuck_payments
+from billfold.transactions.admission import AdmissionGate
 from tests.conftest import SignedIn, sign_up
 from tests.integration.payment_methods_support import add_card, new_pan
 from tests.integration.payments_support import (
@@ -398,11 +399,22 @@ async def test_the_worker_runs_the_payment_sweepers(app: Any, settings: Any) -> 
 
 
 async def test_no_connection_is_held_while_the_network_answers(
-    client: httpx.AsyncClient, app: Any, alice: SignedIn, network_simulator: Any
+    client: httpx.AsyncClient,
+    app: Any,
+    alice: SignedIn,
+    network_simulator: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """60 payments wait on the network at once: more than the pool has connections, and none
     of them holds one meanwhile. (The network never answers here, so the count is taken while
     every one of them waits, however slow the machine; they end as timeouts.)"""
+    # A gate that no earlier test's timeouts have taught to send less to the network.
+    settings = app.state.transactions.settings
+    monkeypatch.setattr(
+        app.state.transactions,
+        "_admission",
+        AdmissionGate(settings.payment_admission_limit, settings.payment_admission_queue),
+    )
     method, card_id = await card(client, app, alice)
     engine = app.state.resources.engine
     in_flight = 60

@@ -92,3 +92,41 @@ async def test_a_waiter_cancelled_while_waiting_leaves_the_queue() -> None:
     async with gate.start():
         assert gate.working == 1
     assert gate.working == 0
+
+
+async def test_payments_at_the_network_are_bounded_and_the_bound_follows_the_answers() -> None:
+    gate = AdmissionGate(2, queue_limit=10, congested_after=0.05, network_max=8)
+    assert gate.network_limit == 8  # optimistic until an answer says otherwise
+    gate.network_limit = 2.0  # as after a cut
+    answered = asyncio.Event()
+    started: list[int] = []
+
+    async def payment(i: int, slow: bool = False) -> None:
+        async with gate.start():
+            started.append(i)
+        async with gate.network():
+            await answered.wait()
+            if slow:
+                await asyncio.sleep(0.06)
+
+    first = [asyncio.create_task(payment(i)) for i in range(2)]
+    await asyncio.sleep(0.01)
+    third = asyncio.create_task(payment(2))
+    await asyncio.sleep(0.01)
+    assert started == [0, 1] and gate.at_network == 2 and gate.waiting == 1  # held back
+    answered.set()  # two prompt answers: the bound grows by one each, the third goes
+    await asyncio.gather(*first, third)
+    assert started == [0, 1, 2] and gate.network_limit == 5
+    # A slow answer (the network is behind) cuts the bound, never below the work limit.
+    await payment(3, slow=True)
+    assert gate.network_limit == 2
+    assert (gate.working, gate.at_network, gate.waiting) == (0, 0, 0)
+
+
+async def test_a_timeout_at_the_network_counts_as_congestion() -> None:
+    gate = AdmissionGate(1, queue_limit=10, congested_after=10)
+    gate.network_limit = 6.0
+    with pytest.raises(TimeoutError):
+        async with gate.network():
+            raise TimeoutError
+    assert gate.network_limit == 1 and gate.at_network == 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,19 +32,43 @@ class Overloaded(TooManyRequests):
 
 
 class AdmissionGate:
-    """A counting gate with two queues (finishing before starting) and a bound on the
-    starting queue. Made inside the event loop that uses it."""
+    """A counting gate with two queues (finishing before starting), a bound on the starting
+    queue and an adaptive bound on the payments at the network. Made inside the event loop
+    that uses it.
 
-    def __init__(self, limit: int, queue_limit: int, retry_after_seconds: int = 1) -> None:
+    The network bound is what keeps a payment from failing in a queue of our own making: when
+    answers come back slow (`congested_after` seconds or more, or not at all) the network is
+    behind, and sending it more only makes the payments already there time out. So the bound
+    drops to three quarters of what is at the network then (at most once a second, never below
+    `limit`), and each prompt answer raises it by one (doubling per round trip while the
+    network keeps up), up to `network_max`, where it starts. Payments held back by it wait
+    before tx1, holding nothing, with no timer running."""
+
+    def __init__(
+        self,
+        limit: int,
+        queue_limit: int,
+        retry_after_seconds: int = 1,
+        *,
+        network_max: int = 4096,
+        congested_after: float = 2.5,
+    ) -> None:
         if limit <= 0 or queue_limit < 0:
             raise ValueError("the gate needs a positive limit and a non-negative queue limit")
         self.limit = limit
         self.queue_limit = queue_limit
         self.retry_after_seconds = retry_after_seconds
+        self.network_max = max(limit, network_max)
+        # Optimistic at first: no answer has said the network is behind yet.
+        self.network_limit = float(self.network_max)
+        self.congested_after = congested_after
+        self.refused = 0  # payments answered 429 since the process started
+        self.at_network = 0  # payments sent to the network, not yet answered
         self._free = limit
+        self._starting_work = 0  # start slots held: payments about to go to the network
         self._finishing: deque[asyncio.Future[None]] = deque()
         self._starting: deque[asyncio.Future[None]] = deque()
-        self.refused = 0  # payments answered 429 since the process started
+        self._last_cut = -1e9
 
     @property
     def working(self) -> int:
@@ -59,7 +84,7 @@ class AdmissionGate:
     async def start(self) -> AsyncIterator[None]:
         """A new payment's work (tx1, the cryptogram). Raises `Overloaded` when the starting
         queue is full."""
-        if self._free == 0 or self._finishing or self._starting:
+        if self._starting or not self._may_start():
             if len(self._starting) >= self.queue_limit:
                 self.refused += 1
                 raise Overloaded(
@@ -71,6 +96,7 @@ class AdmissionGate:
         try:
             yield
         finally:
+            self._starting_work -= 1
             self._release()
 
     @asynccontextmanager
@@ -82,28 +108,78 @@ class AdmissionGate:
         finally:
             self._release()
 
+    @asynccontextmanager
+    async def network(self) -> AsyncIterator[None]:
+        """A payment waiting for the network: counted, and its answer time observed (an
+        exception, such as a timeout, counts as congestion)."""
+        self.at_network += 1
+        sent = time.monotonic()
+        prompt = False
+        try:
+            yield
+            prompt = time.monotonic() - sent < self.congested_after
+        finally:
+            self.at_network -= 1
+            if prompt:
+                self.network_limit = min(self.network_max, self.network_limit + 1)
+            elif time.monotonic() - self._last_cut >= 1.0:
+                self._last_cut = time.monotonic()
+                pressure = min(self.network_limit, self.at_network + 1)
+                self.network_limit = max(float(self.limit), pressure * 0.75)
+            self._dispatch()
+
+    def _may_start(self) -> bool:
+        return (
+            self._free > 0
+            and not self._finishing
+            and self.at_network + self._starting_work < self.network_limit
+        )
+
     async def _acquire(self, queue: deque[asyncio.Future[None]]) -> None:
         # Fair: a free slot goes to a newcomer only when nobody waits for it.
-        if self._free > 0 and not self._finishing and not self._starting:
-            self._free -= 1
-            return
+        if not self._finishing and not self._starting:
+            if queue is self._finishing and self._free > 0:
+                self._free -= 1
+                return
+            if queue is self._starting and self._may_start():
+                self._free -= 1
+                self._starting_work += 1
+                return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue.append(waiter)
+        self._dispatch()
         try:
             await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
-                self._release()  # handed a slot, then cancelled: pass it on
+                # handed a slot, then cancelled: pass it on
+                if queue is self._starting:
+                    self._starting_work -= 1
+                self._release()
             else:
                 with contextlib.suppress(ValueError):
                     queue.remove(waiter)
             raise
 
     def _release(self) -> None:
-        for queue in (self._finishing, self._starting):
-            while queue:
-                waiter = queue.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)  # the slot passes straight to the waiter
-                    return
         self._free += 1
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Hand free slots to waiters: finishing ones first, then starting ones while the
+        network bound leaves room."""
+        while self._free > 0 and self._finishing:
+            waiter = self._finishing.popleft()
+            if not waiter.done():
+                self._free -= 1
+                waiter.set_result(None)
+        while (
+            self._free > 0
+            and self._starting
+            and self.at_network + self._starting_work < self.network_limit
+        ):
+            waiter = self._starting.popleft()
+            if not waiter.done():
+                self._free -= 1
+                self._starting_work += 1
+                waiter.set_result(None)

@@ -80,7 +80,10 @@ class TransactionsRuntime:
         many may wait to start (`payment_admission_queue`): see `transactions.admission`."""
         if self._admission is None:  # made on first use, inside the process's event loop
             self._admission = AdmissionGate(
-                self.settings.payment_admission_limit, self.settings.payment_admission_queue
+                self.settings.payment_admission_limit,
+                self.settings.payment_admission_queue,
+                # Half the network's timeout: an answer that late says the network is behind.
+                congested_after=self.settings.network_timeout_ms / 2000,
             )
         return self._admission
 

@@ -673,15 +673,16 @@ async def _network_and_record(
     if card is not None:
         try:
             with timer.step("network"):
-                authorization = await rt.network.authorize(
-                    card,
-                    amount=row.amount,
-                    currency=row.currency,
-                    merchant=merchant_of(row),
-                    channel=row.channel,
-                    transaction_id=row.id,
-                    rrn=row.rrn,
-                )
+                async with rt.admission.network():
+                    authorization = await rt.network.authorize(
+                        card,
+                        amount=row.amount,
+                        currency=row.currency,
+                        merchant=merchant_of(row),
+                        channel=row.channel,
+                        transaction_id=row.id,
+                        rrn=row.rrn,
+                    )
         except NetworkTimeout:
             # The client has already sent the 0420 reversal: nothing stays held on the card.
             decline, failed = declines.NETWORK_TIMEOUT, True
