@@ -70,7 +70,10 @@ _BY_STATUS: dict[int, type[ProblemError]] = {
 }
 
 DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=2.0, pool=5.0)
-DEFAULT_LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=32, keepalive_expiry=30)
+# Idle connections are dropped after 4 s, before the vault's uvicorn closes them (5 s): a call
+# sent on a connection the server is closing fails with a ReadError (seen at 500 in flight), and
+# it cannot be retried safely (a cryptogram spends an ATC).
+DEFAULT_LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=32, keepalive_expiry=4)
 
 
 class VaultUnavailable(ServiceUnavailable):
