@@ -18,8 +18,11 @@ go up one cryptogram at a time, so clients never share one). Scenarios:
   pay-1200ms  the same with `--in-flight` clients against the slow network: requests hold no
               database connection while they wait, so throughput should be in-flight / latency
 
-An answer is a success only if it is 201 with status `authorized`; anything else (a decline, a
-timeout, 5xx) is an error and fails the run. Machines are noisy: read the ratios. PostgreSQL and
+A payment is a success only if it ends 201 with status `authorized`; anything else (a decline,
+a network timeout, 5xx, a dropped connection) is an error and fails the run. A 429 `overloaded`
+is not an answer about the payment: the API refused to start it (nothing done) and the client
+waits `Retry-After` and sends it again with the same Idempotency-Key, as an acquirer does; the
+payment's latency includes those waits, and the refusals are counted on a line of their own. Machines are noisy: read the ratios. PostgreSQL and
 Redis come from BILLFOLD_DATABASE_URL / BILLFOLD_REDIS_URL when set, otherwise embedded servers.
 
 CPU per payment is measured over each scenario's window in every process on the path: the API,
@@ -148,7 +151,19 @@ async def _cards(base: str, users: list[Account], n: int) -> list[tuple[Account,
     return out
 
 
-def _pay(cards: list[tuple[Account, str]], amount: int = 1_250) -> Any:
+class Refusals:
+    """429 `overloaded` answers of a scenario: the API refused to start a payment (nothing was
+    done) and the client waited `Retry-After` before trying again with the same key, as an
+    acquirer does. Not errors: the payment still ends `authorized` or counts as one, and its
+    latency includes the waits. `waiting` is how many clients sit out a Retry-After now."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.waiting = 0
+        self.samples: list[int] = []
+
+
+def _pay(cards: list[tuple[Account, str]], refusals: Refusals, amount: int = 1_250) -> Any:
     async def request(client: Any, i: int) -> Response:
         who, method = cards[i]
         body = {
@@ -163,9 +178,18 @@ def _pay(cards: list[tuple[Account, str]], amount: int = 1_250) -> Any:
             "Authorization": f"Bearer {who.access_token}",
             "Idempotency-Key": uuid.uuid4().hex,
         }
-        r: RawResponse = await client.post_json("/v1/payments", body, headers)
+        while True:
+            r: RawResponse = await client.post_json("/v1/payments", body, headers)
+            if r.status_code != 429 or '"overloaded"' not in r.text:
+                break
+            refusals.count += 1
+            refusals.waiting += 1
+            try:
+                await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+            finally:
+                refusals.waiting -= 1
         if r.status_code == 201 and r.json().get("status") != "authorized":
-            return RawResponse(599, r.content)  # a decline is an error here
+            return RawResponse(599, r.content)  # a decline (or a failed payment) is an error
         return r
 
     return request
@@ -203,6 +227,10 @@ class _MachineCpu:
 
     async def stop(self) -> float | None:
         return machine_busy()[0] - self._first
+
+
+# Stands for "a payment request" in `scenario` (built there with the scenario's `Refusals`).
+_PAY: Any = object()
 
 
 async def _healthz(client: Any, i: int) -> Response:
@@ -303,10 +331,15 @@ async def _measure(
 
     runs: list[tuple[str, Result]] = []
 
+    refused: dict[str, Refusals] = {}
+
     async def scenario(
         name: str, port: int, pid: int, clients_n: int, request: Any, warmup: float, sim: str
     ) -> Result:
         print(f"  running {name} ...", file=sys.stderr, flush=True)
+        refusals = refused.setdefault(name, Refusals())
+        if request is _PAY:
+            request = _pay(cards, refusals)
         clients: list[Client] = [RawConnection("127.0.0.1", port) for _ in range(clients_n)]
         probes: list[CpuProbe] = [
             ProcessCpu("vault", sims["vault"]),
@@ -314,6 +347,19 @@ async def _measure(
             postgres,
             _MachineCpu(),
         ]
+
+        async def sample() -> None:
+            # How many of the clients the API holds (the rest sit out a Retry-After).
+            await asyncio.sleep(warmup)
+            end = asyncio.get_running_loop().time() + args.duration
+            while asyncio.get_running_loop().time() < end:
+                refusals.samples.append(clients_n - refusals.waiting)
+                await asyncio.sleep(0.1)
+
+        sampler = asyncio.create_task(sample())
+        spies = _profile(
+            args, name, warmup, {"api": pid, "vault": sims["vault"], "network": sims[sim]}
+        )
         try:
             r = await run_scenario(
                 clients,
@@ -326,6 +372,9 @@ async def _measure(
                 probes=probes,
             )
         finally:
+            sampler.cancel()
+            for spy in spies:
+                spy.wait()
             for client in clients:
                 await client.aclose()  # type: ignore[union-attr]
         runs.append((name, r))
@@ -334,17 +383,19 @@ async def _measure(
     ref1 = await scenario(
         "healthz", fast_port, fast_proc.pid, args.concurrency, _healthz, args.warmup, "0ms"
     )
+    before_alone = await _step_totals(fast_port)
     alone = await scenario(
         f"pay-0ms-c{args.overhead_clients}",
         fast_port,
         fast_proc.pid,
         args.overhead_clients,
-        _pay(cards),
+        _PAY,
         args.warmup,
         "0ms",
     )
+    alone_steps = _step_diff(before_alone, await _step_totals(fast_port))
     fast = await scenario(
-        "pay-0ms", fast_port, fast_proc.pid, args.concurrency, _pay(cards), args.warmup, "0ms"
+        "pay-0ms", fast_port, fast_proc.pid, args.concurrency, _PAY, args.warmup, "0ms"
     )
     slow_name = f"pay-{args.latency_ms:g}ms"
     # Warm-up long enough for every client to have had a payment answered (a first round of
@@ -354,7 +405,7 @@ async def _measure(
         slow_port,
         slow_proc.pid,
         args.in_flight,
-        _pay(cards),
+        _PAY,
         max(args.warmup, 3.0, args.in_flight * 0.03),
         "slow",
     )
@@ -400,18 +451,87 @@ async def _measure(
             )
         )
     print(
+        "\n429 `overloaded` (refused before any work, retried after Retry-After with the same "
+        "key; not errors; warm-up included), and how many clients the API held (sampled every "
+        "0.1 s of the measured window):"
+    )
+    for name, _, n in rows[1:]:
+        held = refused[name].samples or [n]
+        print(
+            f"  {name}: {refused[name].count} refusals; API held {min(held)}-{max(held)} "
+            f"of {n} clients (mean {sum(held) / len(held):.0f})"
+        )
+    print(
         f"\nhealthz drift: {ref1.rps:.0f} req/s before, {ref2.rps:.0f} after; "
         f"in flight at {args.latency_ms:g} ms: {slow.rps * slow.pct(50) / 1000:.0f} "
         f"(throughput x p50), ideal {args.in_flight / (args.latency_ms / 1000):.0f} ops/s"
     )
     print("per-step means of each API (billfold_payment_step_duration_seconds, warm-up included):")
     print("\n".join(steps))
+    print(f"  {alone.name} alone (warm-up included): " + ", ".join(alone_steps))
     failed = [(k, r) for k, r in runs if r.errors]
     for k, r in failed:
         print(f"FAILED {k}: {len(r.errors)} errors, e.g.:", file=sys.stderr)
         for e in r.errors[:3]:
             print(f"  {e}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _profile(
+    args: argparse.Namespace, scenario: str, warmup: float, pids: dict[str, int]
+) -> list[subprocess.Popen[bytes]]:
+    """With `--py-spy`, sample each process of `--profile-scenario` over its measured window
+    (py-spy record, collapsed stacks, `--profile-dir`/<scenario>-<process>.txt)."""
+    if not args.py_spy or scenario != args.profile_scenario:
+        return []
+    out = Path(args.profile_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return [
+        subprocess.Popen(
+            _spy_command(args, pid, out / f"{scenario}-{name}.txt", warmup),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, pid in pids.items()
+    ]
+
+
+def _spy_command(args: argparse.Namespace, pid: int, output: Path, warmup: float) -> list[str]:
+    # py-spy has no start delay: a shell sleeps the warm-up first.
+    record = (
+        f"{args.py_spy} record --pid {pid} --duration {max(1, round(args.duration))} "
+        f"--rate 250 --format raw --nonblocking --output {output}"
+    )
+    return ["sh", "-c", f"sleep {warmup}; exec {record}"]
+
+
+async def _step_totals(port: int) -> dict[str, tuple[float, float]]:
+    """step -> (sum of seconds, count) of the API's payment step histogram now."""
+    async with httpx.AsyncClient(timeout=10) as c:
+        metrics = (await c.get(f"http://127.0.0.1:{port}/metrics")).text
+    totals: dict[str, tuple[float, float]] = {}
+    for line in metrics.splitlines():
+        if not line.startswith("billfold_payment_step_duration_seconds_"):
+            continue
+        name, _, value = line.rpartition(" ")
+        step = name.split('step="', 1)[-1].split('"', 1)[0]
+        s, n = totals.get(step, (0.0, 0.0))
+        if name.startswith("billfold_payment_step_duration_seconds_sum"):
+            totals[step] = (s + float(value), n)
+        elif name.startswith("billfold_payment_step_duration_seconds_count"):
+            totals[step] = (s, n + float(value))
+    return totals
+
+
+def _step_diff(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> list[str]:
+    out = []
+    for step, (s, n) in after.items():
+        s0, n0 = before.get(step, (0.0, 0.0))
+        if n - n0:
+            out.append(f"{step} {(s - s0) / (n - n0) * 1000:.1f} ms")
+    return out
 
 
 def _step_means(metrics: str) -> list[str]:
@@ -441,6 +561,13 @@ def main() -> int:
     )
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers per API")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument(
+        "--py-spy", default="", help="path of a py-spy binary: profile --profile-scenario"
+    )
+    parser.add_argument("--profile-scenario", default="pay-0ms-c1", help="which scenario")
+    parser.add_argument(
+        "--profile-dir", default="/tmp/billfold-authorize-profile", help="where profiles go"
+    )
     args = parser.parse_args()
     if args.quick:
         args.duration, args.warmup = 5.0, 1.0

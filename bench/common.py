@@ -149,9 +149,12 @@ def machine_busy() -> tuple[float, float]:
 
 
 class RawResponse:
-    def __init__(self, status_code: int, body: bytes) -> None:
+    def __init__(
+        self, status_code: int, body: bytes, headers: dict[str, str] | None = None
+    ) -> None:
         self.status_code = status_code
         self.content = body
+        self.headers = headers or {}  # lower-case names
 
     @property
     def is_success(self) -> bool:
@@ -199,9 +202,12 @@ class RawConnection:
         lines = raw.decode("latin-1").split("\r\n")
         status = int(lines[0].split(" ", 2)[1])
         length, close = None, False
+        headers: dict[str, str] = {}
         for line in lines[1:]:
             name, _, value = line.partition(":")
             name = name.strip().lower()
+            if name:
+                headers[name] = value.strip()
             if name == "content-length":
                 length = int(value)
             elif name == "connection" and value.strip().lower() == "close":
@@ -212,7 +218,7 @@ class RawConnection:
         self._used = time.monotonic()
         if close:
             await self.aclose()
-        return RawResponse(status, payload)
+        return RawResponse(status, payload, headers)
 
     async def get(self, path: str, headers: dict[str, str] | None = None) -> RawResponse:
         return await self.request("GET", path, headers, b"")
