@@ -18,6 +18,7 @@ from billfold.users.directory import (
     is_admin,
     push_devices,
 )
+from billfold.users.events import one_time_code_ring, open_one_time_code
 from billfold.users.locks import (
     AccountNotFound,
     LockChange,
@@ -27,7 +28,6 @@ from billfold.users.locks import (
     lock_account,
     unlock_account,
 )
-from billfold.users.events import one_time_code_ring, open_one_time_code
 from billfold.users.mfa import StepUpClaims, step_up_required, verify_step_up
 from billfold.users.models import Email, Handle, Phone, mask_email, mask_phone
 from billfold.users.runtime import UsersRuntime
