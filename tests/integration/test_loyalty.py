@@ -617,7 +617,10 @@ async def test_activity_pages_and_each_user_sees_only_their_own(
     r = await client.get(f"/v1/loyalty/activity?cursor={page['next_cursor']}", headers=bob.headers)
     assert r.json()["data"] == []
 
-    for query in ("limit=0", "limit=101", "limit=x", "cursor=%00", "cursor=bm90LWFuLWlk"):
+    # `wrI` is base64 of "²" and `77yR` of a fullwidth one: digits to isdigit(), not to int().
+    hostile = ("limit=0", "limit=101", "limit=x", "cursor=%00", "cursor=bm90LWFuLWlk")
+    digits = ("cursor=wrI", "cursor=77yR", "cursor=MDAx", "cursor=OTk5OTk5OTk5OTk5OTk5OTk5OTk")
+    for query in (*hostile, *digits):
         r = await client.get(f"/v1/loyalty/activity?{query}", headers=alice.headers)
         assert r.status_code == 422, (query, r.text)
         assert r.headers["content-type"].startswith("application/problem+json")

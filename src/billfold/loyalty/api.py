@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request, status
@@ -34,6 +35,7 @@ Me = Annotated[Principal, Depends(require_scopes("wallet"))]
 IdempotencyKey = Annotated[str, Depends(require_idempotency_key)]
 
 _MAX_ID = 2**63 - 1  # activity ids are bigints
+_CURSOR = re.compile(r"[1-9][0-9]{0,18}")
 
 
 def _runtime(request: Request) -> LoyaltyRuntime:
@@ -46,7 +48,8 @@ Runtime = Annotated[LoyaltyRuntime, Depends(_runtime)]
 def _after(cursor: str | None) -> int | None:
     if cursor is None:
         return None
-    if cursor.isdigit() and 0 < int(cursor) <= _MAX_ID:
+    # ASCII digits only: str.isdigit() also accepts digits (such as "²") that int() refuses.
+    if _CURSOR.fullmatch(cursor) and int(cursor) <= _MAX_ID:
         return int(cursor)
     raise ProblemError(
         "The cursor is not valid; use next_cursor from the previous page",
