@@ -10,9 +10,14 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from billfold.app import create_app
 from billfold.config import Settings
+from billfold.gateway.errors import transient_problem
+from billfold.platform.db import async_url
 from tests.conftest import fund, idem, make_settings, sign_up
 from tests.integration.transfer_support import available
 
@@ -67,3 +72,32 @@ async def test_a_transfer_that_waits_too_long_for_a_lock_is_503_and_can_be_retri
         retried = await client.post("/v1/transfers", json=body, headers=headers)
         assert retried.status_code == 201, retried.text
         assert await available(impatient, alice.user["id"]) == 750
+
+
+async def test_no_connection_slot_left_at_the_server_is_database_busy(settings: Settings) -> None:
+    """PostgreSQL refusing a connection (no slot left) is a 503 to retry, not a 500."""
+    role = "bf_no_slots"
+    admin = create_async_engine(async_url(settings.database_url))
+    try:
+        async with admin.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.execute(text(f"DROP ROLE IF EXISTS {role}"))
+            await conn.execute(text(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 0"))
+        url = make_url(async_url(settings.database_url)).set(username=role, password=None)
+        refused = create_async_engine(url)
+        try:
+            with pytest.raises(DBAPIError) as caught:
+                async with refused.connect():
+                    pass
+        finally:
+            await refused.dispose()
+        problem = transient_problem(caught.value)
+        assert problem is not None
+        assert (problem.status, problem.code) == (503, "database_busy")
+        assert problem.extra == {"reason": "too_many_connections"}
+        assert problem.headers == {"Retry-After": "1"}
+    finally:
+        async with admin.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.execute(text(f"DROP ROLE IF EXISTS {role}"))
+        await admin.dispose()

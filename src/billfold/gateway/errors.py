@@ -79,6 +79,10 @@ _TRANSIENT_SQLSTATES = {
     "40P01": "deadlock_detected",
     "55P03": "lock_not_available",  # lock_timeout
     "57014": "query_canceled",  # statement_timeout
+    # PostgreSQL has no connection slot left (max_connections, or a role's limit): the request
+    # did nothing, and a retry a moment later may find one (seen at 500 payments in flight
+    # while other processes held most of the server's 100 slots).
+    "53300": "too_many_connections",
 }
 
 
