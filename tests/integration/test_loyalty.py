@@ -448,6 +448,45 @@ async def test_a_refund_after_redeeming_claws_back_below_zero_and_later_points_p
     await assert_lots_match_balance(app, alice)
 
 
+async def test_a_refund_of_a_payment_whose_points_expired_takes_nothing_twice(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn, points: Points
+) -> None:
+    """Points that expired went back to the system already: a refund of their payment takes
+    back only what of them the user still had (or spent), never another payment's points."""
+    await fund(app, alice.user["id"], 100_000)
+    old = await captured_wallet_payment(client, alice, 10_000)  # 100 points, a year ago
+    points.clock.at = utcnow() - timedelta(days=366)
+    await points.deliver(old)
+    points.clock.at = None
+    partly = await captured_wallet_payment(client, alice, 10_000)  # 100 points, half expire
+    points.clock.at = utcnow() - timedelta(days=366)
+    await points.deliver(partly)
+    points.clock.at = None
+    r = await act(client, alice, partly, "refunds", {"amount": 5_000})  # 50 taken back
+    assert r.status_code == 201, r.text
+    await points.deliver(partly)
+    newer = await captured_wallet_payment(client, alice, 10_000)  # 100 points, now
+    await points.deliver(newer)
+    assert (await loyalty_account(client, alice))["balance"] == 250
+    assert await points.expire() >= 150
+    assert (await loyalty_account(client, alice))["balance"] == 100
+
+    for payment_id in (old, partly):
+        r = await act(client, alice, payment_id, "refunds", {})
+        assert r.status_code == 201, r.text
+        await points.deliver(payment_id)
+    # Nothing of either was left to take back: the newer payment keeps its 100 points.
+    assert (await loyalty_account(client, alice))["balance"] == 100
+    assert [e["points"] for e in await loyalty_events(app, REVERSED, alice)] == [50]
+    assert [(lot.transaction_id, lot.remaining) for lot in await lots_of(app, alice)] == [
+        (old, 0),
+        (partly, 0),
+        (newer, 100),
+    ]
+    await assert_lots_match_balance(app, alice)
+    assert (await verify_ledger(app.state.resources.engine)).ok
+
+
 # --- redemption ---------------------------------------------------------------------------------
 
 

@@ -279,12 +279,14 @@ async def _take_back(
     now: datetime,
 ) -> int:
     """Bring the payment's reversed points up to floor(earned * refunded / captured), counting
-    `refund_amount` as refunded now; one reversal row (UNIQUE `reversal_key`) either way."""
+    `refund_amount` as refunded now, but never past what did not expire: expired points went
+    back to the system once already, and taking them again would take another payment's points.
+    One reversal row (UNIQUE `reversal_key`) either way."""
     totals = await store.transaction_totals(conn, transaction_id)
     captured, earned = int(totals.captured), int(totals.earned)
     refunded = min(int(totals.refunded) + refund_amount, captured)
     target = earned * refunded // captured if captured > 0 else 0
-    points = max(0, min(target, earned) - int(totals.reversed))
+    points = max(0, min(target, earned - int(totals.expired)) - int(totals.reversed))
     if points == 0 and refund_amount == 0:
         return 0  # a late capture whose share was taken back already: nothing to record
     reference = refund_id or capture_id or reversal_key

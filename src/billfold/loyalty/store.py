@@ -235,7 +235,9 @@ _TRANSACTION_TOTALS = text(
       (SELECT coalesce(sum(refund_amount), 0) FROM loyalty.reversals
        WHERE transaction_id = :t) AS refunded,
       (SELECT coalesce(sum(points), 0) FROM loyalty.reversals WHERE transaction_id = :t)
-        AS reversed
+        AS reversed,
+      (SELECT coalesce(sum(expired_points), 0) FROM loyalty.lots WHERE transaction_id = :t)
+        AS expired
     """
 )
 _REVERSED = text("SELECT 1 FROM loyalty.reversals WHERE refund_id = :refund_id")
@@ -253,7 +255,8 @@ _INSERT_REVERSAL = text(
 
 
 async def transaction_totals(conn: AsyncConnection, transaction_id: str) -> Row[Any]:
-    """Points earned and amount captured on a payment, and what its refunds took back."""
+    """Points earned and amount captured on a payment, what its refunds took back, and what of
+    its points expired (went back to the system already)."""
     return (await conn.execute(_TRANSACTION_TOTALS, {"t": transaction_id})).one()
 
 
