@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from itertools import pairwise
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from babel.numbers import list_currencies
+from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _iso_currency(code: str) -> str:
+    # config sits below platform (import-linter), so it asks babel itself rather than
+    # platform.money; LoyaltyRuntime checks the wallet's narrower list at start-up too.
+    if code not in list_currencies() or code == "PTS":
+        raise ValueError(f"{code!r} is not an ISO 4217 currency code such as USD")
+    return code
+
+
+LoyaltyCurrency = Annotated[str, AfterValidator(_iso_currency)]
 
 
 class LoyaltyTier(BaseModel):
@@ -15,7 +28,16 @@ class LoyaltyTier(BaseModel):
 
     name: str = Field(min_length=1, max_length=40)
     multiplier: Decimal = Field(ge=1, le=100)
-    min_spend: dict[str, int] = Field(default_factory=dict)
+    min_spend: dict[LoyaltyCurrency, int] = Field(default_factory=dict)
+
+    @field_validator("min_spend")
+    @classmethod
+    def _positive(cls, min_spend: dict[str, int]) -> dict[str, int]:
+        # A threshold of 0 or less would put everyone in the tier (and divide by zero in
+        # the progress to it).
+        if any(minimum <= 0 for minimum in min_spend.values()):
+            raise ValueError("every min_spend must be a positive number of minor units")
+        return min_spend
 
 
 class LoyaltyRate(BaseModel):
@@ -31,6 +53,9 @@ class LoyaltyRate(BaseModel):
         # Every allowed redemption converts without a remainder.
         if self.step % self.points or self.minimum % self.step:
             raise ValueError("step must be a multiple of points, minimum a multiple of step")
+        # The largest redemption (2**53 points) must stay within a bigint of minor units.
+        if self.amount > 1_000 * self.points:
+            raise ValueError("a point may be worth at most 1000 minor units")
         return self
 
 
@@ -298,13 +323,32 @@ class Settings(BaseSettings):
         ],
         min_length=1,
     )
-    # Redemption into the wallet per currency: `points` PTS buy `amount` minor units (1 PTS =
-    # 1 cent by default), at least `minimum` points at once, in multiples of `step`.
-    loyalty_redemption_rates: dict[str, LoyaltyRate] = Field(
-        default_factory=lambda: {
-            c: LoyaltyRate(points=1, amount=1, minimum=100, step=100) for c in ("USD", "EUR", "GBP")
-        }
+    # Redemption into the wallet per currency: `points` PTS buy `amount` minor units, at least
+    # `minimum` points at once, in multiples of `step`. By default USD only (1 PTS = 1 US cent):
+    # a point has one value, and another currency needs a rate set from a reference FX rate
+    # (docs/loyalty.md, Redemption).
+    loyalty_redemption_rates: dict[LoyaltyCurrency, LoyaltyRate] = Field(
+        default_factory=lambda: {"USD": LoyaltyRate(points=1, amount=1, minimum=100, step=100)}
     )
+
+    @field_validator("loyalty_tiers")
+    @classmethod
+    def _tiers_rise(cls, tiers: list[LoyaltyTier]) -> list[LoyaltyTier]:
+        names = [tier.name for tier in tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a tier name appears twice: {names}")
+        if tiers[0].min_spend:
+            raise ValueError(f"the first tier ({tiers[0].name}) is everyone's: no min_spend")
+        for lower, higher in pairwise(tiers):
+            if not higher.min_spend:
+                raise ValueError(f"tier {higher.name} needs a min_spend in some currency")
+            for currency, minimum in higher.min_spend.items():
+                below = lower.min_spend.get(currency)
+                if below is not None and minimum <= below:
+                    raise ValueError(
+                        f"tier {higher.name} must need more {currency} spend than {lower.name}"
+                    )
+        return tiers
 
     def production_errors(self, process: Literal["api", "vault"]) -> list[str]:
         """Why this configuration must not run in production (empty outside production, or when

@@ -527,6 +527,61 @@ async def test_a_redemption_moves_points_and_money_together_once_per_key(
     await assert_lots_match_balance(app, alice)
 
 
+async def test_a_redemption_that_fails_after_its_points_posting_leaves_nothing(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn, points: Points
+) -> None:
+    """Atomicity where it matters: the last write (the redemption row, after both postings)
+    fails, and nothing of the redemption stays: points, lots, wallet, postings, outbox,
+    activity and the idempotency record."""
+    await fund(app, alice.user["id"], 20_000)
+    await points.deliver(await captured_wallet_payment(client, alice, 10_000))  # 100 points
+    user = alice.user["id"]
+
+    async def state() -> list[Any]:
+        return [
+            (await loyalty_account(client, alice))["balance"],
+            [lot.remaining for lot in await lots_of(app, alice)],
+            await balance(client, alice),
+            await sql(
+                app,
+                "SELECT count(*) AS n FROM ledger.postings WHERE kind = 'loyalty_redemption'",
+            ),
+            await sql(
+                app,
+                "SELECT count(*) AS n FROM platform.outbox WHERE subject = :u",
+                u=user,
+            ),
+            await sql(app, "SELECT id FROM loyalty.activity WHERE user_id = :u", u=user),
+        ]
+
+    before = await state()
+    engine = app.state.resources.engine
+    # A fault injected into the redemption row only: every earlier step of the transaction ran.
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "ALTER TABLE loyalty.redemptions ADD CONSTRAINT test_refuse_this_user "
+                f"CHECK (user_id <> '{user}') NOT VALID"
+            )
+        )
+    key = uuid.uuid4().hex
+    try:
+        r = await redeem(client, alice, {"points": 100, "currency": "USD"}, key)
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(
+                text("ALTER TABLE loyalty.redemptions DROP CONSTRAINT test_refuse_this_user")
+            )
+    assert r.status_code >= 500 and "Traceback" not in r.text, r.text
+    assert await state() == before
+    assert await sql(app, "SELECT 1 FROM platform.idempotency_keys WHERE key = :k", k=key) == []
+    # The key was not used up: the same request succeeds now, once.
+    r = await redeem(client, alice, {"points": 100, "currency": "USD"}, key)
+    assert r.status_code == 201, r.text
+    assert (await loyalty_account(client, alice))["balance"] == 0
+    assert (await verify_ledger(engine)).ok
+
+
 async def test_twenty_concurrent_redemptions_against_points_for_five(
     client: httpx.AsyncClient, app: Any, alice: SignedIn, points: Points
 ) -> None:

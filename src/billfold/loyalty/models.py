@@ -14,6 +14,7 @@ from pydantic import BaseModel, BeforeValidator, Field, StrictBool, StrictInt, m
 from billfold.config import LoyaltyTier, Settings
 from billfold.platform.clock import utcnow
 from billfold.platform.errors import Conflict, ProblemError, Unprocessable
+from billfold.platform.money import POINTS, is_currency
 from billfold.platform.validation import Strict
 
 ActivityType = Literal["earned", "reversed", "redeemed", "expired"]
@@ -31,9 +32,14 @@ class LoyaltyRuntime:
     clock: Callable[[], datetime] = field(default=utcnow)
 
     def __post_init__(self) -> None:
-        names = [tier.name for tier in self.settings.loyalty_tiers]
-        if len(set(names)) != len(names):
-            raise ValueError(f"BILLFOLD_LOYALTY_TIERS names a tier twice: {names}")
+        # Settings checked the codes against ISO 4217; the wallet holds fewer (no gold, no test
+        # codes), and a redemption into one it refuses would fail at request time.
+        configured = set(self.settings.loyalty_redemption_rates)
+        for tier in self.settings.loyalty_tiers:
+            configured |= set(tier.min_spend)
+        refused = sorted(c for c in configured if not is_currency(c) or c == POINTS)
+        if refused:
+            raise ValueError(f"loyalty settings name currencies a wallet cannot hold: {refused}")
 
     @property
     def tiers(self) -> list[LoyaltyTier]:
