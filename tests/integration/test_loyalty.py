@@ -767,6 +767,31 @@ async def test_points_expire_first_in_first_out_by_the_job(
     assert (await verify_ledger(app.state.resources.engine)).ok
 
 
+async def test_the_expiry_job_works_through_batches_until_nothing_is_due(
+    client: httpx.AsyncClient, app: Any, points: Points
+) -> None:
+    members = [await sign_up(client) for _ in range(3)]
+    for days, who in zip((1_002, 1_001, 1_000), members, strict=True):
+        await fund(app, who.user["id"], 10_000)
+        payment_id = await captured_wallet_payment(client, who, 5_000)  # 50 points
+        points.clock.at = utcnow() - timedelta(days=days)  # older than any other test's lots
+        await points.deliver(payment_id)
+    points.clock.at = None
+
+    async def balances() -> list[int]:
+        return [(await loyalty_account(client, who))["balance"] for who in members]
+
+    # Out of time after the first batch (one lot's member): the next run goes on from there.
+    await loyalty.expire_points(points.engine, points.rt, batch=1, budget_seconds=0)
+    assert await balances() == [0, 50, 50]
+    # One run, batch after batch, until nothing is due.
+    assert await loyalty.expire_points(points.engine, points.rt, batch=1) >= 100
+    assert await balances() == [0, 0, 0]
+    assert await loyalty.expire_points(points.engine, points.rt, batch=1) == 0
+    for who in members:
+        assert [e["points"] for e in await loyalty_events(app, EXPIRED, who)] == [50]
+
+
 async def test_a_redemption_never_spends_points_past_their_expiry(
     client: httpx.AsyncClient, app: Any, alice: SignedIn, points: Points
 ) -> None:

@@ -8,6 +8,7 @@ ledger account), in the caller's one transaction with its ledger postings, rows 
 from __future__ import annotations
 
 import calendar
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -437,22 +438,35 @@ async def _expire_member(
     return points
 
 
-async def expire_points(engine: AsyncEngine, rt: LoyaltyRuntime, *, batch: int = 100) -> int:
-    """The scheduled job: expire lots past their expiry, one member per transaction (member
-    rows another transaction holds are skipped: SKIP LOCKED), at most `batch` members a run.
-    Returns the points expired."""
+async def expire_points(
+    engine: AsyncEngine,
+    rt: LoyaltyRuntime,
+    *,
+    batch: int = 200,
+    budget_seconds: float = 60.0,
+) -> int:
+    """The scheduled job: expire lots past their expiry, one member per transaction, batch
+    after batch (the members of the `batch` lots due first) until none is due or the run has
+    used `budget_seconds` (the next run goes on), so the job keeps up with any volume. Member
+    rows another transaction holds are skipped (SKIP LOCKED) until the next run. Returns the
+    points expired."""
     now = rt.clock()
-    async with engine.connect() as conn:
-        user_ids = await store.due_users(conn, now, batch)
-        await conn.rollback()
+    deadline = time.monotonic() + budget_seconds
     expired = 0
-    for user_id in user_ids:
-        async with unit_of_work(engine) as uow:
-            conn = await uow.connection()
-            if await store.lock_member(conn, user_id, skip_locked=True) is None:
-                continue
-            expired += await _expire_member(conn, rt, user_id, now)
-    return expired
+    busy: list[str] = []  # members locked by another transaction: left for the next run
+    while True:
+        async with engine.connect() as conn:
+            user_ids = await store.due_users(conn, now, batch, skip=busy)
+            await conn.rollback()
+        for user_id in user_ids:
+            async with unit_of_work(engine) as uow:
+                conn = await uow.connection()
+                if await store.lock_member(conn, user_id, skip_locked=True) is None:
+                    busy.append(user_id)
+                    continue
+                expired += await _expire_member(conn, rt, user_id, now)
+        if not user_ids or time.monotonic() >= deadline:
+            return expired
 
 
 # --- redemption ---------------------------------------------------------------------------------

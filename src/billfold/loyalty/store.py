@@ -301,11 +301,14 @@ async def net_spend(
 
 # --- expiry -------------------------------------------------------------------------------------
 
-# Users with lots past their expiry; another sweeper's users are skipped at their member lock.
+# The members of the `limit` lots due first (the partial expiry index, never a scan of the whole
+# backlog); `skip` are members found busy this run. Another sweeper's members are skipped at
+# their member lock.
 _DUE_USERS = text(
     """
     SELECT DISTINCT user_id FROM (
-        SELECT user_id FROM loyalty.lots WHERE remaining > 0 AND expires_at <= :now
+        SELECT user_id FROM loyalty.lots
+        WHERE remaining > 0 AND expires_at <= :now AND user_id <> ALL(CAST(:skip AS text[]))
         ORDER BY expires_at LIMIT :limit
     ) due
     """
@@ -334,8 +337,11 @@ _EXPIRING = text(
 )
 
 
-async def due_users(conn: AsyncConnection, now: datetime, limit: int) -> list[str]:
-    return [r.user_id for r in await conn.execute(_DUE_USERS, {"now": now, "limit": limit})]
+async def due_users(
+    conn: AsyncConnection, now: datetime, limit: int, *, skip: Sequence[str] = ()
+) -> list[str]:
+    params = {"now": now, "limit": limit, "skip": list(skip)}
+    return [r.user_id for r in await conn.execute(_DUE_USERS, params)]
 
 
 async def due_lots(conn: AsyncConnection, user_id: str, now: datetime) -> list[Row[Any]]:
