@@ -854,6 +854,40 @@ async def test_tiers_follow_rolling_net_spend_up_and_down(
     ]
 
 
+async def test_a_refund_of_spend_outside_the_window_does_not_lower_the_tier(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn, points: Points
+) -> None:
+    """Only spend inside the rolling window counts, and a refund takes off at most its
+    payment's spend inside the window: a year-old payment's refund downgrades nobody."""
+    await fund(app, alice.user["id"], 300_000)
+    old = await captured_wallet_payment(client, alice, 100_000)
+    points.clock.at = utcnow() - timedelta(days=366)
+    await points.deliver(old)
+    points.clock.at = None
+    recent = await captured_wallet_payment(client, alice, 120_000)
+    await points.deliver(recent)
+    assert (await loyalty_account(client, alice))["tier"] == "gold"
+
+    r = await act(client, alice, old, "refunds", {})
+    assert r.status_code == 201, r.text
+    await points.deliver(old)
+    account = await loyalty_account(client, alice)
+    assert account["tier"] == "gold"
+    assert account["progress"]["spend"] == 120_000
+    # A refund of spend inside the window still counts: half of the recent payment back.
+    r = await act(client, alice, recent, "refunds", {"amount": 60_000})
+    assert r.status_code == 201, r.text
+    await points.deliver(recent)
+    account = await loyalty_account(client, alice)
+    assert account["tier"] == "green" and account["progress"]["spend"] == 60_000
+    assert [
+        (e["from_tier"], e["to_tier"]) for e in await loyalty_events(app, TIER_CHANGED, alice)
+    ] == [
+        ("green", "gold"),
+        ("gold", "green"),
+    ]
+
+
 # --- the worker's wiring ------------------------------------------------------------------------
 
 

@@ -279,15 +279,19 @@ async def insert_reversal(conn: AsyncConnection, **values: Any) -> bool:
 
 # --- tiers --------------------------------------------------------------------------------------
 
+# Per payment: its captures inside the window less its refunds, at most down to 0, so a refund
+# of spend that rolled out of the window (or was never counted: a payment from before loyalty)
+# takes nothing off this window's spend (docs/loyalty.md, Tiers).
 _NET_SPEND = text(
     """
-    SELECT currency, sum(amount) AS spend FROM (
-        SELECT currency, spend_amount AS amount FROM loyalty.earnings
-        WHERE user_id = :user_id AND earned_at > :since AND earned_at <= :now
-        UNION ALL
-        SELECT currency, -refund_amount FROM loyalty.reversals
-        WHERE user_id = :user_id AND created_at > :since AND created_at <= :now
-    ) moves GROUP BY currency
+    SELECT currency, sum(greatest(spend - refunded, 0)) AS spend FROM (
+        SELECT e.currency, sum(e.spend_amount) AS spend,
+               (SELECT coalesce(sum(r.refund_amount), 0) FROM loyalty.reversals r
+                WHERE r.transaction_id = e.transaction_id AND r.created_at <= :now) AS refunded
+        FROM loyalty.earnings e
+        WHERE e.user_id = :user_id AND e.earned_at > :since AND e.earned_at <= :now
+        GROUP BY e.transaction_id, e.currency
+    ) payments GROUP BY currency
     """
 )
 
