@@ -11,7 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text as sa_text
 
+from billfold import users
 from billfold.fraud.events import USER_LOCK_REQUESTED, lock_consumer
 from billfold.fraud.service import FraudRiskCheck
 from billfold.platform.bus.consumers import ConsumerSink
@@ -346,3 +348,43 @@ async def test_a_locked_account_cannot_sign_in_with_a_passkey(
     opts = await sign_in_options(client)
     r = await passkey_token(client, opts["challenge_id"], device.get(opts["options"]))
     assert r.status_code == 200, r.text
+
+
+async def _wait_until_blocked_by(app: Any, pid: int) -> None:
+    """Until some backend waits on a lock that the connection with backend `pid` holds."""
+    for _ in range(200):
+        (row,) = await sql(
+            app,
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE :p = ANY(pg_blocking_pids(pid))",
+            p=pid,
+        )
+        if row.n:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("nothing ever waited on the lock")
+
+
+async def test_a_sign_in_in_flight_while_the_account_is_locked_gets_no_session(
+    client: httpx.AsyncClient, app: Any
+) -> None:
+    """The password was checked while the account was active; the lock commits before the
+    session does. The sign-in is refused, and no session outlives the lock (nor comes back with
+    the unlock through its refresh token)."""
+    alice = await sign_up(client, name="Alice Example", country="US")
+    user_id = alice.user["id"]
+    async with app.state.resources.engine.connect() as conn:
+        tx = await conn.begin()
+        pid = (await conn.execute(sa_text("SELECT pg_backend_pid()"))).scalar_one()
+        change = await users.lock_account(conn, user_id, reason="test", by=None)
+        grant = asyncio.create_task(password_grant(client, alice))
+        await _wait_until_blocked_by(app, pid)
+        await tx.commit()
+    await users.deny_access_tokens(app.state.users.redis, app.state.users.settings, change)
+    r = await grant
+    assert r.status_code == 403 and r.json()["code"] == "account_locked", r.text
+    live = await sql(
+        app,
+        "SELECT id FROM users.sessions WHERE user_id = :u AND revoked_at IS NULL",
+        u=user_id,
+    )
+    assert live == []

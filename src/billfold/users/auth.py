@@ -106,6 +106,12 @@ async def open_session(
     client: ClientContext,
 ) -> TokenGrant:
     conn = await uow.connection()
+    # The grants read the status without a lock, before a slow credential check. Re-read it
+    # under a share lock: a lock in flight is waited for (and refuses this sign-in), a lock that
+    # comes later waits for this commit and so revokes the session created here.
+    status = await accounts_store.share_lock_status(conn, user.id)
+    if status != "active":
+        raise cannot_sign_in(status)
     now = utcnow()
     scopes = _narrow(allowed_scopes(user.role, device.platform if device else None), scope)
     session_id = new_id("ses")

@@ -50,6 +50,17 @@ async def get_user(
     ).first()
 
 
+async def share_lock_status(conn: AsyncConnection, user_id: str) -> str | None:
+    """The user's status under a share lock held to the end of the transaction: it waits for a
+    lock or unlock in flight (they take `FOR UPDATE`) and then reads what it committed, and a
+    lock that comes later waits for this transaction (so it sees what it created)."""
+    return (
+        await conn.execute(
+            text("SELECT status FROM users.users WHERE id = :id FOR SHARE"), {"id": user_id}
+        )
+    ).scalar_one_or_none()
+
+
 async def find_user_by_email(conn: AsyncConnection, email: str) -> Row[Any] | None:
     return (
         await conn.execute(text(f"SELECT {_USER_COLUMNS} {_FROM} WHERE u.email = :e"), {"e": email})

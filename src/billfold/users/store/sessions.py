@@ -48,7 +48,8 @@ async def insert_refresh_token(
 
 
 async def take_refresh_token(conn: AsyncConnection, token_hash: bytes) -> Row[Any] | None:
-    """Lock a refresh token with its session (one redemption at a time per token)."""
+    """Lock a refresh token with its session (one redemption at a time per token), and share-lock
+    the user so that the status read is the committed one of a lock or unlock in flight."""
     return (
         await conn.execute(
             text(
@@ -59,7 +60,7 @@ async def take_refresh_token(conn: AsyncConnection, token_hash: bytes) -> Row[An
                 JOIN users.sessions s ON s.id = r.session_id
                 JOIN users.users u ON u.id = s.user_id
                 WHERE r.token_hash = :h
-                FOR UPDATE OF r, s
+                FOR UPDATE OF r, s FOR SHARE OF u
                 """
             ),
             {"h": token_hash},
