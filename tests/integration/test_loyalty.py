@@ -6,6 +6,7 @@ under concurrency), FIFO expiry and tiers on a clock the test moves, hostile inp
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
@@ -19,6 +20,7 @@ from billfold import loyalty
 from billfold.ledger.verify import verify_ledger
 from billfold.platform.bus.consumers import ConsumerSink
 from billfold.platform.clock import rfc3339, utcnow
+from billfold.transactions import recover_stuck_payments
 from tests.conftest import SignedIn, fund, sign_up
 from tests.integration.payment_methods_support import add_card
 from tests.integration.payments_support import act, balance, pay, payment_body, sql
@@ -421,6 +423,57 @@ async def test_refunds_take_back_points_in_proportion_and_all_of_them_in_the_end
     assert (await verify_ledger(app.state.resources.engine)).ok
 
 
+async def test_a_card_refund_takes_points_back_once_the_network_answers(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn, points: Points, network_simulator: Any
+) -> None:
+    """A card payment's refund: one the network approves at once, and one whose answer is lost
+    (pending) until recovery asks again; only the succeeded refund takes points back."""
+    method = await add_card(client, alice)
+    assert method["status"] == "verified", method
+    r = await pay(client, alice, payment_body("card", method["id"], amount=5_000, merchant=shop()))
+    assert r.status_code == 201 and r.json()["status"] == "authorized", r.text
+    payment_id = r.json()["id"]
+    r = await act(client, alice, payment_id, "capture")
+    assert r.status_code == 201, r.text
+    await points.deliver(payment_id)
+    assert (await loyalty_account(client, alice))["balance"] == 50
+
+    r = await act(client, alice, payment_id, "refunds", {"amount": 2_000})
+    assert r.status_code == 201 and r.json()["status"] == "succeeded", r.text
+    await points.deliver(payment_id)
+    assert (await loyalty_account(client, alice))["balance"] == 30  # floor(50 x 2/5) back
+
+    network = app.state.transactions.network
+    config = network.config
+    network.config = dataclasses.replace(config, timeout=0.5)
+    network_simulator.paused = True  # the issuer applies the refund; its answer is lost
+    try:
+        r = await act(client, alice, payment_id, "refunds", {"amount": 3_000})
+    finally:
+        network_simulator.paused = False
+        network.config = config
+    assert r.status_code == 202 and r.json()["status"] == "pending", r.text
+    refund_id = r.json()["id"]
+    await points.deliver(payment_id)
+    assert (await loyalty_account(client, alice))["balance"] == 30  # pending: nothing yet
+
+    async with app.state.resources.engine.begin() as conn:
+        await conn.execute(
+            text(
+                "UPDATE transactions.refunds SET created_at = now() - interval '1 hour' "
+                "WHERE id = :r"
+            ),
+            {"r": refund_id},
+        )
+    assert await recover_stuck_payments(app.state.resources.engine, app.state.transactions) >= 1
+    await points.deliver(payment_id, times=2)
+    assert (await loyalty_account(client, alice))["balance"] == 0
+    reversed_ = await loyalty_events(app, REVERSED, alice)
+    assert [(e["refund_id"], e["points"]) for e in reversed_][1:] == [(refund_id, 30)]
+    assert len(reversed_) == 2
+    await assert_lots_match_balance(app, alice)
+
+
 async def test_a_refund_after_redeeming_claws_back_below_zero_and_later_points_pay_it_off(
     client: httpx.AsyncClient, app: Any, alice: SignedIn, points: Points
 ) -> None:
@@ -608,6 +661,69 @@ async def test_twenty_concurrent_redemptions_against_points_for_five(
     assert row.n == 6 and row.lowest == 0  # never below zero
     assert (await verify_ledger(app.state.resources.engine)).ok
     await assert_lots_match_balance(app, alice)
+
+
+async def test_earnings_refunds_redemptions_and_jobs_on_one_member_at_once(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn, points: Points
+) -> None:
+    """Two captures and two refunds through three consumers (as two Kafka partitions would
+    run them), eight redemptions, two expiry runs and the tier job, all on one member at the
+    same time: no 5xx, and the books add up to the point."""
+    await fund(app, alice.user["id"], 500_000)
+    wallet_start = (await balance(client, alice)).available
+    old = await captured_wallet_payment(client, alice, 30_000)  # 300 points, past expiry
+    points.clock.at = utcnow() - timedelta(days=366)
+    await points.deliver(old)
+    points.clock.at = None
+    pays = [await captured_wallet_payment(client, alice, 20_000) for _ in range(4)]  # 200 each
+    await points.deliver(*pays[:2])
+    for payment_id in pays[:2]:  # half refunded: 100 points back each, once delivered
+        r = await act(client, alice, payment_id, "refunds", {"amount": 10_000})
+        assert r.status_code == 201, r.text
+    wallet_before = (await balance(client, alice)).available
+    assert (await loyalty_account(client, alice))["balance"] == 700
+
+    consumers = [Points(app) for _ in range(3)]
+    results = await asyncio.gather(
+        *(redeem(client, alice, {"points": 100, "currency": "USD"}) for _ in range(8)),
+        consumers[0].deliver(pays[2]),
+        consumers[1].deliver(pays[3]),
+        consumers[2].deliver(*pays[:2]),
+        points.expire(),
+        points.expire(),
+        points.reevaluate(),
+    )
+    answers = results[:8]
+    assert {r.status_code for r in answers} <= {201, 422}, [r.text for r in answers]
+    assert all(r.json()["code"] == "insufficient_points" for r in answers if r.status_code == 422)
+    redeemed = 100 * sum(r.status_code == 201 for r in answers)
+    assert redeemed >= 100  # 400 points were never in doubt
+
+    # Every point is accounted for: earned 300 + 4 x 200, 2 x 100 reversed, the old lot's
+    # points gone (expired, or taken by a refund before they could expire), the rest redeemed.
+    earned = await sql(
+        app, "SELECT sum(points) AS n FROM loyalty.earnings WHERE user_id = :u", u=alice.user["id"]
+    )
+    reversed_ = await sql(
+        app, "SELECT sum(points) AS n FROM loyalty.reversals WHERE user_id = :u", u=alice.user["id"]
+    )
+    expired = sum(e["points"] for e in await loyalty_events(app, EXPIRED, alice))
+    assert (earned[0].n, reversed_[0].n) == (1_100, 200)
+    (old_lot,) = [lot for lot in await lots_of(app, alice) if lot.transaction_id == old]
+    assert old_lot.remaining == 0
+    final = (await loyalty_account(client, alice))["balance"]
+    assert final == 1_100 - 200 - expired - redeemed
+    assert final >= 0 or redeemed > 0  # below zero only by clawing back redeemed points
+    assert (await balance(client, alice)).available == wallet_before + redeemed
+    assert wallet_before < wallet_start
+    (row,) = await sql(
+        app,
+        "SELECT count(*) AS n FROM loyalty.redemptions WHERE user_id = :u",
+        u=alice.user["id"],
+    )
+    assert row.n * 100 == redeemed
+    await assert_lots_match_balance(app, alice)
+    assert (await verify_ledger(app.state.resources.engine)).ok
 
 
 @pytest.mark.parametrize(
