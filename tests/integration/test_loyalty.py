@@ -562,6 +562,23 @@ async def test_a_redemption_moves_points_and_money_together_once_per_key(
     assert again.headers.get("idempotent-replayed") == "true"
     other = await redeem(client, alice, {"points": 100, "currency": "USD"}, key)
     assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reuse"
+    # After the edge's stored answer expired, the service's own record of the key still tells
+    # a retry (the first redemption, once) from another request under the same key.
+    async with app.state.resources.engine.begin() as conn:
+        await conn.execute(
+            text(
+                "UPDATE platform.idempotency_keys SET expires_at = now() - interval '1 second' "
+                "WHERE key = :k"
+            ),
+            {"k": key},
+        )
+    other = await redeem(client, alice, {"points": 100, "currency": "USD"}, key)
+    assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reuse", other.text
+    late = await redeem(client, alice, {"points": 300, "currency": "USD"}, key)
+    assert late.status_code == 201, late.text
+    assert {k: late.json()[k] for k in ("id", "points", "amount")} == {
+        k: first[k] for k in ("id", "points", "amount")
+    }
 
     assert (await loyalty_account(client, alice))["balance"] == 200
     wallet = await balance(client, alice)

@@ -503,6 +503,12 @@ async def redeem(
         raise InsufficientPoints("You have no points yet", extra={"balance": 0})
     existing = await store.redemption_by_key(conn, user_id, idempotency_key)
     if existing is not None:  # a retry after the edge's record of the answer lapsed
+        # The body is points and currency only, so comparing them is comparing the request.
+        if (existing.points, existing.currency) != (body.points, body.currency):
+            raise Unprocessable(
+                "This Idempotency-Key was used with a different request",
+                code="idempotency_key_reuse",
+            )
         return Redemption(
             id=existing.id,
             points=existing.points,
