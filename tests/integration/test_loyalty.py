@@ -396,6 +396,35 @@ async def test_a_pending_or_failed_refund_takes_nothing_back(
     assert (await loyalty_account(client, alice))["balance"] == 50
 
 
+@pytest.mark.parametrize("amount", ["5000", 50.0, -5_000, None, True])
+async def test_an_event_with_a_malformed_amount_is_parked_not_silently_dropped(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn, points: Points, amount: Any
+) -> None:
+    await fund(app, alice.user["id"], 10_000)
+    payment_id = await captured_wallet_payment(client, alice, 5_000)
+    (captured,) = await sql(
+        app,
+        "SELECT data FROM platform.outbox WHERE subject = :s "
+        "AND type = 'billfold.transactions.payment.captured'",
+        s=payment_id,
+    )
+    bad = {**captured.data, "capture": {**captured.data["capture"], "amount": amount}}
+    event_id = f"evt_{uuid.uuid4().hex[:26]}"
+    await points.sink(
+        envelope(event_id, "billfold.transactions.payment.captured", payment_id, utcnow(), bad)
+    )
+    (dead,) = await sql(
+        app,
+        "SELECT error FROM platform.dead_letters WHERE consumer = 'loyalty' AND event_id = :e",
+        e=event_id,
+    )
+    assert "capture.amount" in dead.error
+    assert (await loyalty_account(client, alice))["balance"] == 0
+    # The good event still earns (the capture was not marked handled).
+    await points.deliver(payment_id)
+    assert (await loyalty_account(client, alice))["balance"] == 50
+
+
 # --- refunds ------------------------------------------------------------------------------------
 
 

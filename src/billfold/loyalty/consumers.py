@@ -20,8 +20,13 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _amount(value: Any) -> int:
-    return value if type(value) is int and value > 0 else 0
+def _amount(value: Any, what: str) -> int:
+    """A whole, non-negative number of minor units. Anything else is a producer's bug: raising
+    parks the event as a dead letter with this error, where losing points silently would not
+    be seen."""
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{what} is not a whole number of minor units: {value!r}")
+    return value
 
 
 async def _captured(conn: AsyncConnection, rt: LoyaltyRuntime, data: dict[str, Any]) -> None:
@@ -29,8 +34,10 @@ async def _captured(conn: AsyncConnection, rt: LoyaltyRuntime, data: dict[str, A
     merchant = data.get("merchant") or {}
     user_id, capture_id = _text(data.get("user_id")), _text(capture.get("id"))
     currency = _text(data.get("currency"))
-    amount = _amount(capture.get("amount"))
-    if not user_id or not capture_id or not currency or currency == POINTS or not amount:
+    if not user_id or not capture_id or not currency or currency == POINTS:
+        return  # nothing was captured (or the event is not a capture loyalty can read)
+    amount = _amount(capture.get("amount"), "capture.amount")
+    if not amount:
         return  # nothing was captured (or the event is not a capture loyalty can read)
     await service.earn(
         conn,
@@ -55,8 +62,11 @@ async def _refunded(conn: AsyncConnection, rt: LoyaltyRuntime, data: dict[str, A
     if refund.get("status") != "succeeded":
         return
     user_id, refund_id = _text(data.get("user_id")), _text(refund.get("id"))
-    currency, amount = _text(data.get("currency")), _amount(refund.get("amount"))
-    if not user_id or not refund_id or not currency or not amount:
+    currency = _text(data.get("currency"))
+    if not user_id or not refund_id or not currency:
+        return
+    amount = _amount(refund.get("amount"), "refund.amount")
+    if not amount:
         return
     await service.reverse_refund(
         conn,
