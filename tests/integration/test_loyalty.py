@@ -313,6 +313,9 @@ async def test_card_captures_earn_with_a_capped_bonus_and_nothing_else_earns(
     network_simulator: Any,
     bonus_rule: Callable[..., Any],
 ) -> None:
+    # The monthly cap counts by calendar month of the consumer's clock: one instant for all
+    # captures, so a run across a month's end cannot split them.
+    points.clock.at = utcnow()
     merchant_id = f"mch_{uuid.uuid4().hex[:12]}"
     rule_id = await bonus_rule(
         merchant_id=merchant_id, multiplier=4, cap_per_transaction=100, cap_per_month=150

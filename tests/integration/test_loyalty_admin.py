@@ -4,10 +4,12 @@ next capture; users cannot touch them; hostile bodies are problems that change n
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
 
 from tests.conftest import SignedIn, fund
 from tests.integration.test_loyalty import Points, captured_wallet_payment, loyalty_account, shop
@@ -17,6 +19,14 @@ RULES = "/v1/admin/loyalty/earn-rules"
 
 def rule_id() -> str:
     return f"adm-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(autouse=True)
+async def _remove_added_rules(app: Any) -> AsyncIterator[None]:
+    """The session database is shared: rules a test added (active or not) go with it."""
+    yield
+    async with app.state.resources.engine.begin() as conn:
+        await conn.execute(text("DELETE FROM loyalty.earn_rules WHERE id LIKE 'adm-%'"))
 
 
 async def rules(client: httpx.AsyncClient, admin: SignedIn) -> dict[str, dict[str, Any]]:
