@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,6 +14,7 @@ import httpx
 import pytest
 import uvicorn
 
+from billfold import users
 from billfold.notifications import StreamGate
 from tests.conftest import SignedIn, free_port, fund
 from tests.integration.notifications_support import harness, notifications_of
@@ -78,6 +80,13 @@ async def test_inbox_read_unread_and_the_delivery_log(
     r = await client.get("/v1/notifications/not-an-id", headers=bob.headers)
     assert r.status_code == 404
     assert (await client.get("/v1/notifications")).status_code == 401
+
+
+def _use_gate(monkeypatch: pytest.MonkeyPatch, app: Any, gate: StreamGate) -> None:
+    """The app's streams go through `gate` for this test. Through the State's dict: the undo of
+    `monkeypatch.setattr` on a starlette `State` deletes the attribute (it is not in the
+    instance `__dict__`), leaving the session's app without a gate for every later test."""
+    monkeypatch.setitem(app.state._state, "notification_streams", gate)
 
 
 @pytest.fixture
@@ -241,7 +250,7 @@ async def test_streams_have_their_own_bounded_redis_pool_and_past_it_a_503(
     connections show it), at most `notifications_stream_limit` of them, never the API's."""
     name = f"sse-test-{uuid.uuid4().hex[:8]}"
     gate = StreamGate(app.state.resources.settings.redis_url, 1, client_name=name)
-    monkeypatch.setattr(app.state, "notification_streams", gate)
+    _use_gate(monkeypatch, app, gate)
     redis = app.state.resources.redis
 
     async def stream_connections() -> int:
@@ -280,5 +289,78 @@ async def test_streams_have_their_own_bounded_redis_pool_and_past_it_a_503(
                 "GET", "/v1/notifications/stream", headers=alice.headers
             ) as again:
                 assert again.status_code == 200
+    finally:
+        await gate.aclose()
+
+
+async def _stream_end(response: httpx.Response) -> list[str]:
+    """Every line of a stream until the server ends it."""
+    return [line async for line in response.aiter_lines()]
+
+
+async def test_a_live_stream_ends_when_its_session_is_revoked(
+    served: str, app: Any, alice: SignedIn, bob: SignedIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream outlives the request the edge authenticated: a lock (or logout) that
+    revokes the session must end it within the check tick, not leave it streaming."""
+    gate = StreamGate(app.state.resources.settings.redis_url, 10, session_check_seconds=0.5)
+    _use_gate(monkeypatch, app, gate)
+    res = app.state.resources
+    try:
+        async with httpx.AsyncClient(base_url=served, timeout=10) as http:
+            async with (
+                http.stream("GET", "/v1/notifications/stream", headers=bob.headers) as locked,
+                http.stream("GET", "/v1/notifications/stream", headers=alice.headers) as other,
+            ):
+                assert locked.status_code == 200 and other.status_code == 200
+                ending = asyncio.create_task(_stream_end(locked))
+                others = asyncio.create_task(_stream_end(other))
+                await asyncio.sleep(0.3)  # subscribed
+                async with res.engine.begin() as conn:
+                    change = await users.lock_account(conn, bob.user["id"], reason="test", by=None)
+                await users.deny_access_tokens(res.redis, res.settings, change)
+                lines = await asyncio.wait_for(ending, 5)
+                assert "event: session_ended" in lines
+                assert 'data: {"reason": "session_revoked"}' in lines
+                # Someone else's stream goes on.
+                await asyncio.sleep(1.2)
+                assert not others.done()
+                others.cancel()
+        for _ in range(50):
+            if gate.open_streams == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert gate.open_streams == 0
+    finally:
+        await gate.aclose()
+
+
+async def test_a_live_stream_ends_when_its_access_token_expires(
+    served: str,
+    client: httpx.AsyncClient,
+    app: Any,
+    bob: SignedIn,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gate = StreamGate(app.state.resources.settings.redis_url, 10, session_check_seconds=30)
+    _use_gate(monkeypatch, app, gate)
+    claims = await app.state.users.tokens.keyring.decode(bob.tokens["access_token"])
+    # The same session's token, but one that expires in two seconds.
+    token, _ = await app.state.users.tokens.issue(
+        user_id=bob.user["id"],
+        session_id=claims["sid"],
+        scopes=claims["scope"].split(),
+        role="user",
+        device_id=None,
+        auth_method="pwd",
+        extra={"exp": int(time.time()) + 2},
+    )
+    try:
+        async with httpx.AsyncClient(base_url=served, timeout=10) as http:
+            headers = {"Authorization": f"Bearer {token}"}
+            async with http.stream("GET", "/v1/notifications/stream", headers=headers) as s:
+                assert s.status_code == 200
+                lines = await asyncio.wait_for(_stream_end(s), 6)
+        assert 'data: {"reason": "token_expired"}' in lines
     finally:
         await gate.aclose()

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -15,7 +18,7 @@ from sqlalchemy.engine import Row
 from starlette.types import Receive, Scope, Send
 
 from billfold import users
-from billfold.gateway import Principal, Uow, require_admin, require_scopes
+from billfold.gateway import Principal, TokenVerifier, Uow, require_admin, require_scopes
 from billfold.notifications import service, store
 from billfold.notifications.catalog import CATEGORIES, CHANNELS
 from billfold.notifications.channels import stream_channel
@@ -44,11 +47,14 @@ from billfold.platform.errors import (
     Conflict,
     Forbidden,
     NotFound,
+    ProblemError,
     ServiceUnavailable,
     problem_responses,
 )
 from billfold.platform.ids import is_valid_id
 from billfold.platform.pagination import Page, PageParams, make_page, page_params
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["notifications"])
 
@@ -150,12 +156,42 @@ async def _shown(engine: Any, user_id: str, ids: list[str]) -> None:
     await asyncio.shield(task)
 
 
+@dataclass(frozen=True)
+class _StreamSession:
+    """What the stream needs to know whether its caller may still listen: the bearer token
+    (re-verified as the edge does, which reads the revoked-session key) and its expiry."""
+
+    verifier: TokenVerifier
+    token: str
+    expires_at: float
+    check_every: float
+
+    async def ended(self) -> str | None:
+        """Why the stream must end now (`token_expired`, `session_revoked`), or None."""
+        if time.time() >= self.expires_at:
+            return "token_expired"
+        try:
+            await self.verifier.verify(self.token)
+        except ProblemError:
+            return "session_revoked"
+        except Exception:
+            # Unknown is not "still allowed": the client reconnects and the edge decides.
+            logger.warning("live stream: session check failed", exc_info=True)
+            return "session_unverified"
+        return None
+
+
+def _ended(reason: str) -> bytes:
+    return f"event: session_ended\ndata: {json.dumps({'reason': reason})}\n\n".encode()
+
+
 async def _event_stream(
     request: Request,
     redis: Redis,
     channel: str,
     backlog: list[NotificationView],
     user_id: str,
+    session: _StreamSession,
 ) -> AsyncIterator[bytes]:
     engine = request.app.state.resources.engine
     pubsub = redis.pubsub()
@@ -168,10 +204,18 @@ async def _event_stream(
             yield _sse(item.id, item.model_dump_json())
         await _shown(engine, user_id, [item.id for item in backlog])
         idle = 0.0
+        next_check = time.monotonic() + session.check_every
         while not await request.is_disconnected():
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if time.time() >= session.expires_at or time.monotonic() >= next_check:
+                next_check = time.monotonic() + session.check_every
+                reason = await session.ended()
+                if reason is not None:
+                    yield _ended(reason)
+                    return
+            timeout = min(1.0, session.check_every)
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
             if message is None:
-                idle += 1.0
+                idle += timeout
                 if idle >= HEARTBEAT_SECONDS:
                     idle = 0.0
                     yield b": keep-alive\n\n"
@@ -222,7 +266,10 @@ async def stream(
     last_event_id: Annotated[str | None, Header(max_length=64)] = None,
 ) -> StreamingResponse:
     """`text/event-stream`: one `notification` event per new inbox item (`id` is the
-    notification id). Reconnect with `Last-Event-ID` to receive what arrived meanwhile. Any API
+    notification id). Reconnect with `Last-Event-ID` to receive what arrived meanwhile. The
+    stream ends, after a `session_ended` event (`reason`: `token_expired`, `session_revoked`),
+    when the access token expires or its session is revoked (logout, account lock): reconnect
+    with a fresh token. Any API
     process can serve it: deliveries are announced over Redis pub/sub. Each process holds a
     bounded number of streams: past it, 503 `stream_capacity` with `Retry-After`."""
     res = request.app.state.resources
@@ -235,6 +282,13 @@ async def stream(
             headers={"Retry-After": str(STREAM_RETRY_AFTER_SECONDS)},
         )
     channel = stream_channel(res.settings.redis_prefix, me.user_id)
+    # The edge verified this very header, so it is a bearer token with an `exp`.
+    session = _StreamSession(
+        verifier=request.app.state.users.tokens,
+        token=request.headers["authorization"].partition(" ")[2].strip(),
+        expires_at=float(me.claims["exp"]),
+        check_every=gate.session_check_seconds,
+    )
     try:
         backlog: list[NotificationView] = []
         if last_event_id and is_valid_id(last_event_id, "ntf"):
@@ -249,7 +303,7 @@ async def stream(
     # Its pub/sub connection comes from the streams' own pool, never the API's.
     return _SlotStreamingResponse(
         slot,
-        _event_stream(request, gate.redis, channel, backlog, me.user_id),
+        _event_stream(request, gate.redis, channel, backlog, me.user_id, session),
         media_type="text/event-stream",
         headers={"X-Accel-Buffering": "no"},
     )
