@@ -342,3 +342,55 @@ async def test_redis_unavailable_falls_back_without_an_error(
         assert d.degraded and d.fallback == "features"
         assert "degraded_features" in d.reasons
         assert set(d.features) == set(FEATURE_NAMES)
+
+
+async def test_a_contact_on_the_recipient_block_list_blocks_transfers_to_it(
+    client: httpx.AsyncClient, app: Any, alice: SignedIn, admin: SignedIn
+) -> None:
+    """An e-mail or phone on the block list stops money sent to that contact, however the
+    sender writes it (case, spaces); another contact is not stopped."""
+    await fund(app, alice.user["id"], 20_000)
+    tag = uuid.uuid4().hex[:8]
+    phone_tail = int(tag[:4], 16) % 100
+    listed = {
+        "email": (f"Mule.{tag}@Example.com", f"mule.{tag}@EXAMPLE.com"),
+        "phone": (f"+49 151 234567{phone_tail:02d}", f"+49151234567{phone_tail:02d}"),
+    }
+    entries = []
+    for kind, (value, _) in listed.items():
+        r = await client.post(
+            "/v1/admin/fraud/lists",
+            json={"list": "block", "kind": "recipient", "value": value, "reason": f"mule {kind}"},
+            headers=idem(**admin.headers),
+        )
+        assert r.status_code == 201, r.text
+        entries.append(r.json()["id"])
+    await asyncio.sleep(1.1)  # the rule book's refresh
+    try:
+        for kind, (_, sent_to) in listed.items():
+            r = await client.post(
+                "/v1/transfers",
+                json={"recipient": {kind: sent_to}, "amount": 1_500, "currency": "USD"},
+                headers=idem(**alice.headers),
+            )
+            assert (r.status_code, r.json()["code"]) == (422, "transfer_declined"), (kind, r.text)
+        r = await client.post(
+            "/v1/transfers",
+            json={
+                "recipient": {"email": f"friend.{tag}@example.com"},
+                "amount": 1_500,
+                "currency": "USD",
+            },
+            headers=idem(**alice.headers),
+        )
+        assert r.status_code == 201, r.text
+        blocked = await sql(
+            app,
+            "SELECT reasons FROM fraud.decisions WHERE user_id = :u AND action = 'block'",
+            u=alice.user["id"],
+        )
+        assert len(blocked) == 2
+        assert all("block_list_recipient" in d.reasons for d in blocked)
+    finally:
+        for entry in entries:
+            await client.delete(f"/v1/admin/fraud/lists/{entry}", headers=admin.headers)

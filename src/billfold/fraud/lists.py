@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 
 import phonenumbers
 import pycountry
+from email_validator import EmailNotValidError, validate_email
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -111,7 +112,12 @@ def _recipient(value: str) -> str:
     if _USER_ID.fullmatch(value):
         return value
     if _EMAIL.fullmatch(value):
-        return value.lower()
+        # As p2p normalises the address a transfer is sent to (`users.models.normalize_email`),
+        # or the entry could never match it.
+        try:
+            return validate_email(value, check_deliverability=False).normalized.lower()
+        except EmailNotValidError:
+            raise ListValueInvalid("a valid e-mail address") from None
     try:
         number = phonenumbers.parse(value, None)
     except phonenumbers.NumberParseException:
@@ -152,7 +158,9 @@ def normalize(kind: str, value: str) -> str:
 
 def _subject_values(subject: RiskSubject) -> dict[str, tuple[str, ...]]:
     """What of the subject each kind of list is checked against."""
-    recipients = tuple(v for v in (subject.recipient_id, subject.recipient_key) if v)
+    recipients = tuple(
+        v for v in (subject.recipient_id, subject.recipient_key, subject.recipient_contact) if v
+    )
     return {
         "device": (subject.device_id,) if subject.device_id else (),
         "card": (subject.card_fingerprint,) if subject.card_fingerprint else (),

@@ -48,6 +48,9 @@ class RiskSubject:
     # Transfers.
     recipient_id: str | None = None  # a user id, or None for an e-mail/phone not resolved yet
     recipient_key: str | None = None  # who receives: user id, or the contact's keyed hash
+    # The normalised e-mail / E.164 phone a transfer is addressed to (matched by the recipient
+    # lists only; the features never see it).
+    recipient_contact: str | None = None
 
 
 # Feature values are plain JSON scalars so a snapshot can be stored (jsonb), replayed in a

@@ -106,6 +106,7 @@ def transfer_subject(transfer: p2p.TransferRisk) -> RiskSubject:
         channel="p2p",
         recipient_id=transfer.recipient_id,
         recipient_key=transfer.recipient_id,
+        recipient_contact=transfer.recipient_contact,
     )
 
 

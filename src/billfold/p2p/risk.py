@@ -24,6 +24,9 @@ class TransferRisk:
     device_id: str | None
     ip: str | None
     stepped_up: bool = False
+    # The e-mail or E.164 phone the transfer is addressed to, normalised as the counterparty is
+    # (so a block list of contacts can match); None for a transfer to a user id or handle.
+    recipient_contact: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

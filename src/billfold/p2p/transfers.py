@@ -134,6 +134,7 @@ async def send(
             device_id=principal.device_id,
             ip=ip,
             stepped_up=stepped_up,
+            recipient_contact=who.value if who.is_contact else None,
         ),
     )
     if decision.action == "block":
