@@ -176,7 +176,8 @@ async def earn(conn: AsyncConnection, rt: LoyaltyRuntime, capture: Capture) -> i
         posting_id=posting.id if posting else None,
         now=now,
     )
-    assert earning_id is not None  # the member lock is held and the capture was not earned
+    if earning_id is None:  # impossible under the member lock: never post points unrecorded
+        raise RuntimeError(f"capture {capture.capture_id} was earned by another transaction")
     if posting is not None:
         balance = posting.balance_of(capture.user_id, POINTS_ACCOUNT).posted
         # Points that pay back a clawback debt (balance below zero) start no lot.
@@ -690,5 +691,6 @@ async def change_rule(conn: AsyncConnection, rule_id: str, body: EarnRuleChange)
         changed = await store.update_rule(conn, rule_id, body.model_dump())
     except store.ActiveBaseRuleExists:
         raise _base_rule_exists(rule.currency) from None
-    assert changed is not None
+    if changed is None:  # deleted since it was read (rules are never deleted by the API)
+        raise NotFound("No such earn rule", code="earn_rule_not_found")
     return changed
