@@ -472,7 +472,9 @@ async def _write_rule(conn: AsyncConnection, query: Any, values: dict[str, Any])
         async with conn.begin_nested():
             return (await conn.execute(query, values)).first()
     except IntegrityError as exc:
-        if "earn_rules_one_base" in str(exc.orig):
+        # The driver's error (asyncpg's, under SQLAlchemy's adapter) names the constraint.
+        constraint = getattr(exc.orig.__cause__, "constraint_name", None) if exc.orig else None
+        if constraint == "earn_rules_one_base":
             raise ActiveBaseRuleExists() from None
         raise
 
