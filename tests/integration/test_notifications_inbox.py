@@ -364,3 +364,46 @@ async def test_a_live_stream_ends_when_its_access_token_expires(
         assert 'data: {"reason": "token_expired"}' in lines
     finally:
         await gate.aclose()
+
+
+async def test_one_user_holds_only_a_few_live_streams(
+    served: str,
+    client: httpx.AsyncClient,
+    app: Any,
+    alice: SignedIn,
+    bob: SignedIn,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The process-wide bound alone let one account (or one stolen token) take every slot and
+    lock every other user out with 503s: one user gets `per_user` streams, then 429."""
+    gate = StreamGate(app.state.resources.settings.redis_url, 10, per_user=2)
+    _use_gate(monkeypatch, app, gate)
+    url = "/v1/notifications/stream"
+    try:
+        async with httpx.AsyncClient(base_url=served, timeout=10) as http:
+            async with http.stream("GET", url, headers=bob.headers) as first:
+                async with http.stream("GET", url, headers=bob.headers) as second:
+                    assert first.status_code == 200 and second.status_code == 200
+                    third = await http.get(url, headers=bob.headers)
+                    assert third.status_code == 429, third.text
+                    assert third.headers["content-type"] == "application/problem+json"
+                    assert third.json()["code"] == "too_many_streams"
+                    assert int(third.headers["retry-after"]) > 0
+                    # Everyone else still gets theirs.
+                    async with http.stream("GET", url, headers=alice.headers) as other:
+                        assert other.status_code == 200
+                    assert gate.streams_of(bob.user["id"]) == 2
+                # One closed: Bob may open another.
+                for _ in range(50):
+                    if gate.streams_of(bob.user["id"]) < 2:
+                        break
+                    await asyncio.sleep(0.1)
+                async with http.stream("GET", url, headers=bob.headers) as again:
+                    assert again.status_code == 200
+        for _ in range(50):
+            if gate.open_streams == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert gate.open_streams == 0 and gate.streams_of(bob.user["id"]) == 0
+    finally:
+        await gate.aclose()

@@ -41,7 +41,7 @@ from billfold.notifications.models import (
     ReadAll,
     UnreadCount,
 )
-from billfold.notifications.streams import StreamGate, StreamSlot
+from billfold.notifications.streams import StreamGate, StreamRefused, StreamSlot
 from billfold.platform.clock import utcnow
 from billfold.platform.errors import (
     Conflict,
@@ -49,6 +49,7 @@ from billfold.platform.errors import (
     NotFound,
     ProblemError,
     ServiceUnavailable,
+    TooManyRequests,
     problem_responses,
 )
 from billfold.platform.ids import is_valid_id
@@ -256,7 +257,7 @@ def _sse(event_id: str, data: str) -> bytes:
     response_class=StreamingResponse,
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "An endless event stream"},
-        **problem_responses(401, 403, 503),
+        **problem_responses(401, 403, 429, 503),
     },
 )
 async def stream(
@@ -271,16 +272,25 @@ async def stream(
     when the access token expires or its session is revoked (logout, account lock): reconnect
     with a fresh token. Any API
     process can serve it: deliveries are announced over Redis pub/sub. Each process holds a
-    bounded number of streams: past it, 503 `stream_capacity` with `Retry-After`."""
+    bounded number of streams: past it, 503 `stream_capacity` with `Retry-After`; one user may
+    hold only a few of them (5): past that, 429 `too_many_streams`."""
     res = request.app.state.resources
     gate: StreamGate = request.app.state.notification_streams
-    slot = gate.admit()
-    if slot is None:
+    try:
+        slot = gate.admit(me.user_id)
+    except StreamRefused as refused:
+        retry = {"Retry-After": str(STREAM_RETRY_AFTER_SECONDS)}
+        if refused.per_user:
+            raise TooManyRequests(
+                f"You have {gate.per_user} live streams open already; close one first",
+                code="too_many_streams",
+                headers=retry,
+            ) from None
         raise ServiceUnavailable(
             "Too many live streams are open on this server; try again shortly",
             code="stream_capacity",
-            headers={"Retry-After": str(STREAM_RETRY_AFTER_SECONDS)},
-        )
+            headers=retry,
+        ) from None
     channel = stream_channel(res.settings.redis_prefix, me.user_id)
     # The edge verified this very header, so it is a bearer token with an `exp`.
     session = _StreamSession(
