@@ -388,3 +388,29 @@ async def test_a_sign_in_in_flight_while_the_account_is_locked_gets_no_session(
         u=user_id,
     )
     assert live == []
+
+
+async def test_blocks_after_a_lock_request_request_a_lock_again(app: Any, settings: Any) -> None:
+    """Locked, unlocked by an administrator, and blocked again the same day: the count starts
+    after the last request, so N more blocks (not N, within the window, exactly) request
+    another lock."""
+    engine = app.state.resources.engine
+    limit = 3
+    rt = make_runtime(
+        settings, app, rules=Rules(at=0, action="block"), fraud_lock_after_blocks=limit
+    )
+    check = FraudRiskCheck(rt)
+    user_id = new_id("usr")
+
+    async def block() -> None:
+        async with engine.begin() as conn:
+            assert (await check.payments.assess(conn, payment(user_id))).action == "block"
+
+    for _ in range(limit):
+        await block()
+    assert [r["data"]["blocks"] for r in await lock_requests(app, user_id)] == [limit]
+    for _ in range(limit - 1):
+        await block()
+    assert len(await lock_requests(app, user_id)) == 1  # not yet N more
+    await block()
+    assert [r["data"]["blocks"] for r in await lock_requests(app, user_id)] == [limit, limit]

@@ -337,8 +337,8 @@ async def _write(
 
 
 async def _lock_policy(rt: FraudRuntime, conn: AsyncConnection, subject: RiskSubject) -> None:
-    """N blocked checks within the window request a lock of the account, once per crossing (the
-    fraud consumer `fraud.lock-accounts` locks it: `billfold.fraud.events`)."""
+    """N blocked checks within the window, and after the last request, request a lock of the
+    account (the fraud consumer `fraud.lock-accounts` locks it: `billfold.fraud.events`)."""
     limit = rt.settings.fraud_lock_after_blocks
     if limit <= 0:
         return
@@ -350,8 +350,14 @@ async def _lock_policy(rt: FraudRuntime, conn: AsyncConnection, subject: RiskSub
         {"k": f"fraud.lock_policy:{subject.user_id}"},
     )
     since = utcnow() - timedelta(seconds=rt.settings.fraud_lock_window_seconds)
+    # Counted after the last request, not only within the window: after a lock and an unlock the
+    # same day, N more blocks must request a lock again.
+    last_request = await store.lock_count_start(conn, subject.user_id)
+    if last_request is not None and last_request > since:
+        since = last_request
     blocks = await store.blocks_since(conn, subject.user_id, since)
-    if blocks == limit:
+    if blocks >= limit:
+        await store.restart_lock_count(conn, subject.user_id)
         await record_event(
             conn,
             events.event(

@@ -149,12 +149,33 @@ async def for_subject(conn: AsyncConnection, subject_id: str) -> list[Row[Any]]:
 
 
 async def blocks_since(conn: AsyncConnection, user_id: str, since: datetime) -> int:
-    """The user's blocked checks since `since` (the lock policy's count)."""
+    """The user's blocked checks after `since` (the lock policy's count)."""
     sql = text(
         "SELECT count(*) FROM fraud.decisions "
-        "WHERE user_id = :u AND action = 'block' AND created_at >= :since"
+        "WHERE user_id = :u AND action = 'block' AND created_at > :since"
     )
     return int((await conn.execute(sql, {"u": user_id, "since": since})).scalar_one())
+
+
+async def lock_count_start(conn: AsyncConnection, user_id: str) -> datetime | None:
+    """When the lock policy last requested a lock of the user (its count starts after it)."""
+    sql = text("SELECT counted_after FROM fraud.lock_policy WHERE user_id = :u")
+    value = (await conn.execute(sql, {"u": user_id})).scalar_one_or_none()
+    return value if isinstance(value, datetime) else None
+
+
+async def restart_lock_count(conn: AsyncConnection, user_id: str) -> None:
+    """The policy requested a lock: count the user's blocks again from now on. The clock, not
+    the transaction's start: a block in flight (written, waiting for the policy's lock) has a
+    `created_at` before this and belongs to the crossing just requested."""
+    await conn.execute(
+        text(
+            "INSERT INTO fraud.lock_policy (user_id, counted_after) VALUES (:u, clock_timestamp()) "
+            "ON CONFLICT (user_id) DO UPDATE SET counted_after = EXCLUDED.counted_after, "
+            "requests = fraud.lock_policy.requests + 1"
+        ),
+        {"u": user_id},
+    )
 
 
 async def set_label(conn: AsyncConnection, decision_id: str, label: str) -> None:
