@@ -14,12 +14,14 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from billfold import p2p, transactions
 from billfold.config import Settings
 from billfold.fraud import FEATURE_NAMES, FeaturesUnavailable, ModelScore, RiskSubject, RuleHit
 from billfold.fraud.runtime import FixedRules, FraudRuntime, thresholds_from
 from billfold.fraud.service import FraudRiskCheck
+from billfold.gateway.errors import transient_problem
 from billfold.platform.ids import new_id
 from billfold.platform.money import Money
 
@@ -513,3 +515,29 @@ def test_the_app_plugs_the_check_in_when_fraud_is_enabled(settings: Settings) ->
     off = create_app(settings.model_copy(update={"fraud_enabled": False}))
     assert type(off.state.p2p.risk).__name__ == "AllowAll"
     assert type(off.state.transactions.risk).__name__ == "AllowAll"
+
+
+async def test_a_lock_timeout_in_the_lock_policy_fails_the_payment_as_a_busy_database(
+    app: Any, settings: Settings, engine: Any
+) -> None:
+    """The decision is written in the payment's transaction without a savepoint: a lock timeout
+    on the lock policy's lock aborts that transaction. It must surface as what it is (the
+    gateway's retryable 503 `database_busy`), not be swallowed so that the payment's next
+    statement fails with "current transaction is aborted" (a 500)."""
+    user_id = user()
+    rt = make_runtime(settings, app, rules=Rules(at=1, action="block"))
+    async with engine.connect() as other:
+        held = await other.begin()
+        await other.execute(
+            text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
+            {"k": f"fraud.lock_policy:{user_id}"},
+        )
+        async with engine.connect() as conn:
+            await conn.begin()
+            await conn.execute(text("SET LOCAL lock_timeout = '200ms'"))
+            with pytest.raises(DBAPIError) as raised:
+                await FraudRiskCheck(rt).payments.assess(conn, payment(user_id))
+            await conn.rollback()
+        await held.rollback()
+    problem = transient_problem(raised.value)
+    assert problem is not None and problem.status == 503 and problem.code == "database_busy"

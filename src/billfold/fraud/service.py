@@ -18,6 +18,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billfold import p2p, transactions
@@ -120,8 +121,9 @@ async def check(
 ) -> Decision:
     """Assess `subject` and store the decision with `conn`, atomic with the payment/transfer;
     an action in `out_of_band` (one its caller answers with an error, rolling `conn` back) is
-    stored in its own transaction instead. Never raises: a failure gives the documented
-    fallback decision. `mark` is told each stage's end (a benchmark's clock)."""
+    stored in its own transaction instead. A failure gives the documented fallback decision;
+    only a database error that aborted `conn`'s transaction while storing is raised (see
+    `_store`). `mark` is told each stage's end (a benchmark's clock)."""
     started = time.perf_counter()
     fallback: str | None = None
     features: dict[str, FeatureValue] = {}
@@ -282,16 +284,24 @@ async def _store(
 
     In the caller's transaction there is no savepoint (it cost two of the check's round trips):
     the values are fitted to their columns before sending (`store.insert`), so the write cannot
-    fail on what it carries, and a value that cannot fit fails before anything is sent. What
-    is left — the database itself failing — would fail the payment's own next statement all the
-    same, and the decision then goes with its payment, as it must. A failed write is logged and
-    the decision still returned."""
+    fail on what it carries, and a value that cannot fit fails before anything is sent (logged,
+    the decision returned unstored). What is left is the database failing — a deadlock, a lock or
+    statement timeout (the lock policy's advisory lock), a lost connection — and that has aborted
+    the caller's transaction: the error is raised as it is, so the payment fails with it (the
+    gateway answers a transient one `503 database_busy`, retried with the same key) instead of
+    on its next statement with "current transaction is aborted" (a 500 naming the wrong cause).
+    An out-of-band write failing leaves the caller's transaction alone: logged, not raised."""
     duration_ms = (time.perf_counter() - started) * 1000
     try:
         if out_of_band:
             async with conn.engine.begin() as own:
                 return await _write(rt, own, subject, decision, duration_ms)
         return await _write(rt, conn, subject, decision, duration_ms)
+    except DBAPIError:
+        if not out_of_band:
+            raise
+        log.exception("fraud decision not stored", subject_id=subject.subject_id)
+        return decision
     except Exception:
         log.exception("fraud decision not stored", subject_id=subject.subject_id)
         return decision
