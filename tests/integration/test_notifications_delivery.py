@@ -6,6 +6,8 @@ limit, and the events that raise security, account, balance and loyalty notifica
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import json
 import re
 import uuid
@@ -15,9 +17,10 @@ import httpx
 import pytest
 
 from billfold import users
+from billfold.notifications.events import INVITATIONS_PER_SENDER_PER_DAY
 from billfold.platform.db import unit_of_work
 from billfold.platform.events import Event, record_event
-from tests.conftest import SignedIn, fund, make_admin, new_phone, set_kyc_tier
+from tests.conftest import SignedIn, fund, make_admin, new_phone, set_kyc_tier, sign_up
 from tests.integration.notifications_support import (
     Providers,
     deliveries_of,
@@ -615,10 +618,11 @@ async def test_money_sent_to_an_unregistered_contact_invites_them_once(
 
     (mail,) = [m for m in providers.smtp.messages if stranger_mail in m.rcpt_tos]
     text = mail.content.decode()
-    assert "Alice Example sent you $12.34 with billfold" in text
+    # Alice has no verified contact to show: her first name only (never her whole name).
+    assert "Alice sent you $12.34 with billfold" in text and "Example" not in text
     assert "verify this e-mail address in your profile within 14 days" in text
     (sms,) = [m for m in providers.twilio.messages if m["to"] == stranger_phone]
-    assert sms["body"].startswith("billfold: Alice Example sent you $12.34.")
+    assert sms["body"].startswith("billfold: Alice sent you $12.34.")
     assert "14 days" in sms["body"]
     # Bob has that e-mail verified: no invitation, however the claim goes.
     assert not [
@@ -628,3 +632,41 @@ async def test_money_sent_to_an_unregistered_contact_invites_them_once(
     assert len(invitations) == 2 and not any(n.in_app for n in invitations)
     inbox = await client.get("/v1/notifications", headers=alice.headers)
     assert all(n["kind"] != "transfer_invitation" for n in inbox.json()["data"])
+
+
+async def test_an_invitation_never_carries_the_senders_own_text_and_is_capped_per_day(
+    client: httpx.AsyncClient, app: Any, providers: Providers
+) -> None:
+    """Anyone can send a cent to any address and have billfold write to it: the sender's name
+    (free text) would make that billfold-branded phishing. The invitation shows a first name
+    only when it reads as one, and the sender's verified contact masked; and one sender causes
+    at most INVITATIONS_PER_SENDER_PER_DAY invitations a day."""
+    providers.reset()
+    lure = "billfold Security: call +1 900 555 0100 or visit evil.example"
+    sender = await sign_up(client, name=lure)
+    await verify_contacts(app, sender)
+    await fund(app, sender.user["id"], 10_000)
+    cap = INVITATIONS_PER_SENDER_PER_DAY
+    strangers = [f"user-{uuid.uuid4().hex[:10]}@example.com" for _ in range(cap + 2)]
+    sent = []
+    for address in strangers:
+        r = await send(client, sender, 1, "USD", email=address)
+        assert r.status_code == 201, r.text
+        sent.append(r.json()["id"])
+    async with harness(app, **providers.settings()) as h:
+        await h.deliver(*sent, times=2)
+        await h.dispatch()
+
+    phone = sender.user["phone"]
+    masked = f"{phone[:3]}*****{phone[-2:]}"
+    mails = [m for m in providers.smtp.messages if set(m.rcpt_tos) & set(strangers)]
+    assert len(mails) == cap
+    for mail in mails:
+        # Decoded: a quoted-printable soft line break must not hide a lure from the check.
+        message = email.message_from_bytes(mail.content, policy=email.policy.default)
+        text = f"{message['Subject']}\n{message.get_body(('plain',)).get_content()}"  # type: ignore[union-attr]
+        assert f"{masked} sent you $0.01 with billfold" in text, text
+        for lure_part in ("Security", "900", "evil", "call"):
+            assert lure_part not in text
+    invitations = await notifications_of(app, sender, "transfer_invitation")
+    assert len(invitations) == cap

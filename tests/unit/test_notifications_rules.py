@@ -9,8 +9,10 @@ from datetime import UTC, datetime, time
 import pytest
 
 from billfold.notifications import KINDS
+from billfold.notifications.events import _first_name, _masked_contact
 from billfold.notifications.service import effective, quiet_until
 from billfold.notifications.templates import LANGUAGES, format_money, format_when, render
+from billfold.users import Party
 
 CONTEXT = {
     "name": "Ada",
@@ -106,3 +108,43 @@ def test_preferences_overlay_defaults_and_keep_security_on() -> None:
     assert prefs["transfers"] == {"push": False, "email": True, "sms": True, "in_app": True}
     assert prefs["security"] == {"push": True, "email": True, "sms": True, "in_app": True}
     assert prefs["payments"] == {"push": True, "email": False, "sms": False, "in_app": True}
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        ("Alice Example", "Alice"),
+        ("Jean-Luc Picard", "Jean-Luc"),
+        ("O\u2019Brien", "O\u2019Brien"),
+        ("\u00dcnal Y\u0131lmaz", "\u00dcnal"),
+        ("billfold Security: call +1 900 555 0100", None),
+        ("BillfoldSupport", None),
+        (
+            "\uff22\uff29\uff2c\uff2c\uff26\uff2f\uff2c\uff24 team",
+            None,
+        ),  # full-width letters fold (NFKC) to the brand
+        ("Security team", None),
+        ("evil.example", None),
+        ("Call18005550100", None),
+        ("Alice1", None),
+        ("x" * 25, None),
+        ("https://evil.example", None),
+    ],
+)
+def test_an_invitation_shows_a_first_name_only_when_it_reads_as_one(
+    name: str, shown: str | None
+) -> None:
+    assert _first_name(name) == shown
+
+
+def _party(email: str | None, phone: str | None) -> Party:
+    return Party("usr_1", "x", None, "active", 1, "UTC", "en", email, phone)
+
+
+def test_an_invitation_shows_the_senders_verified_contact_masked() -> None:
+    # The phone first; an e-mail's domain is the sender's choice too, so it is masked as well.
+    assert _masked_contact(_party("mallory@billfold-help.example", "+4915123456789")) == (
+        "+49*****89"
+    )
+    assert _masked_contact(_party("mallory@billfold-help.example", None)) == "m***@b***.example"
+    assert _masked_contact(_party(None, None)) is None

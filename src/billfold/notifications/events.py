@@ -4,7 +4,11 @@ publish them above its layer) and what each means for whom."""
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
+import unicodedata
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -13,6 +17,9 @@ from billfold import ledger, users
 from billfold.notifications import store
 from billfold.notifications.service import Intent, NotificationsRuntime, notify
 from billfold.platform.bus.consumers import Consumer
+from billfold.platform.clock import utcnow
+
+log = logging.getLogger(__name__)
 
 CONSUMER = "notifications"
 
@@ -42,6 +49,56 @@ async def _name(conn: AsyncConnection, user_id: str | None) -> str:
     if party is None:
         return "?"
     return party.name if not party.handle else f"{party.name} (@{party.handle})"
+
+
+# An invitation goes to an address nobody has verified, under billfold's name: what it says
+# about the sender must not be text the sender chose (a user's name is any 1-120 characters:
+# "billfold Security: call +1 900…" would be phishing sent by us). It shows the first word of
+# the name only if it reads as a first name (letters, joined by single ' or - but no dot, no
+# digits, at most 24) and names no brand or role, plus the sender's verified contact masked.
+_FIRST_NAME = re.compile("^[^\\W\\d_]+(?:['\u2019-][^\\W\\d_]+)*$")
+_FIRST_NAME_MAX = 24
+_ROLES = frozenset(
+    {"security", "support", "admin", "service", "team", "bank", "official", "help", "info"}
+)
+# Invitations a sender may cause in a day, apart from the hourly notification budget (each is a
+# message to a stranger, and an SMS costs money).
+INVITATIONS_PER_SENDER_PER_DAY = 10
+
+
+def _first_name(name: str) -> str | None:
+    words = name.split()
+    first = unicodedata.normalize("NFKC", words[0]) if words else ""
+    if len(first) > _FIRST_NAME_MAX or not _FIRST_NAME.match(first):
+        return None
+    folded = first.casefold()
+    if "billfold" in folded or folded in _ROLES:
+        return None
+    return first
+
+
+def _masked_contact(party: users.Party) -> str | None:
+    if party.verified_phone:
+        return users.mask_phone(party.verified_phone)
+    if party.verified_email:
+        # The domain is the sender's choice too ("billfold-help.example"): only its first
+        # letter and its top-level domain show.
+        local, _, domain = party.verified_email.partition("@")
+        host, _, tld = domain.rpartition(".")
+        return f"{local[:1]}***@{host[:1]}***.{tld}" if host else f"{local[:1]}***@{domain}"
+    return None
+
+
+async def _inviter(conn: AsyncConnection, sender_id: str) -> str:
+    """The sender as an invitation shows them: "Alice (+49*****89)", "Alice", "a***@e***.com",
+    or "" (the template then says "Someone")."""
+    party = await users.get_party(conn, sender_id)
+    if party is None:
+        return ""
+    first, contact = _first_name(party.name), _masked_contact(party)
+    if first and contact:
+        return f"{first} ({contact})"
+    return first or contact or ""
 
 
 def _invitee(data: dict[str, Any]) -> str:
@@ -89,7 +146,9 @@ async def _invitation(
     """Money sent to an e-mail or phone nobody has verified: the invitee is told how to claim it
     (sign up or in, verify that contact before the claim window closes). Someone who has it
     verified is not invited: the claim consumer hands them the money, and they are told it was
-    received. The sender owns the message (their hourly budget, their delivery log)."""
+    received. The sender owns the message (their hourly budget, their delivery log), shows in
+    it only as `_inviter` puts them (never their free text), and causes at most
+    `INVITATIONS_PER_SENDER_PER_DAY` invitations a day."""
     d = event["data"]
     invitee = d.get("invitee") or {}
     sender = d.get("sender_id")
@@ -101,12 +160,17 @@ async def _invitation(
     _, owner = await users.find_counterparty(conn, sender, kind, address)
     if owner is not None and address in (owner.verified_email, owner.verified_phone):
         return []
+    since = utcnow() - timedelta(days=1)
+    sent = await store.count_kind_since(conn, sender, "transfer_invitation", since)
+    if sent >= INVITATIONS_PER_SENDER_PER_DAY:
+        log.info("invitation not sent: the sender's daily invitations are used up")
+        return []  # the money waits to be claimed all the same, and goes back if it is not
     tid = d["transfer_id"]
     ctx = {
         "amount": d["amount"],
         "currency": d["currency"],
         "at": event["time"],
-        "counterparty": await _name(conn, sender),
+        "counterparty": await _inviter(conn, sender),
         "days": max(rt.settings.p2p_claim_ttl_seconds // 86_400, 1),
     }
     return [

@@ -393,6 +393,24 @@ async def recent_outside_count(conn: AsyncConnection, user_id: str, since: datet
     return int(result.scalar_one())
 
 
+async def count_kind_since(conn: AsyncConnection, user_id: str, kind: str, since: datetime) -> int:
+    """How many `kind` notifications the user owns since `since`. Counted under a transaction
+    lock per (user, kind): two consumers handling the same user's events at once cannot both
+    take the last place under a cap."""
+    await conn.execute(
+        text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
+        {"key": f"notifications.{kind}:{user_id}"},
+    )
+    result = await conn.execute(
+        text(
+            "SELECT count(*) FROM notifications.notifications "
+            "WHERE user_id = :uid AND kind = :kind AND created_at >= :since"
+        ),
+        {"uid": user_id, "kind": kind, "since": since},
+    )
+    return int(result.scalar_one())
+
+
 async def has_channel(conn: AsyncConnection, notification_id: str, channel: str) -> bool:
     result = await conn.execute(
         text(
