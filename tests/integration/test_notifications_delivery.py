@@ -465,6 +465,62 @@ async def test_twilio_status_callbacks_mark_sms_delivered_or_failed(
     assert await log_of(app, row.id) == ["queued", "sending", "sent", "delivered"]
 
 
+async def test_a_late_delivered_report_settles_a_delivery_the_dispatcher_gave_up_on(
+    client: httpx.AsyncClient,
+    app: Any,
+    providers: Providers,
+    alice: SignedIn,
+    bob: SignedIn,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The dispatcher fails a delivery whose sends never got an answer, while Twilio in fact
+    had the message: its later `delivered` report is the truth, not a no-op."""
+    providers.reset()
+    settings = app.state.resources.settings.model_copy(
+        update={"twilio_auth_token": providers.twilio.auth_token}
+    )
+    monkeypatch.setattr(app.state.resources, "settings", settings)
+    await verify_contacts(app, bob)
+    await client.put(
+        "/v1/me/notification-preferences",
+        json={"categories": [{"category": "transfers", "channels": {"sms": True}}]},
+        headers=bob.headers,
+    )
+    await fund(app, alice.user["id"], 5_000)
+    transfer = await send_ok(client, alice, 100, bob)
+    async with harness(app, **providers.settings()) as h:
+        await h.deliver(transfer["id"])
+        await h.dispatch()
+    (message,) = [m for m in providers.twilio.messages if m["to"] == bob.user["phone"]]
+    (received,) = await notifications_of(app, bob, "transfer_received")
+    (sms,) = (await deliveries_of(app, received.id))["sms"]
+    # As the dispatcher leaves it after its last attempt timed out: failed, no Twilio id.
+    await execute(
+        app,
+        "UPDATE notifications.deliveries SET status = 'failed', error = 'timeout', "
+        "provider_message_id = NULL WHERE id = :d",
+        d=sms.id,
+    )
+    url = message["callback"]
+    form = {"MessageSid": message["sid"], "MessageStatus": "delivered"}
+    r = await client.post(
+        url.removeprefix(settings.public_url),
+        data=form,
+        headers={"X-Twilio-Signature": twilio_signature(providers.twilio.auth_token, url, form)},
+    )
+    assert r.status_code == 204, r.text
+    (row,) = await sql(
+        app,
+        "SELECT status, error, provider_message_id FROM notifications.deliveries WHERE id = :d",
+        d=sms.id,
+    )
+    assert (row.status, row.error, row.provider_message_id) == (
+        "delivered",
+        None,
+        message["sid"],
+    )
+
+
 async def test_only_development_prints_one_time_codes(
     client: httpx.AsyncClient, app: Any, bob: SignedIn, capsys: pytest.CaptureFixture[str]
 ) -> None:

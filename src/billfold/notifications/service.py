@@ -560,11 +560,18 @@ async def provider_receipt(
     batch after all its sends), or after it gave up on an answer that never came: either way
     the provider has the message, so the delivery is `sent` (with the provider's id) first,
     and the dispatcher's late record changes nothing. A repeated or late report of a
-    delivery already delivered or failed changes nothing either."""
+    delivery already delivered changes nothing either; one already failed changes only when
+    the provider says it was delivered (the dispatcher gave up on an answer that never came,
+    yet the provider had it and it arrived)."""
     row = await store.lock_for_receipt(conn, provider, delivery_id, message_id)
     if row is None or row.provider_message_id not in (None, message_id):
         return False
     now = utcnow()
+    if row.status == "failed" and final == "delivered":
+        await store.settle(
+            conn, row.id, "delivered", now, detail=detail, provider_message_id=message_id
+        )
+        return True
     if row.status in ("delivered", "failed"):
         return True
     if row.status in ("queued", "sending"):
