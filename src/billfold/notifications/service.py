@@ -429,7 +429,9 @@ class Dispatcher:
         raw = bytes(row.sealed_content)
         if not raw.startswith(b"{"):
             # Sealed whole under the process box (deliveries queued before codes were sealed
-            # by the users service).
+            # by the users service). Told apart by the first byte: a sealed box starts with
+            # its version byte (0x01), never "{", and a new envelope is JSON, an object. A
+            # box version of 0x7b would break this test.
             return dict(json.loads(self._rt.sealed.open(raw, _aad(row.id))))
         envelope = json.loads(raw)
         code = users.open_one_time_code(self._rt.codes, envelope["event"])
