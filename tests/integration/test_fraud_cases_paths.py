@@ -337,3 +337,35 @@ async def test_decisions_are_refused_on_bad_input_without_a_change(
     assert (await client.get(f"/v1/payments/{payment_id}", headers=alice.headers)).json()[
         "status"
     ] == "review"
+
+
+@pytest.mark.parametrize("swept", [False, True])
+async def test_releasing_a_transfer_whose_hold_is_gone_is_case_expired_and_fraud_can_be_confirmed(
+    client: httpx.AsyncClient,
+    app: Any,
+    alice: SignedIn,
+    bob: SignedIn,
+    admin: SignedIn,
+    swept: bool,
+) -> None:
+    """The review hold lapsed (and, `swept`, the ledger's sweeper released it) before the
+    transfers' own expiry ran: the ledger answers a release 409 `hold_expired` /
+    `hold_not_active`. The reviewer is told `case_expired`, and the case is not left claimed
+    for a release that never happened: `confirm_fraud` still labels it."""
+    engine = app.state.resources.engine
+    await fund(app, alice.user["id"], 20_000)
+    transfer_id, case = await held_transfer(client, admin, alice, bob, 4_553 + swept)
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql(
+            "UPDATE ledger.holds SET expires_at = now() - interval '1 second' "
+            f"WHERE reference = '{transfer_id}'"
+        )
+    if swept:
+        await ledger.expire_holds(engine)
+    r = await decide(client, admin, case["id"], {"decision": "release"})
+    assert (r.status_code, r.json()["code"]) == (409, "case_expired"), r.text
+    r = await decide(client, admin, case["id"], {"decision": "confirm_fraud"})
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "decided" and r.json()["outcome"] == "confirm_fraud"
+    (transfer,) = await sql(app, "SELECT status FROM p2p.transfers WHERE id = :t", t=transfer_id)
+    assert transfer.status in ("pending", "failed")  # never completed

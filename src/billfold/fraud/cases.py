@@ -293,8 +293,12 @@ async def decide(
         if row.status == "decided":
             raise CaseDecided("This case is already decided", extra={"outcome": row.outcome})
     else:
+        # A transfer's money moves in the case's own transaction: no claim (one that the money
+        # then failed to move would outlive the rollback and refuse the other outcome), only
+        # the case's row lock, and the checks again under it.
         conn = await uow.connection()
         row = await _locked(conn, case_id)
+        _refuse_undecidable(row, outcome)
         subject_status = await _apply_to_transfer(conn, rt, row, outcome)
     if subject_status is None and outcome == "release":
         # Nothing is held any more: a release would move no money while the reviewer believes
@@ -353,26 +357,34 @@ async def decide(
 
 
 async def _claim(engine: AsyncEngine, case_id: str, outcome: str) -> Row[Any]:
-    """Commit the claim of `outcome` on the case (or find it claimed already for the same
-    outcome: a retry); anything else already decided, claimed or expired is 409."""
+    """Commit the claim of `outcome` on a payment's case (or find it claimed already for the
+    same outcome: a retry); anything else already decided, claimed or expired is 409. A
+    transfer's case is checked, not claimed (its money moves with the case)."""
     async with engine.begin() as conn:
         row = await _locked(conn, case_id)
-        if row.status == "decided":
-            raise CaseDecided("This case is already decided", extra={"outcome": row.outcome})
-        if row.subject_status == EXPIRED and outcome == "release":
-            raise CaseExpired(
-                "The review hold of this case expired and the money went back to the customer: "
-                "there is nothing to release",
-                extra={"subject_status": EXPIRED},
-            )
-        claimed = next((o for o, s in APPLYING.items() if s == row.subject_status), None)
-        if claimed is not None and claimed != outcome:
-            raise CaseDecided(
-                "Another decision on this case is being applied", extra={"outcome": claimed}
-            )
-        if claimed is None:
+        claimed = _refuse_undecidable(row, outcome)
+        if claimed is None and row.subject_kind == "payment":
             await store.update(conn, case_id, {"subject_status": APPLYING[outcome]})
         return row
+
+
+def _refuse_undecidable(row: Row[Any], outcome: str) -> str | None:
+    """409 for a case already decided, expired (for a release) or claimed for the other
+    outcome; the outcome claimed already (a retry), if any."""
+    if row.status == "decided":
+        raise CaseDecided("This case is already decided", extra={"outcome": row.outcome})
+    if row.subject_status == EXPIRED and outcome == "release":
+        raise CaseExpired(
+            "The review hold of this case expired and the money went back to the customer: "
+            "there is nothing to release",
+            extra={"subject_status": EXPIRED},
+        )
+    claimed = next((o for o, s in APPLYING.items() if s == row.subject_status), None)
+    if claimed is not None and claimed != outcome:
+        raise CaseDecided(
+            "Another decision on this case is being applied", extra={"outcome": claimed}
+        )
+    return claimed
 
 
 async def _expire(engine: AsyncEngine, case_id: str, actor_id: str | None) -> None:
@@ -420,18 +432,27 @@ async def _apply_to_transfer(
     conn: AsyncConnection, rt: FraudRuntime, case: Row[Any], outcome: str
 ) -> str | None:
     """Complete or refuse the held transfer in the case's own transaction; None when it is no
-    longer pending (its review hold expired: the sender has the money back)."""
+    longer pending or its hold no longer holds (the review hold lapsed, or the sweeper already
+    released it, before the transfers' own expiry ran: the sender has the money back)."""
     assert rt.p2p is not None, "the app gives the fraud runtime the transfers' runtime"
     try:
-        if outcome == "release":
-            row = await p2p.release_pending(conn, rt.p2p, case.subject_id)
-        else:
-            row = await p2p.fail_pending(conn, case.subject_id, FRAUD_CONFIRMED)
+        # A savepoint: what the transfers wrote before finding the hold gone is undone, and the
+        # case's transaction goes on (to label a confirmed fraud).
+        async with conn.begin_nested():
+            if outcome == "release":
+                row = await p2p.release_pending(conn, rt.p2p, case.subject_id)
+            else:
+                row = await p2p.fail_pending(conn, case.subject_id, FRAUD_CONFIRMED)
     except ProblemError as e:
-        if e.status != 404:
+        if e.status != 404 and e.code not in _HOLD_GONE:
             raise
         return None
     return str(row.status)
+
+
+# The ledger's answers for a review hold that lapsed (`hold_expired`) or was already released
+# by the sweeper (`hold_not_active`): nothing is held any more.
+_HOLD_GONE = frozenset({"hold_expired", "hold_not_active"})
 
 
 async def _apply_to_payment(
