@@ -138,6 +138,15 @@ async def test_comments_and_a_decided_case(
     r = await post(client, admin, "/case_unknown/comments", {"body": "hello"})
     assert r.status_code == 404 and r.json()["code"] == "case_not_found"
 
+    # A decision moves money: without an Idempotency-Key it is refused, and decides nothing.
+    r = await client.post(
+        f"/v1/admin/fraud/cases/{case['id']}/decision",
+        json={"decision": "confirm_fraud"},
+        headers=admin.headers,
+    )
+    assert (r.status_code, r.json()["code"]) == (428, "idempotency_key_required"), r.text
+    assert (await get(client, admin, user_id=user))["data"][0]["status"] == "open"
+
     # The transfer behind this case is not held (there is none): the case is still decided, the
     # label recorded, and what became of the subject is said.
     key = uuid.uuid4().hex

@@ -17,7 +17,7 @@ from billfold.fraud.cases import (
 )
 from billfold.fraud.rules import PRINTABLE
 from billfold.fraud.runtime import FraudRuntime
-from billfold.gateway import Principal, Uow, require_admin
+from billfold.gateway import IdempotencyRequired, Principal, Uow, require_admin
 from billfold.platform.errors import problem_responses
 from billfold.platform.pagination import Page, PageParams, make_page, page_params
 
@@ -99,14 +99,25 @@ async def comment(case_id: CaseId, body: NewComment, admin: Admin, uow: Uow) -> 
     "/v1/admin/fraud/cases/{case_id}/decision",
     response_model=CaseDetail,
     summary="Decide a case: release (the payment/transfer completes) or confirm fraud",
-    responses=problem_responses(401, 403, 404, 409, 422),
+    responses=problem_responses(401, 403, 404, 409, 422, 428),
 )
 async def decide(
-    case_id: CaseId, body: CaseDecisionRequest, admin: Admin, uow: Uow, rt: Runtime
+    case_id: CaseId,
+    body: CaseDecisionRequest,
+    admin: Admin,
+    # It moves money (completes, captures, voids, returns): a retry must replay, not decide
+    # again. After `admin`, so a caller who is not one hears 401/403 first. The edge's
+    # idempotency holds the request's connection while `decide` uses two more (the claim's,
+    # and the payments' transaction with a card void at the network): acceptable for an
+    # administrator's rare request, unlike the payments' hot path (`_OWN_IDEMPOTENCY`).
+    _idempotency_key: Annotated[str, IdempotencyRequired],
+    uow: Uow,
+    rt: Runtime,
 ) -> CaseDetail:
     """`release`: the held payment is authorized / the transfer completes; `confirm_fraud`: the
     payment is voided / the transfer returns to its sender, and the decision is labelled
     `fraud` for training (`release` labels it `legit`). `409 case_decided` once decided (or
     while another outcome is being applied), `409 case_expired` when the review hold expired.
-    `"unlock_account": true` (with `release` only) also unlocks the user's account."""
+    `"unlock_account": true` (with `release` only) also unlocks the user's account. Requires an
+    `Idempotency-Key` (428 `idempotency_key_required` without)."""
     return await cases.decide(uow, rt, case_id, admin.user_id, body)
