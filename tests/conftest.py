@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog
 from asgi_lifespan import LifespanManager
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -30,6 +31,23 @@ from billfold.platform.db import async_url
 from billfold.platform.keys import SealedBox
 
 PASSWORD = "correct horse battery staple"
+
+
+def plain_tracebacks() -> None:
+    """structlog's unconfigured default renders exceptions with rich, every frame's locals
+    included: slow enough under load to hit the test timeout (minutes for one logged error),
+    and it would print request bodies and keys into the test output. The processes billfold
+    starts call `configure_logging`; the suite's in-process apps get plain tracebacks."""
+    *processors, _ = structlog.get_config()["processors"]
+    structlog.configure(
+        processors=[
+            *processors,
+            structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback),
+        ]
+    )
+
+
+plain_tracebacks()
 
 
 def _worker() -> str:

@@ -21,6 +21,7 @@ from billfold.platform.observability import (
     redact_text,
     request_id_var,
 )
+from tests.conftest import plain_tracebacks
 
 VISA = "4242424242424242"  # Luhn-valid test card
 JWT = (
@@ -210,6 +211,7 @@ def json_logging(monkeypatch):
     root.setLevel(level)
     logging.getLogger("uvicorn.access").disabled = disabled
     structlog.reset_defaults()
+    plain_tracebacks()  # what the suite runs with (tests/conftest.py)
 
 
 def _lines(err: str) -> list[dict]:
