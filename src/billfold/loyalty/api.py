@@ -97,8 +97,8 @@ async def list_activity(
 async def redeem(
     body: NewRedemption, me: Me, uow: Uow, rt: Runtime, idempotency_key: IdempotencyKey
 ) -> Redemption:
-    """Turn `points` into `currency` in your wallet at the configured rate (1 point = 1 cent by
-    default; a minimum and a step per currency). Points, money, the redemption and its event
+    """Turn `points` into `currency` in your wallet at the configured rate (by default USD only,
+    1 point = 1 US cent; a minimum and a step per currency). Points, money, the redemption and its event
     commit together or not at all. Requires `Idempotency-Key`: a retry answers the first
     result. Not enough points is a 422 `insufficient_points`."""
     return await service.redeem(
