@@ -439,6 +439,25 @@ def test_a_block_list_blocks_and_an_allow_list_overrides_rules_but_not_a_block()
     assert (hit.score, hit.action) == (1000, "block")
 
 
+def test_an_ipv4_entry_matches_a_client_seen_ipv4_mapped() -> None:
+    lists = ListSet(
+        [
+            ListEntry("lst_a", "block", "ip", "203.0.113.0/24", "botnet range"),
+            ListEntry("lst_b", "block", "ip", "198.51.100.7", "one host"),
+            ListEntry("lst_c", "block", "ip", "::ffff:192.0.2.9", "stored mapped before"),
+        ]
+    )
+    rules = compile_rules([], lists)
+
+    def codes(ip: str) -> list[str]:
+        return [h.reason_code for h in rules.evaluate(everyday(), subject(ip=ip))]
+
+    assert codes("::ffff:203.0.113.77") == ["block_list_ip"]
+    assert codes("::ffff:198.51.100.7") == ["block_list_ip"]
+    assert codes("192.0.2.9") == ["block_list_ip"]
+    assert codes("::ffff:198.51.100.8") == []
+
+
 def test_an_expired_entry_stops_matching() -> None:
     lists = ListSet(
         [ListEntry("lst_a", "block", "device", "dev_x", "cooling off", NOW + timedelta(hours=1))]
@@ -457,6 +476,10 @@ def test_an_expired_entry_stops_matching() -> None:
         ("ip", "10.1.2.3/16", "10.1.0.0/16"),
         ("ip", "2001:db8:1:2::5/48", "2001:db8:1::/48"),
         ("ip", "2001:0DB8::0001/128", "2001:db8::1"),
+        # IPv4-mapped: the IPv4 address/network it is (a dual-stack client is matched so).
+        ("ip", "::ffff:10.1.2.3", "10.1.2.3"),
+        ("ip", "::ffff:10.1.0.0/112", "10.1.0.0/16"),
+        ("ip", "64:ff9b::10.1.0.0/112", "64:ff9b::a01:0/112"),
         ("country", "de", "DE"),
         ("device", "  dev_1 ", "dev_1"),
     ],
@@ -475,7 +498,22 @@ def test_values_that_are_not_of_their_kind_are_refused(kind: str, value: str) ->
 
 
 @pytest.mark.parametrize(
-    "value", ["0.0.0.0/0", "10.1.2.3/8", "10.0.0.0/15", "::/0", "2001:db8::/31", "::/1"]
+    "value",
+    [
+        "0.0.0.0/0",
+        "10.1.2.3/8",
+        "10.0.0.0/15",
+        "::/0",
+        "2001:db8::/31",
+        "::/1",
+        # IPv6 networks that embed all of IPv4 (or a /8 of it) in their last 32 bits.
+        "::ffff:0.0.0.0/96",
+        "::ffff:0:0/95",
+        "::ffff:10.0.0.0/104",
+        "64:ff9b::/96",
+        "64:ff9b::10.0.0.0/104",
+        "::/80",
+    ],
 )
 def test_networks_wider_than_the_minimum_prefix_are_refused(value: str) -> None:
     with pytest.raises(ListValueInvalid) as refused:

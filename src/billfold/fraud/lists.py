@@ -91,11 +91,45 @@ class ListValueInvalid(ValueError):
         self.code = code
 
 
+# IPv6 ranges that embed the whole IPv4 internet in their last 32 bits: IPv4-mapped addresses
+# (how a dual-stack listener shows an IPv4 client) and the NAT64 well-known prefix. A /96 of one
+# of them is all of IPv4, however long an IPv6 prefix it looks.
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+_EMBEDDING_IPV4 = (_IPV4_MAPPED, ipaddress.IPv6Network("64:ff9b::/96"))
+
+
+def _unmapped(network: IpNetwork) -> IpNetwork:
+    """An IPv4-mapped IPv6 network as the IPv4 network it is (stored and matched as IPv4)."""
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_IPV4_MAPPED):
+        address = network.network_address.ipv4_mapped
+        assert address is not None  # inside ::ffff:0:0/96
+        return ipaddress.IPv4Network(f"{address}/{network.prefixlen - 96}")
+    return network
+
+
+def _ipv4_breadth(network: IpNetwork) -> int | None:
+    """The IPv4 prefix length an IPv6 network covering embedded IPv4 amounts to (0 for one that
+    contains a whole embedding range); None when it embeds no IPv4."""
+    if isinstance(network, ipaddress.IPv4Network):
+        return None
+    for embedding in _EMBEDDING_IPV4:
+        if network.overlaps(embedding):
+            return max(0, network.prefixlen - 96)
+    return None
+
+
 def _network(value: str) -> str:
     try:
-        network = ipaddress.ip_network(value, strict=False)
+        network = _unmapped(ipaddress.ip_network(value, strict=False))
     except ValueError:
         raise ListValueInvalid("an IP address or network (CIDR) such as 203.0.113.0/24") from None
+    embedded = _ipv4_breadth(network)
+    if embedded is not None and embedded < MIN_PREFIX[4]:
+        raise ListValueInvalid(
+            f"a network no wider than /{MIN_PREFIX[4]} of IPv4 (this IPv6 network embeds "
+            f"a /{embedded} of IPv4)",
+            code="network_too_broad",
+        )
     minimum = MIN_PREFIX[network.version]
     if network.prefixlen < minimum:
         raise ListValueInvalid(
@@ -179,9 +213,11 @@ class ListSet:
         ids: list[str] = []
         for entry in entries:
             ids.append(f"{entry.id}:{entry.expires_at.isoformat() if entry.expires_at else ''}")
-            network = ipaddress.ip_network(entry.value) if entry.kind == "ip" else None
+            network = _unmapped(ipaddress.ip_network(entry.value)) if entry.kind == "ip" else None
             if network is not None and network.num_addresses > 1:
                 self._networks.append((network, entry))
+            elif network is not None:  # an address (one stored IPv4-mapped is its IPv4)
+                self._exact.setdefault(("ip", str(network.network_address)), []).append(entry)
             else:
                 self._exact.setdefault((entry.kind, entry.value), []).append(entry)
         self.size = len(ids)
@@ -204,6 +240,10 @@ class ListSet:
             address = ipaddress.ip_address(ip.strip())
         except ValueError:
             return []
+        # An IPv4 client seen through a dual-stack listener (`::ffff:a.b.c.d`) is that IPv4
+        # address, as the list stores it.
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
         found = list(self._exact.get(("ip", str(address)), ()))
         found.extend(
             e
