@@ -7,6 +7,7 @@ at the end, so tests that pay and transfer in the same database are never affect
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -693,7 +694,7 @@ async def test_list_values_are_checked_per_kind_and_networks_are_not_too_broad(
     tag = uuid.uuid4().hex
     good = {
         ("ip", f"10.{int(tag[:2], 16)}.0.0/16"): f"10.{int(tag[:2], 16)}.0.0/16",
-        ("ip", f"2001:db8:{tag[:4]}::/48"): f"2001:db8:{tag[:4]}::/48",
+        ("ip", f"2001:db8:{tag[:4]}::/48"): f"2001:db8:{int(tag[:4], 16):x}::/48",
         ("device", f"dev_{tag[:26]}"): f"dev_{tag[:26]}",
         ("card", (tag * 2).upper()): tag * 2,
         ("country", "kp"): "KP",
@@ -722,3 +723,89 @@ async def _entries(app: Any) -> int:
     async with app.state.resources.engine.connect() as conn:
         found = await conn.execute(text("SELECT count(*) FROM fraud.list_entries"))
         return int(found.scalar_one())
+
+
+async def test_a_new_rule_is_in_force_within_refresh_seconds_in_a_fresh_process(
+    client: httpx.AsyncClient, settings: Any, admin: SignedIn
+) -> None:
+    """The documented promise on a cold process (its own app, fraud checks on as in
+    production): after a first check loaded the book and background refreshes ran, a review
+    rule created through the admin API holds the next transfer made `refresh_seconds` later."""
+    from asgi_lifespan import LifespanManager
+
+    from billfold.app import create_app
+    from tests.conftest import fund, sign_up
+
+    fresh = create_app(settings.model_copy(update={"fraud_enabled": True}))
+    async with LifespanManager(fresh):
+        transport = httpx.ASGITransport(app=fresh)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as own:
+            alice = await sign_up(client, name="Alice Example", country="US")
+            bob = await sign_up(client, name="Bob Example", country="US")
+            await fund(fresh, alice.user["id"], 20_000)
+            book = fresh.state.fraud.rules
+
+            async def send(amount: int) -> str:
+                r = await own.post(
+                    "/v1/transfers",
+                    json={
+                        "recipient": {"user_id": bob.user["id"]},
+                        "amount": amount,
+                        "currency": "USD",
+                    },
+                    headers=idem(**alice.headers),
+                )
+                assert r.status_code == 201, r.text
+                return str(r.json()["status"])
+
+            for _ in range(3):  # the first load, then refreshes in the background
+                await send(100)
+                await asyncio.sleep(book.refresh_seconds * 0.6)
+            amount = 4_000 + int(uuid.uuid4().hex[:2], 16)
+            rule_id = f"t_{uuid.uuid4().hex[:12]}"
+            r = await own.post(
+                RULES,
+                json={
+                    "id": rule_id,
+                    "expression": f"amount == {amount} && !is_payment",
+                    "reason_code": rule_id,
+                    "description": "A test rule",
+                    "state": "active",
+                    "action": "review",
+                },
+                headers=idem(**admin.headers),
+            )
+            assert r.status_code == 201, r.text
+            try:
+                await asyncio.sleep(book.refresh_seconds)
+                assert await send(amount) == "pending"
+            finally:
+                await own.post(f"{RULES}/{rule_id}/disable", headers=idem(**admin.headers))
+            await book.settled()
+
+
+async def test_a_set_past_its_age_is_not_used_while_a_refresh_is_in_flight(
+    app: Any, client: httpx.AsyncClient, admin: SignedIn
+) -> None:
+    """A slow refresh (holding the book's lock) may have read the counters before a change
+    committed: a check that finds the set past `refresh_seconds` waits for it and checks
+    again, instead of using the old set."""
+    now = [0.0]
+    book = RuleBook(lists=load_lists, refresh_seconds=1.0, clock=lambda: now[0])
+    engine = app.state.resources.engine
+    async with engine.connect() as conn:
+        first = await book.current(conn)
+    created = await create(client, admin, reason_code="test_in_flight_reason")
+    try:
+        now[0] = 1.5
+        async with engine.connect() as conn:
+            await book._lock.acquire()  # a refresh in flight
+            waiting = asyncio.create_task(book.current(conn))
+            await asyncio.sleep(0.1)
+            assert not waiting.done()
+            book._lock.release()
+            refreshed = await waiting
+        assert refreshed.version != first.version
+        assert [h.reason_code for h in refreshed.evaluate(crafted())] == ["test_in_flight_reason"]
+    finally:
+        await client.post(f"{RULES}/{created['id']}/disable", headers=idem(**admin.headers))

@@ -376,11 +376,15 @@ class RuleBook:
         rules = self._rules
         if rules is not None:
             age = self._clock() - self._checked
-            if age < self.refresh_seconds / 2 or self._lock.locked():
+            if age < self.refresh_seconds / 2:
                 return rules
             if age < self.refresh_seconds:
-                self._refresh_in_background(conn.engine)
+                if not self._lock.locked():
+                    self._refresh_in_background(conn.engine)
                 return rules
+            # Past its full age the set is not used unchecked, not even while a refresh is in
+            # flight (a slow one may have read the counters before the change committed): wait
+            # for it, then check again below.
         async with self._lock:
             if self._rules is not None and self._clock() - self._checked < self.refresh_seconds:
                 return self._rules
@@ -407,8 +411,10 @@ class RuleBook:
             await asyncio.shield(self._background)
 
     async def _refresh(self, conn: AsyncConnection) -> CompiledRules:
+        # The time before the read: the counters are as of (at least) then, not when they arrive.
+        asked = self._clock()
         counters = await store.counters(conn)
-        self._checked = self._clock()
+        self._checked = asked
         if self._rules is not None and counters == self._counters:
             return self._rules
         old = self._counters
