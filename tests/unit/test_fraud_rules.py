@@ -490,7 +490,13 @@ def test_values_are_stored_in_one_form(kind: str, value: str, stored: str) -> No
 
 @pytest.mark.parametrize(
     ("kind", "value"),
-    [("ip", "300.1.1.1"), ("ip", "example.com"), ("country", "DEU"), ("card", "\x00")],
+    [
+        ("ip", "300.1.1.1"),
+        ("ip", "example.com"),
+        ("country", "DEU"),
+        ("country", "ß"),  # upper-cased it would be "SS" (South Sudan)
+        ("card", "\x00"),
+    ],
 )
 def test_values_that_are_not_of_their_kind_are_refused(kind: str, value: str) -> None:
     with pytest.raises(ValueError):

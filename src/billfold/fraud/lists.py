@@ -173,8 +173,11 @@ def normalize(kind: str, value: str) -> str:
     if kind == "ip":
         return _network(value)
     if kind == "country":
+        # ASCII first: upper-casing "ß" gives "SS" (South Sudan).
+        if not value.isascii():
+            raise ListValueInvalid("an ISO 3166-1 alpha-2 country code such as DE")
         value = value.upper()
-        if len(value) != 2 or not value.isascii() or pycountry.countries.get(alpha_2=value) is None:
+        if len(value) != 2 or pycountry.countries.get(alpha_2=value) is None:
             raise ListValueInvalid("an ISO 3166-1 alpha-2 country code such as DE")
         return value
     if kind == "device" and not _DEVICE_ID.fullmatch(value):
