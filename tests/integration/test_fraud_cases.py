@@ -16,7 +16,9 @@ import httpx
 from sqlalchemy import text
 
 from billfold.config import Settings
+from billfold.fraud.cases import expiry_consumer
 from billfold.fraud.service import FraudRiskCheck
+from billfold.platform.bus.consumers import ConsumerSink
 from billfold.platform.ids import new_id
 from tests.conftest import SignedIn, idem, make_admin
 from tests.integration.test_fraud_decisions import Rules, make_runtime, payment, transfer
@@ -146,6 +148,15 @@ async def test_comments_and_a_decided_case(
     )
     assert (r.status_code, r.json()["code"]) == (428, "idempotency_key_required"), r.text
     assert (await get(client, admin, user_id=user))["data"][0]["status"] == "open"
+    # A misspelt field or a lax boolean is refused, not silently ignored or taken for "true".
+    for bad in (
+        {"decision": "release", "unlock": True},
+        {"decision": "release", "unlock_account": "yes"},
+        {"decision": "release", "unlock_account": 1},
+    ):
+        r = await post(client, admin, f"/{case['id']}/decision", bad)
+        assert (r.status_code, r.json()["code"]) == (422, "validation_failed"), bad
+    assert (await get(client, admin, user_id=user))["data"][0]["status"] == "open"
 
     # The transfer behind this case is not held (there is none): the case is still decided, the
     # label recorded, and what became of the subject is said.
@@ -194,3 +205,33 @@ async def test_only_admins(
         assert r.status_code == 401, (method, path)
     unchanged = await client.get(f"/v1/admin/fraud/cases/{case['id']}", headers=admin.headers)
     assert unchanged.json()["status"] == "open" and unchanged.json()["comments"] == []
+
+
+async def test_a_lapsed_payment_does_not_overwrite_a_claimed_decision(
+    app: Any, settings: Settings
+) -> None:
+    """A release claimed (and perhaps applied: approve_review, then a crash) before the payment
+    lapsed uncaptured: the expiry consumer leaves the claim for the release's retry to settle,
+    instead of marking the case expired and refusing that retry."""
+    user = who()
+    (payment_id,) = await open_cases(app, settings, user, "p")
+    engine = app.state.resources.engine
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE fraud.cases SET subject_status = 'releasing' WHERE subject_id = :s"),
+            {"s": payment_id},
+        )
+    consumer = expiry_consumer()
+    sink = ConsumerSink(engine, [consumer])
+    event = {
+        "id": new_id("evt"),
+        "type": "billfold.transactions.payment.expired",
+        "data": {"transaction_id": payment_id},
+    }
+    assert await sink.deliver(consumer, event)
+    async with engine.connect() as conn:
+        status = await conn.execute(
+            text("SELECT subject_status FROM fraud.cases WHERE subject_id = :s"),
+            {"s": payment_id},
+        )
+        assert status.scalar_one() == "releasing"

@@ -9,7 +9,7 @@ import json
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -134,11 +134,15 @@ class NewComment(BaseModel):
 
 
 class CaseDecisionRequest(BaseModel):
+    # A misspelt field (`"unlock": true`) is refused, not ignored: the reviewer would believe it
+    # took effect. A strict bool: "yes" or 1 is not a decision to unlock.
+    model_config = ConfigDict(extra="forbid")
+
     decision: Outcome
     note: str | None = Field(default=None, max_length=2000, pattern=MULTILINE)
     # With `release` only: the reviewer also unlocks the user's account (locked by the fraud
     # lock policy or an administrator). Never implied: a release alone leaves a lock in place.
-    unlock_account: bool = False
+    unlock_account: StrictBool = False
 
     @model_validator(mode="after")
     def _unlock_only_on_release(self) -> CaseDecisionRequest:
@@ -423,7 +427,13 @@ def expiry_consumer() -> Consumer:
         case = await store.by_subject(conn, subject_id)
         if case is None or case.status == "decided":
             return
-        await _mark_expired(conn, await _locked(conn, case.id), None)
+        row = await _locked(conn, case.id)
+        if row.subject_status in APPLYING.values():
+            # A decision was claimed and may have moved the money before a crash (an approved
+            # payment that later lapsed uncaptured): its retry finds out and ends the case;
+            # marking it expired here would refuse that retry for a release that happened.
+            return
+        await _mark_expired(conn, row, None)
 
     return Consumer("fraud.case-expiry", frozenset({PAYMENT_EXPIRED, TRANSFER_FAILED}), handle)
 
