@@ -181,11 +181,17 @@ async def test_admin_lock_route(client: httpx.AsyncClient, app: Any, admin: Sign
         f"/v1/admin/users/{new_id('usr')}/lock", json=body, headers=idem(**admin.headers)
     )
     assert r.status_code == 404 and r.json()["code"] == "user_not_found"
-    for bad in ({}, {"reason": ""}, {"reason": "a\x00b"}):
+    for bad in ({}, {"reason": ""}, {"reason": "a\x00b"}, {**body, "user": "usr_other"}):
         r = await client.post(
             f"/v1/admin/users/{bob.user['id']}/lock", json=bad, headers=idem(**admin.headers)
         )
         assert r.status_code == 422, bad
+    # An administrator does not lock themselves out (nobody would be signed in to undo it).
+    r = await client.post(
+        f"/v1/admin/users/{admin.user['id']}/lock", json=body, headers=idem(**admin.headers)
+    )
+    assert (r.status_code, r.json()["code"]) == (409, "cannot_lock_self"), r.text
+    assert (await client.get("/v1/wallet", headers=admin.headers)).status_code == 200
     r = await client.get("/v1/wallet", headers=bob.headers)
     assert r.status_code == 200  # nothing changed by the refused requests
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from billfold.gateway import Principal, Uow, require_admin
-from billfold.platform.errors import problem_responses
+from billfold.platform.errors import Conflict, problem_responses
 from billfold.users import locks
 from billfold.users.api.deps import Runtime
 
@@ -19,6 +19,7 @@ UserId = Annotated[str, Path(max_length=64, pattern=r"^[A-Za-z0-9_]+$")]
 
 
 class AccountLockRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is refused, not ignored
     # Printable text only: it goes into an event and a support agent's screen.
     reason: str = Field(min_length=1, max_length=500, pattern=r"^[^\x00-\x1f\x7f]+$")
 
@@ -43,12 +44,15 @@ def _state(change: locks.LockChange) -> AccountLockState:
     "/v1/admin/users/{user_id}/lock",
     response_model=AccountLockState,
     summary="Lock an account: no sign-in, every session revoked, live access tokens denied",
-    responses=problem_responses(401, 403, 404, 422),
+    responses=problem_responses(401, 403, 404, 409, 422),
 )
 async def lock(
     user_id: UserId, body: AccountLockRequest, admin: Admin, uow: Uow, rt: Runtime
 ) -> AccountLockState:
-    """Idempotent: an account already locked answers `changed: false`."""
+    """Idempotent: an account already locked answers `changed: false`. An administrator cannot
+    lock their own account (409 `cannot_lock_self`): nobody would be left signed in to undo it."""
+    if user_id == admin.user_id:
+        raise Conflict("You cannot lock your own account", code="cannot_lock_self")
     change = await locks.lock_account(
         await uow.connection(), user_id, reason=body.reason, by=admin.user_id
     )
