@@ -46,6 +46,9 @@ async def test_every_money_path_at_once_never_deadlocks_nor_answers_5xx(
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     engine = app.state.resources.engine
+    # Other tests of this worker's database park malformed events on purpose: only what this
+    # test's traffic parks counts.
+    dead_before = await _scalar(app, "SELECT coalesce(max(id), 0) FROM platform.dead_letters")
     people = [await sign_up(client, name=f"Racer {i}") for i in range(5)]
     admin = await make_admin(app, client)
     for who in people:
@@ -226,8 +229,10 @@ async def test_every_money_path_at_once_never_deadlocks_nor_answers_5xx(
     # A verified card or bank account in the right currency always funds the wallet.
     refused_topups = [a for a in answers if a[0] == "topups" and a[1] != 201]
     assert not refused_topups, (context, refused_topups)
-    dead = await _scalar(app, "SELECT count(*) FROM platform.dead_letters")
-    assert dead == 0, (context, await sql(app, "SELECT consumer, error FROM platform.dead_letters"))
+    dead = await sql(
+        app, "SELECT consumer, error FROM platform.dead_letters WHERE id > :id", id=dead_before
+    )
+    assert not dead, (context, dead)
     report = await verify_ledger(engine)
     assert report.ok, (context, report.problems)
     await assert_escrow_conserved(app)
