@@ -19,17 +19,15 @@ from billfold.ledger.models import (
     WalletBalance,
 )
 from billfold.platform.clock import utcnow
-from billfold.platform.errors import FieldError, ProblemError, problem_responses
+from billfold.platform.errors import FieldError, problem_responses
 from billfold.platform.money import Currency
-from billfold.platform.pagination import Page, PageParams, make_page, page_params
+from billfold.platform.pagination import Page, PageParams, bigint_cursor, make_page, page_params
 
 router = APIRouter(tags=["wallet"])
 
 # The wallet is the user's money: reading or moving it needs the `wallet` scope (watches hold
 # only `pay`).
 Me = Annotated[Principal, Depends(require_scopes("wallet"))]
-
-_MAX_SEQ = 2**63 - 1  # entries.seq is a bigint
 
 
 def parse_as_of(value: str) -> datetime:
@@ -54,20 +52,6 @@ def parse_as_of(value: str) -> datetime:
     if instant > utcnow():
         raise invalid("as_of is in the future: a balance then is not known yet")
     return instant
-
-
-def _seq(after: str | None) -> int | None:
-    """The statement cursor is an entry's `seq`; anything else did not come from this list."""
-    if after is None:
-        return None
-    if after.isascii() and after.isdigit() and 0 < int(after) <= _MAX_SEQ:
-        return int(after)
-    raise ProblemError(
-        "The cursor is not valid; use next_cursor from the previous page",
-        status=422,
-        code="invalid_cursor",
-        errors=[FieldError(parameter="cursor", detail="not a cursor from this list")],
-    )
 
 
 @router.get(
@@ -125,7 +109,7 @@ async def list_entries(
         me.user_id,
         currency=currency,
         limit=page.limit + 1,
-        after=_seq(page.after),
+        after=bigint_cursor(page.after),
     )
     found = make_page(entries, page.limit, "seq")
     return Page[StatementEntry](

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request, status
@@ -25,8 +24,14 @@ from billfold.loyalty.models import (
     NewRedemption,
     Redemption,
 )
-from billfold.platform.errors import FieldError, ProblemError, problem_responses
-from billfold.platform.pagination import Page, PageParams, make_page, page_params
+from billfold.platform.errors import problem_responses
+from billfold.platform.pagination import (
+    Page,
+    PageParams,
+    bigint_cursor,
+    make_page,
+    page_params,
+)
 
 router = APIRouter(tags=["loyalty"])
 
@@ -34,29 +39,12 @@ router = APIRouter(tags=["loyalty"])
 Me = Annotated[Principal, Depends(require_scopes("wallet"))]
 IdempotencyKey = Annotated[str, Depends(require_idempotency_key)]
 
-_MAX_ID = 2**63 - 1  # activity ids are bigints
-_CURSOR = re.compile(r"[1-9][0-9]{0,18}")
-
 
 def _runtime(request: Request) -> LoyaltyRuntime:
     return request.app.state.loyalty  # type: ignore[no-any-return]
 
 
 Runtime = Annotated[LoyaltyRuntime, Depends(_runtime)]
-
-
-def _after(cursor: str | None) -> int | None:
-    if cursor is None:
-        return None
-    # ASCII digits only: str.isdigit() also accepts digits (such as "²") that int() refuses.
-    if _CURSOR.fullmatch(cursor) and int(cursor) <= _MAX_ID:
-        return int(cursor)
-    raise ProblemError(
-        "The cursor is not valid; use next_cursor from the previous page",
-        status=422,
-        code="invalid_cursor",
-        errors=[FieldError(parameter="cursor", detail="not a cursor from this list")],
-    )
 
 
 @router.get(
@@ -82,7 +70,7 @@ async def list_activity(
     me: Me, uow: Uow, page: Annotated[PageParams, Depends(page_params)]
 ) -> Page[ActivityLine]:
     lines = await service.activity(
-        await uow.connection(), me.user_id, after=_after(page.after), limit=page.limit + 1
+        await uow.connection(), me.user_id, after=bigint_cursor(page.after), limit=page.limit + 1
     )
     return make_page(lines, page.limit, "id")
 

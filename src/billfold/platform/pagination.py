@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Generic, TypeVar
 
@@ -30,6 +31,16 @@ def encode_cursor(value: str) -> str:
     return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
 
 
+def invalid_cursor(detail: str = "not a cursor from this list") -> ProblemError:
+    """The 422 `invalid_cursor` problem, for a cursor no page of this API handed out."""
+    return ProblemError(
+        "The cursor is not valid; use next_cursor from the previous page",
+        status=422,
+        code="invalid_cursor",
+        errors=[FieldError(parameter="cursor", detail=detail)],
+    )
+
+
 def decode_cursor(cursor: str | None) -> str | None:
     if cursor is None:
         return None
@@ -38,13 +49,24 @@ def decode_cursor(cursor: str | None) -> str | None:
     except (binascii.Error, UnicodeDecodeError, ValueError):
         value = ""
     if not value or not value.isprintable() or len(value) > 200:
-        raise ProblemError(
-            "The cursor is not valid; use next_cursor from the previous page",
-            status=422,
-            code="invalid_cursor",
-            errors=[FieldError(parameter="cursor", detail="not a cursor from this API")],
-        )
+        raise invalid_cursor("not a cursor from this API")
     return value
+
+
+# ASCII digits without a leading zero: str.isdigit() also accepts digits (such as "²") that
+# int() refuses, and a page never hands out "007".
+_BIGINT_CURSOR = re.compile(r"[1-9][0-9]{0,18}")
+_MAX_BIGINT = 2**63 - 1
+
+
+def bigint_cursor(after: str | None) -> int | None:
+    """A decoded cursor that is a positive bigint key (a sequence or identity column), or the
+    422 `invalid_cursor`: anything else did not come from a page of that list."""
+    if after is None:
+        return None
+    if _BIGINT_CURSOR.fullmatch(after) and int(after) <= _MAX_BIGINT:
+        return int(after)
+    raise invalid_cursor()
 
 
 class PageParams(BaseModel):

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from billfold.platform.errors import FieldError, NotFound, ProblemError
 from billfold.platform.ids import is_valid_id
 from billfold.platform.money import minor_units
-from billfold.platform.pagination import Page, decode_cursor, encode_cursor
+from billfold.platform.pagination import Page, decode_cursor, encode_cursor, invalid_cursor
 from billfold.transactions import declines
 from billfold.transactions.search import (
     FILTER_SQL,
@@ -223,15 +223,6 @@ def _item(row: Row[Any], score: Decimal | None = None) -> HistoryItem:
     )
 
 
-def _bad_cursor() -> ProblemError:
-    return ProblemError(
-        "The cursor is not valid; use next_cursor from the previous page",
-        status=422,
-        code="invalid_cursor",
-        errors=[FieldError(parameter="cursor", detail="not a cursor from this list")],
-    )
-
-
 # --- use cases -----------------------------------------------------------------------------
 
 
@@ -254,7 +245,7 @@ async def list_transactions(
     if not q:
         after = request.after
         if after is not None and not is_valid_id(after, "txn"):
-            raise _bad_cursor()
+            raise invalid_cursor()
         params = {
             **request.filters.params(),
             "user_id": request.user_id,
@@ -274,7 +265,7 @@ async def list_transactions(
         or not is_valid_id(cursor.transaction_id, "txn")
         or (cursor.score is None) != (order == "newest")
     ):
-        raise _bad_cursor()
+        raise invalid_cursor()
     hits = await index.search(
         conn,
         SearchRequest(
