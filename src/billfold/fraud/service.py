@@ -248,27 +248,28 @@ def _row(subject: RiskSubject, decision: Decision, duration_ms: float) -> dict[s
     }
 
 
-def _event_data(subject: RiskSubject, decision: Decision) -> dict[str, Any]:
-    a = decision.assessment
+# What `billfold.fraud.decision.made` carries of the decision's row (the snapshot and the
+# model's details stay in the table).
+_EVENT_FIELDS = (
+    "subject_kind",
+    "subject_id",
+    "user_id",
+    "amount",
+    "currency",
+    "action",
+    "score",
+    "reasons",
+    "rule_version",
+    "model_version",
+    "degraded",
+    "fallback",
+    "stepped_up",
+)
+
+
+def _event_data(row: dict[str, Any]) -> dict[str, Any]:
     # Fitted like the row: the event rides in the same statement.
-    return store.fit(
-        {
-            "decision_id": decision.id,
-            "subject_kind": subject.kind,
-            "subject_id": subject.subject_id,
-            "user_id": subject.user_id,
-            "amount": subject.amount,
-            "currency": subject.currency,
-            "action": a.action,
-            "score": a.score,
-            "reasons": list(a.reasons),
-            "rule_version": a.rule_version,
-            "model_version": a.model.version if a.model else None,
-            "degraded": a.degraded,
-            "fallback": decision.fallback,
-            "stepped_up": subject.stepped_up,
-        }
-    )
+    return store.fit({"decision_id": row["id"]} | {k: row[k] for k in _EVENT_FIELDS})
 
 
 async def _store(
@@ -315,11 +316,12 @@ async def _write(
     duration_ms: float,
 ) -> Decision:
     a = decision.assessment
+    row = _row(subject, decision, duration_ms)
     await store.insert(
         conn,
-        _row(subject, decision, duration_ms),
+        row,
         # Keyed by the decision: the payment's/transfer's own events stay theirs alone.
-        events.event(events.DECISION_MADE, decision.id, _event_data(subject, decision)),
+        events.event(events.DECISION_MADE, decision.id, _event_data(row)),
     )
     if a.action == "review":
         case_id = new_id("case")
