@@ -24,6 +24,7 @@ from sqlalchemy import text
 from billfold import notifications
 from billfold.platform.bus.consumers import ConsumerSink
 from tests.conftest import SignedIn, free_port
+from tests.integration.transfer_support import outbox_envelopes
 from tests.support.notification_servers import FakeApns, FakeFcm, FakeSmtp, FakeTwilio
 
 SES_REGION = "eu-west-1"
@@ -151,34 +152,18 @@ class Harness:
 
     async def deliver(self, *subjects: str, times: int = 1) -> int:
         """Run the consumer on every outbox event about `subjects` (`times` over)."""
-        rows = await sql(
-            self.app,
-            "SELECT id, type, source, subject, time, data FROM platform.outbox "
-            "WHERE subject = ANY(:s) ORDER BY seq",
-            s=list(subjects),
-        )
+        found = await outbox_envelopes(self.app, list(subjects))
         for _ in range(times):
-            for r in rows:
-                await self.sink(
-                    {
-                        "specversion": "1.0",
-                        "id": r.id,
-                        "type": r.type,
-                        "source": r.source,
-                        "subject": r.subject,
-                        "time": r.time.isoformat().replace("+00:00", "Z"),
-                        "datacontenttype": "application/json",
-                        "data": r.data,
-                    }
-                )
+            for event in found:
+                await self.sink(event)
         dead = await sql(
             self.app,
             "SELECT error FROM platform.dead_letters WHERE consumer = 'notifications' "
             "AND event_id = ANY(:ids)",
-            ids=[r.id for r in rows],
+            ids=[e["id"] for e in found],
         )
         assert dead == [], dead
-        return len(rows)
+        return len(found)
 
     async def dispatch(self) -> int:
         return await self.dispatcher.drain()

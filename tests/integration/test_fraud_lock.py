@@ -29,30 +29,14 @@ from tests.integration.test_passkeys import (
     register,
     sign_in_options,
 )
+from tests.integration.transfer_support import outbox_events
 
 pytestmark = pytest.mark.usefixtures("network_simulator")
 
 
 async def lock_requests(app: Any, user_id: str) -> list[dict[str, Any]]:
     """The lock requests of `user_id` in the outbox, as consumers receive them."""
-    rows = await sql(
-        app,
-        "SELECT id, type, source, subject, time, data FROM platform.outbox "
-        "WHERE type = :t AND subject = :u ORDER BY seq",
-        t=USER_LOCK_REQUESTED,
-        u=user_id,
-    )
-    return [
-        {
-            "id": r.id,
-            "type": r.type,
-            "source": r.source,
-            "subject": r.subject,
-            "time": r.time.isoformat(),
-            "data": r.data,
-        }
-        for r in rows
-    ]
+    return await outbox_events(app, USER_LOCK_REQUESTED, user_id)
 
 
 async def deliver_lock_requests(app: Any, user_id: str) -> int:

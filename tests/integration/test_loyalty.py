@@ -24,7 +24,7 @@ from billfold.transactions import recover_stuck_payments
 from tests.conftest import SignedIn, fund, sign_up
 from tests.integration.payment_methods_support import add_card
 from tests.integration.payments_support import act, balance, pay, payment_body, sql
-from tests.integration.transfer_support import send
+from tests.integration.transfer_support import outbox_envelopes, send
 
 pytestmark = pytest.mark.usefixtures("network_simulator")
 
@@ -68,20 +68,15 @@ class Points:
 
     async def deliver(self, *subjects: str, times: int = 1) -> None:
         """Run the consumer on every outbox event about `subjects` (`times` over)."""
-        rows = await sql(
-            self.app,
-            "SELECT id, type, source, subject, time, data FROM platform.outbox "
-            "WHERE subject = ANY(:s) ORDER BY seq",
-            s=list(subjects),
-        )
+        found = await outbox_envelopes(self.app, list(subjects))
         for _ in range(times):
-            for r in rows:
-                await self.sink(envelope(r.id, r.type, r.subject, r.time, r.data))
+            for event in found:
+                await self.sink(event)
         dead = await sql(
             self.app,
             "SELECT error FROM platform.dead_letters WHERE consumer = 'loyalty' "
             "AND event_id = ANY(:ids)",
-            ids=[r.id for r in rows],
+            ids=[e["id"] for e in found],
         )
         assert dead == [], dead
 

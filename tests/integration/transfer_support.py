@@ -134,15 +134,17 @@ async def postings(app: Any, reference: str, kind: str) -> int:
     return int(rows[0].n)
 
 
-async def outbox_events(app: Any, event_type: str, subject: str) -> list[dict[str, Any]]:
-    """The events of `event_type` about `subject`, oldest first, as the relay hands them to a
-    sink (CloudEvents envelopes)."""
+async def outbox_envelopes(
+    app: Any, subjects: list[str], event_type: str | None = None
+) -> list[dict[str, Any]]:
+    """The outbox events about `subjects` (of `event_type` when given), oldest first, as the
+    relay hands them to a sink (CloudEvents envelopes)."""
     rows = await sql(
         app,
         "SELECT id, type, source, subject, time, data FROM platform.outbox "
-        "WHERE type = :t AND subject = :s ORDER BY seq",
+        "WHERE subject = ANY(:s) AND (CAST(:t AS text) IS NULL OR type = :t) ORDER BY seq",
+        s=subjects,
         t=event_type,
-        s=subject,
     )
     return [
         {
@@ -157,6 +159,11 @@ async def outbox_events(app: Any, event_type: str, subject: str) -> list[dict[st
         }
         for r in rows
     ]
+
+
+async def outbox_events(app: Any, event_type: str, subject: str) -> list[dict[str, Any]]:
+    """The events of `event_type` about `subject`, oldest first (`outbox_envelopes`)."""
+    return await outbox_envelopes(app, [subject], event_type)
 
 
 async def events(app: Any, type_: str, transfer_id: str) -> list[dict[str, Any]]:
