@@ -6,8 +6,10 @@ What is timed is `RiskCheck.assess` itself, as a payment calls it inside its fir
 the live features (one Lua script call on Redis that records the attempt and reads every
 window), the rule book (CEL rules and lists, cached), the model (LightGBM + ONNX anomaly, with
 the challenger in shadow when one is installed), `combine`, and the decision with its feature
-snapshot written with its event in the payment's transaction (savepoint, one INSERT … outbox
-statement, release). The BEGIN before and the COMMIT after belong to the payment, not the check.
+snapshot written with its event in the payment's transaction (one INSERT … outbox statement).
+The BEGIN before and the COMMIT after belong to the payment, not the check: SQLAlchemy sends BEGIN
+with a transaction's first statement, so each payment here first runs its own first statement
+(`SELECT now()`, as the payment's idempotency-key claim does before it calls the check).
 
 Scenarios, all in this process, on a fresh database and a Redis key prefix of its own (both gone
 at the end):
@@ -180,6 +182,13 @@ async def warm_history(features: Any, users: list[str], per_user: int) -> None:
             )
 
 
+async def begin_payment(conn: Any) -> None:
+    """The payment's transaction as the check finds it: begun, its first statement run (the
+    idempotency-key claim, `transactions.store.claim_key`, reads the transaction's clock)."""
+    await conn.begin()
+    await conn.exec_driver_sql("SELECT now()")
+
+
 def payment(user_id: str, rng: random.Random) -> Any:
     from billfold.platform.ids import new_id
     from billfold.platform.money import Money
@@ -259,7 +268,7 @@ async def _run(args: argparse.Namespace, settings: Any, engine: Any, redis: Any)
     async def one(conn: Any, user: str) -> float:
         nonlocal fallbacks
         p = payment(user, rng)
-        await conn.begin()
+        await begin_payment(conn)
         started = time.perf_counter()
         decision = await check.assess(conn, p)
         elapsed = time.perf_counter() - started
@@ -312,7 +321,7 @@ async def _run(args: argparse.Namespace, settings: Any, engine: Any, redis: Any)
         async with engine.connect() as conn:
             for i in range(args.stages):
                 subject = service.payment_subject(payment(users[i % len(users)], rng))
-                await conn.begin()
+                await begin_payment(conn)
                 clock.start()
                 await redis.ping()
                 clock("redis-ping")

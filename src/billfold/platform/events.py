@@ -13,6 +13,7 @@ from sqlalchemy import Result, TextClause, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from billfold.platform.clock import rfc3339, utcnow
+from billfold.platform.driver import DriverStatement
 from billfold.platform.ids import new_id
 from billfold.platform.observability import get_logger
 
@@ -114,6 +115,15 @@ async def execute_with_event(
     result = await conn.execute(statement, {**params, **_params(event, _WITH_PREFIX)})
     conn.info[_WRITTEN] = True
     return result
+
+
+async def send_with_event(
+    conn: AsyncConnection, statement: DriverStatement, params: dict[str, Any], event: Event
+) -> None:
+    """`execute_with_event` for a hot path that needs no result: a `with_event` statement
+    compiled as a `DriverStatement`, sent on the driver's connection (same transaction)."""
+    await statement.execute(conn, {**params, **_params(event, _WITH_PREFIX)})
+    conn.info[_WRITTEN] = True
 
 
 def outbox_written(conn: AsyncConnection) -> bool:
