@@ -274,7 +274,9 @@ _NEXT_ATC = text(
 # Accepts an ATC only above every one accepted before (and one that was really issued).
 # An ATC the vault issued is accepted once: above the highest accepted (the window slides up), or
 # below it by less than ATC_WINDOW and not yet accepted (the bit says so). Atomic: of two
-# verifications of one ATC, one sets the bit.
+# verifications of one ATC, one sets the bit. The token must still be active: the caller's read
+# of it is a separate statement (no transaction), and a suspension or deletion committed between
+# the two must refuse the cryptogram, not accept it (the UPDATE re-reads a row changed under it).
 ATC_WINDOW = 64
 _ACCEPT_ATC = text(
     """
@@ -285,7 +287,7 @@ _ACCEPT_ATC = text(
                      ELSE (verified_atcs << (:atc - last_verified_atc)) | 1::bigint END
             ELSE verified_atcs | (1::bigint << (last_verified_atc - :atc)) END,
         last_verified_atc = greatest(last_verified_atc, :atc)
-    WHERE id = :id AND :atc BETWEEN 1 AND atc
+    WHERE id = :id AND status = 'active' AND :atc BETWEEN 1 AND atc
       AND (:atc > last_verified_atc
            OR (last_verified_atc - :atc < 64
                AND verified_atcs & (1::bigint << (last_verified_atc - :atc)) = 0))
