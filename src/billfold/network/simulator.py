@@ -133,7 +133,7 @@ class NetworkSimulator:
         self.config = config or SimulatorConfig()
         self.seen: deque[Seen] = deque(maxlen=50_000)
         self.malformed = 0
-        self.paused = False  # True: receive everything, answer nothing (a dead link)
+        self.paused = False  # True: receive everything, answer nothing, ever (a dead link)
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -218,21 +218,26 @@ class NetworkSimulator:
                     self.malformed += 1
                     log.warning("network simulator ignored a malformed message", error=str(exc))
                     continue
-                task = asyncio.create_task(self._answer(message, writer))
+                # A dead link loses what it received while dead: decided now, not when the
+                # issuer's checks (vault calls) finish, or un-pausing would let messages
+                # received while paused be answered late, as if the link had been slow.
+                task = asyncio.create_task(self._answer(message, writer, lost=self.paused))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         finally:
             self._connections.discard(writer)
             writer.close()
 
-    async def _answer(self, message: wire.Message, writer: asyncio.StreamWriter) -> None:
+    async def _answer(
+        self, message: wire.Message, writer: asyncio.StreamWriter, *, lost: bool = False
+    ) -> None:
         received = time.monotonic()
         try:
             answer = await self._handle(message)
         except Exception:
             log.exception("network simulator failed on a message", mti=message.get("t"))
             answer = self._reply(message, "96")
-        if answer is None or self.paused:
+        if answer is None or lost or self.paused:
             return
         if self._random.random() < self.config.timeout_rate:
             return
