@@ -111,3 +111,24 @@ async def test_a_lock_timeout_is_the_gateways_busy_database(
         await holder.rollback()
     problem = transient_problem(raised.value)
     assert problem is not None and problem.status == 503 and problem.code == "database_busy"
+
+
+async def test_fetchrow_answers_the_row_in_the_transaction_or_on_an_autocommit_connection(
+    engine: AsyncEngine, table: str
+) -> None:
+    stmt = insert(table)
+    read = DriverStatement(text(f"SELECT id, doc FROM {table} WHERE id = :id"))
+    async with engine.connect() as conn:
+        await conn.begin()
+        await stmt.execute(conn, {"id": "a", "doc": '{"n": 2}'})  # through SQLAlchemy: BEGIN
+        row = await read.fetchrow(conn, {"id": "a"})
+        assert row is not None and dict(row) == {"id": "a", "doc": {"n": 2}}
+        assert await read.fetchrow(conn, {"id": "nobody"}) is None
+        await conn.rollback()
+    autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+    async with autocommit.connect() as conn:
+        # Each statement commits on its own: nothing to roll back afterwards.
+        await stmt.execute(conn, {"id": "b", "doc": "[]"})
+        row = await read.fetchrow(conn, {"id": "b"})
+        assert row is not None and row["doc"] == []
+    assert await ids(engine, table) == ["b"]

@@ -10,7 +10,8 @@ and the gateway's `transient_problem` expect.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, cast
 
 import asyncpg
 from sqlalchemy import TextClause
@@ -36,16 +37,43 @@ class DriverStatement:
         """Run the statement with `params` in `conn`'s transaction, its result discarded.
 
         On the driver's connection when the transaction has begun there (SQLAlchemy sends BEGIN
-        with a transaction's first statement); through SQLAlchemy otherwise, which begins it."""
-        raw = await conn.get_raw_connection()
-        driver: Any = raw.driver_connection
-        if driver is None or not driver.is_in_transaction():
+        with a transaction's first statement) or `conn` is in autocommit; through SQLAlchemy
+        otherwise, which begins the transaction."""
+        driver = await _driver(conn)
+        if driver is None:
             await conn.execute(self.clause, params)
             return
+        await self._on_driver(driver.execute, params)
+
+    async def fetchrow(
+        self, conn: AsyncConnection, params: dict[str, Any]
+    ) -> Mapping[str, Any] | None:
+        """The statement's first row (a mapping of column to value, as the driver decodes it:
+        jsonb through the engine's codec), or None; on the connection `execute` would use."""
+        driver = await _driver(conn)
+        if driver is None:
+            row = (await conn.execute(self.clause, params)).first()
+            return cast(Mapping[str, Any], row._mapping) if row is not None else None
+        result: Mapping[str, Any] | None = await self._on_driver(driver.fetchrow, params)
+        return result
+
+    async def _on_driver(self, call: Callable[..., Awaitable[Any]], params: dict[str, Any]) -> Any:
         args = [params[n] for n in self.names]
         try:
-            await driver.execute(self.sql, *args)
+            return await call(self.sql, *args)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             # Parameters stay out of the error (they may hold personal data), as the engine's
             # `hide_parameters` keeps them out of SQLAlchemy's own.
             raise DBAPIError(self.sql, None, exc, hide_parameters=True) from exc
+
+
+async def _driver(conn: AsyncConnection) -> Any:
+    """asyncpg's connection under `conn` if a statement sent on it directly stays where
+    SQLAlchemy would run it: inside the begun transaction, or on an autocommit connection."""
+    raw = await conn.get_raw_connection()
+    driver: Any = raw.driver_connection
+    if driver is None:
+        return None
+    if driver.is_in_transaction() or getattr(raw.dbapi_connection, "autocommit", False):
+        return driver
+    return None
