@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -124,6 +125,16 @@ async def send_with_event(
     compiled as a `DriverStatement`, sent on the driver's connection (same transaction)."""
     await statement.execute(conn, {**params, **_params(event, _WITH_PREFIX)})
     conn.info[_WRITTEN] = True
+
+
+async def fetch_with_event(
+    conn: AsyncConnection, statement: DriverStatement, params: dict[str, Any], event: Event
+) -> Mapping[str, Any] | None:
+    """`send_with_event` that answers the statement's first RETURNING row (a mapping, as
+    `DriverStatement.fetchrow` decodes it), or None."""
+    row = await statement.fetchrow(conn, {**params, **_params(event, _WITH_PREFIX)})
+    conn.info[_WRITTEN] = True
+    return row
 
 
 def outbox_written(conn: AsyncConnection) -> bool:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import TextClause, text
-from sqlalchemy.engine import Row
+from sqlalchemy import text
+from sqlalchemy.engine import Row, result_tuple
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from billfold.platform.events import Event, execute_with_event, with_event
+from billfold.platform.driver import DriverStatement
+from billfold.platform.events import Event, fetch_with_event, with_event
 from billfold.platform.ids import is_valid_id
 
 _T = (
@@ -35,6 +37,17 @@ _D_RETURNING = "dd.transaction_id, " + ", ".join(
     "dd." + c.strip().removeprefix("d.") for c in _D.split(",")
 )
 _JOINED = f"SELECT {_T}, {_D} FROM t JOIN d ON d.transaction_id = t.id"
+# A payment read or written on the driver's connection (`DriverStatement`) comes back as an
+# asyncpg record; callers use SQLAlchemy's `Row` (attribute access, `_mapping`), so the record's
+# values, in the order `_SELECT` lists them, become one. The values are the driver's either way
+# (SQLAlchemy's text() results apply no conversion of their own).
+_PAYMENT_COLUMNS = tuple(c.strip().split(".", 1)[1] for c in f"{_T}, {_D}".split(","))
+_payment_row = result_tuple(_PAYMENT_COLUMNS)
+
+
+def _as_row(record: Mapping[str, Any] | None) -> Row[Any] | None:
+    return None if record is None else _payment_row(record.values())
+
 
 # The authorization path's first transaction, which is most of a payment's database work:
 # the key's lock, the transaction's clock and the MCC's category in one round trip, then the
@@ -54,9 +67,10 @@ async def claim_key(conn: AsyncConnection, lock_key: str, mcc: str) -> tuple[dat
     return row.now, str(row.category)
 
 
-_INSERT_WITH_EVENT = with_event(
-    _JOINED,
-    ctes=f"""
+_INSERT_WITH_EVENT = DriverStatement(
+    with_event(
+        _JOINED,
+        ctes=f"""
     t AS (
         INSERT INTO transactions.transactions (
             id, user_id, source, payment_method_id, token_id, status, amount, currency,
@@ -82,7 +96,8 @@ _INSERT_WITH_EVENT = with_event(
         FROM t
         RETURNING {_D_RETURNING}
     )""",
-    only_if_rows=True,
+        only_if_rows=True,
+    )
 )
 
 
@@ -93,13 +108,13 @@ async def insert_with_event(
     statement; the payment as `get` reads it, or None (nothing written) when the user's
     Idempotency-Key is taken."""
     params = {**values, "timings": json.dumps(values.get("timings") or {})}
-    return (await execute_with_event(conn, _INSERT_WITH_EVENT, params, event)).first()
+    return _as_row(await fetch_with_event(conn, _INSERT_WITH_EVENT, params, event))
 
 
-_FINISH: dict[tuple[frozenset[str], frozenset[str]], TextClause] = {}
+_FINISH: dict[tuple[frozenset[str], frozenset[str]], DriverStatement] = {}
 
 
-def _finish_statement(main: frozenset[str], details: frozenset[str]) -> TextClause:
+def _finish_statement(main: frozenset[str], details: frozenset[str]) -> DriverStatement:
     """The statement of `finish_authorizing` for these columns (a handful of shapes, each
     built and parsed once per process)."""
     found = _FINISH.get((main, details))
@@ -109,9 +124,10 @@ def _finish_statement(main: frozenset[str], details: frozenset[str]) -> TextClau
             f"{k} = CAST(:{k} AS jsonb), " if k == "timings" else f"{k} = :{k}, "
             for k in sorted(details)
         )
-        found = _FINISH[(main, details)] = with_event(
-            _JOINED,
-            ctes=f"""
+        found = _FINISH[(main, details)] = DriverStatement(
+            with_event(
+                _JOINED,
+                ctes=f"""
             t AS (
                 UPDATE transactions.transactions SET {sets}updated_at = now()
                 WHERE id = :id AND status = 'authorizing'
@@ -122,7 +138,8 @@ def _finish_statement(main: frozenset[str], details: frozenset[str]) -> TextClau
                 FROM t WHERE dd.transaction_id = t.id
                 RETURNING {_D_RETURNING}
             )""",
-            only_if_rows=True,
+                only_if_rows=True,
+            )
         )
     return found
 
@@ -140,7 +157,7 @@ async def finish_authorizing(
     if "timings" in params:
         params["timings"] = json.dumps(params["timings"])
     statement = _finish_statement(main, details)
-    return (await execute_with_event(conn, statement, params, event)).first()
+    return _as_row(await fetch_with_event(conn, statement, params, event))
 
 
 async def get(conn: AsyncConnection, txn_id: str, *, for_update: bool = False) -> Row[Any] | None:
@@ -159,9 +176,13 @@ async def get_for_user(
     return row if row is not None and row.user_id == user_id else None
 
 
+_BY_KEY = DriverStatement(text(f"{_SELECT} WHERE t.user_id = :u AND t.idempotency_key = :k"))
+
+
 async def by_idempotency_key(conn: AsyncConnection, user_id: str, key: str) -> Row[Any] | None:
-    sql = text(f"{_SELECT} WHERE t.user_id = :u AND t.idempotency_key = :k")
-    return (await conn.execute(sql, {"u": user_id, "k": key})).first()
+    """The user's payment with this Idempotency-Key. On the driver's connection once the
+    transaction has begun (after `claim_key`, on the payment's hot path)."""
+    return _as_row(await _BY_KEY.fetchrow(conn, {"u": user_id, "k": key}))
 
 
 _UPDATABLE = frozenset(
