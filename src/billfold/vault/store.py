@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from billfold.platform.driver import DriverStatement
 
 # --- data keys --------------------------------------------------------------------------------
 
@@ -235,7 +238,10 @@ _INSERT_TOKEN = text(
     RETURNING {_TOKEN_COLUMNS}
     """
 )
-_TOKEN = text(f"SELECT {_TOKEN_COLUMNS} FROM vault.tokens WHERE id = :id")
+# On the driver's connection (platform.driver): with _NEXT_ATC and _ACCEPT_ATC, the statements of
+# every card payment's cryptogram and its verification, where SQLAlchemy's per-statement layers
+# were most of the vault's CPU.
+_TOKEN = DriverStatement(text(f"SELECT {_TOKEN_COLUMNS} FROM vault.tokens WHERE id = :id"))
 _TOKEN_BY_DPAN = text(f"SELECT {_TOKEN_COLUMNS} FROM vault.tokens WHERE dpan_index = :dpan_index")
 _CARD_TOKENS = text(
     f"SELECT {_TOKEN_COLUMNS} FROM vault.tokens WHERE card_id = :card_id ORDER BY id"
@@ -260,8 +266,9 @@ _DELETE_CARD_TOKENS = text(
 # Atomic: concurrent cryptograms on one token each get their own ATC (the row lock orders them).
 # One round trip on the happy path: the token is active, unexpired and used within its domain,
 # or nothing changes (a refusal uses no ATC) and the caller reads the row to say why.
-_NEXT_ATC = text(
-    f"""
+_NEXT_ATC = DriverStatement(
+    text(
+        f"""
     UPDATE vault.tokens SET atc = atc + 1
     WHERE id = :id AND status = 'active' AND atc < 65535
       AND expiry_year * 12 + expiry_month >= :month_index
@@ -270,6 +277,7 @@ _NEXT_ATC = text(
       AND (merchant_id IS NULL OR merchant_id = :merchant_id)
     RETURNING {_TOKEN_COLUMNS}
     """
+    )
 )
 # Accepts an ATC only above every one accepted before (and one that was really issued).
 # An ATC the vault issued is accepted once: above the highest accepted (the window slides up), or
@@ -278,8 +286,9 @@ _NEXT_ATC = text(
 # of it is a separate statement (no transaction), and a suspension or deletion committed between
 # the two must refuse the cryptogram, not accept it (the UPDATE re-reads a row changed under it).
 ATC_WINDOW = 64
-_ACCEPT_ATC = text(
-    """
+_ACCEPT_ATC = DriverStatement(
+    text(
+        """
     UPDATE vault.tokens SET
         verified_atcs = CASE
             WHEN :atc > last_verified_atc THEN
@@ -293,11 +302,14 @@ _ACCEPT_ATC = text(
                AND verified_atcs & (1::bigint << (last_verified_atc - :atc)) = 0))
     RETURNING id
     """
+    )
 )
 
 
-def _token(row: Any) -> TokenRow:
-    values = dict(row._mapping)
+def _token(row: Mapping[Any, Any]) -> TokenRow:
+    """From a row's mapping: SQLAlchemy's (`row._mapping`) or the driver's record, the same
+    values either way (the statements are untyped `text()`, so SQLAlchemy converts nothing)."""
+    values = dict(row)
     values["channels"] = list(values["channels"])
     return TokenRow(**values)
 
@@ -305,21 +317,21 @@ def _token(row: Any) -> TokenRow:
 async def insert_token(conn: AsyncConnection, **values: Any) -> TokenRow | None:
     """None when the DPAN (by its index) is taken: the caller draws another."""
     row = (await conn.execute(_INSERT_TOKEN, values)).first()
-    return _token(row) if row else None
+    return _token(row._mapping) if row else None
 
 
 async def token(conn: AsyncConnection, token_id: str) -> TokenRow | None:
-    row = (await conn.execute(_TOKEN, {"id": token_id})).first()
-    return _token(row) if row else None
+    row = await _TOKEN.fetchrow(conn, {"id": token_id})
+    return _token(row) if row is not None else None
 
 
 async def token_by_dpan_index(conn: AsyncConnection, dpan_index: bytes) -> TokenRow | None:
     row = (await conn.execute(_TOKEN_BY_DPAN, {"dpan_index": dpan_index})).first()
-    return _token(row) if row else None
+    return _token(row._mapping) if row else None
 
 
 async def card_tokens(conn: AsyncConnection, card_id: str) -> list[TokenRow]:
-    return [_token(r) for r in await conn.execute(_CARD_TOKENS, {"card_id": card_id})]
+    return [_token(r._mapping) for r in await conn.execute(_CARD_TOKENS, {"card_id": card_id})]
 
 
 async def set_token_status(
@@ -332,12 +344,12 @@ async def set_token_status(
             {"id": token_id, "to_status": to, "from_statuses": list(from_), "reason": reason},
         )
     ).first()
-    return _token(row) if row else None
+    return _token(row._mapping) if row else None
 
 
 async def delete_card_tokens(conn: AsyncConnection, card_id: str, reason: str) -> list[TokenRow]:
     result = await conn.execute(_DELETE_CARD_TOKENS, {"card_id": card_id, "reason": reason})
-    return [_token(r) for r in result]
+    return [_token(r._mapping) for r in result]
 
 
 async def next_atc(
@@ -352,24 +364,21 @@ async def next_atc(
     """The token with its next ATC taken, or None (nothing changed) if it is not active, has
     expired (`month_index` = year * 12 + month of today), is used outside its domain or has
     exhausted its counter."""
-    row = (
-        await conn.execute(
-            _NEXT_ATC,
-            {
-                "id": token_id,
-                "month_index": month_index,
-                "channel": channel,
-                "device_id": device_id,
-                "merchant_id": merchant_id,
-            },
-        )
-    ).first()
-    return _token(row) if row else None
+    row = await _NEXT_ATC.fetchrow(
+        conn,
+        {
+            "id": token_id,
+            "month_index": month_index,
+            "channel": channel,
+            "device_id": device_id,
+            "merchant_id": merchant_id,
+        },
+    )
+    return _token(row) if row is not None else None
 
 
 async def accept_atc(conn: AsyncConnection, token_id: str, atc: int) -> bool:
-    row = (await conn.execute(_ACCEPT_ATC, {"id": token_id, "atc": atc})).first()
-    return row is not None
+    return await _ACCEPT_ATC.fetchrow(conn, {"id": token_id, "atc": atc}) is not None
 
 
 # --- issuer master keys -----------------------------------------------------------------------
