@@ -132,3 +132,26 @@ async def test_fetchrow_answers_the_row_in_the_transaction_or_on_an_autocommit_c
         row = await read.fetchrow(conn, {"id": "b"})
         assert row is not None and row["doc"] == []
     assert await ids(engine, table) == ["b"]
+
+
+async def test_a_connection_lost_under_a_statement_never_goes_back_to_the_pool(
+    database_url: str, engine: AsyncEngine, table: str
+) -> None:
+    """SQLAlchemy does not see a failure on the driver's connection: a dead autocommit
+    connection (no rollback on check-in) would otherwise fail its pool's next user too."""
+    one = create_engine(database_url, pool_size=1, max_overflow=0)
+    autocommit = one.execution_options(isolation_level="AUTOCOMMIT")
+    stmt = insert(table)
+    try:
+        async with autocommit.connect() as conn:
+            pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+            async with engine.connect() as other:
+                await other.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+            with pytest.raises(DBAPIError) as raised:
+                await stmt.execute(conn, {"id": "lost", "doc": "{}"})
+            assert raised.value.connection_invalidated
+        async with autocommit.connect() as conn:  # the pool's one slot: a new connection
+            await stmt.execute(conn, {"id": "after", "doc": "{}"})
+    finally:
+        await one.dispose()
+    assert await ids(engine, table) == ["after"]

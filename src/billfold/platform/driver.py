@@ -43,7 +43,7 @@ class DriverStatement:
         if driver is None:
             await conn.execute(self.clause, params)
             return
-        await self._on_driver(driver.execute, params)
+        await self._on_driver(conn, driver, driver.execute, params)
 
     async def fetchrow(
         self, conn: AsyncConnection, params: dict[str, Any]
@@ -54,17 +54,32 @@ class DriverStatement:
         if driver is None:
             row = (await conn.execute(self.clause, params)).first()
             return cast(Mapping[str, Any], row._mapping) if row is not None else None
-        result: Mapping[str, Any] | None = await self._on_driver(driver.fetchrow, params)
+        result: Mapping[str, Any] | None = await self._on_driver(
+            conn, driver, driver.fetchrow, params
+        )
         return result
 
-    async def _on_driver(self, call: Callable[..., Awaitable[Any]], params: dict[str, Any]) -> Any:
+    async def _on_driver(
+        self,
+        conn: AsyncConnection,
+        driver: Any,
+        call: Callable[..., Awaitable[Any]],
+        params: dict[str, Any],
+    ) -> Any:
         args = [params[n] for n in self.names]
         try:
             return await call(self.sql, *args)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            lost = isinstance(exc, OSError) or driver.is_closed()
+            if lost:
+                # SQLAlchemy did not see this failure: without this the pool would hand the
+                # dead connection to its next user (autocommit connections are not reset).
+                await conn.invalidate(exc)
             # Parameters stay out of the error (they may hold personal data), as the engine's
             # `hide_parameters` keeps them out of SQLAlchemy's own.
-            raise DBAPIError(self.sql, None, exc, hide_parameters=True) from exc
+            raise DBAPIError(
+                self.sql, None, exc, hide_parameters=True, connection_invalidated=lost
+            ) from exc
 
 
 async def _driver(conn: AsyncConnection) -> Any:
