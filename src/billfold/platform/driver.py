@@ -69,8 +69,15 @@ class DriverStatement:
         args = [params[n] for n in self.names]
         try:
             return await call(self.sql, *args)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-            lost = isinstance(exc, OSError) or driver.is_closed()
+        except (
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
+            OSError,
+        ) as exc:
+            # InternalClientError: the protocol's state is unknown (seen right after the server
+            # ended the session): the connection cannot be trusted with another statement.
+            lost = isinstance(exc, OSError | asyncpg.InternalClientError) or driver.is_closed()
             if lost:
                 # SQLAlchemy did not see this failure: without this the pool would hand the
                 # dead connection to its next user (autocommit connections are not reset).
