@@ -15,19 +15,9 @@ from billfold.network import NetworkSimulator, NetworkTimeout
 from billfold.vault import LocalVault
 from tests.integration.payments_support import eventually
 from tests.integration.test_network import authorize, client_for, token_card
-from tests.integration.vault_support import sql
+from tests.integration.vault_support import atc_acceptance_waits_on_a_lock
 
 pytestmark = pytest.mark.usefixtures("hsm")
-
-
-async def _atc_update_waits_on_a_lock(vault: LocalVault) -> bool:
-    rows = await sql(
-        vault,
-        "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
-        "AND pid <> pg_backend_pid() AND wait_event_type = 'Lock' "
-        "AND query LIKE '%last_verified_atc = greatest%'",
-    )
-    return bool(rows[0]["n"])
 
 
 async def test_a_message_received_while_paused_is_not_answered_after_the_pause(
@@ -51,7 +41,7 @@ async def test_a_message_received_while_paused_is_not_answered_after_the_pause(
             )
             simulator.paused = True
             pending = asyncio.create_task(authorize(client, card))
-            await eventually(lambda: _atc_update_waits_on_a_lock(local_vault), within=10)
+            await eventually(lambda: atc_acceptance_waits_on_a_lock(local_vault), within=10)
             simulator.paused = False
             await lock.rollback()
         # Approved by the issuer (its check went through) in well under the client's 2 s, but

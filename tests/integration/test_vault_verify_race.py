@@ -12,17 +12,13 @@ from sqlalchemy import text
 
 from billfold.vault import CardInput, LocalVault, TokenDomain
 from tests.integration.payments_support import eventually
-from tests.integration.vault_support import new_owner, new_pan, purchase, sql
-
-
-async def _accept_atc_waits_on_a_lock(vault: LocalVault) -> bool:
-    rows = await sql(
-        vault,
-        "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
-        "AND pid <> pg_backend_pid() AND wait_event_type = 'Lock' "
-        "AND query LIKE '%last_verified_atc = greatest%'",
-    )
-    return bool(rows[0]["n"])
+from tests.integration.vault_support import (
+    atc_acceptance_waits_on_a_lock,
+    new_owner,
+    new_pan,
+    purchase,
+    sql,
+)
 
 
 @pytest.mark.parametrize("status", ["suspended", "deleted"])
@@ -48,7 +44,7 @@ async def test_a_token_suspended_or_deleted_during_verification_does_not_verify(
         try:
             # The verification read the token (still active: the change is not committed) and
             # checked the cryptogram; its ATC update now waits for the change to commit.
-            await eventually(lambda: _accept_atc_waits_on_a_lock(local_vault), within=10)
+            await eventually(lambda: atc_acceptance_waits_on_a_lock(local_vault), within=10)
             assert not verification.done()
         finally:
             await change.commit()

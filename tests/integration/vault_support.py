@@ -285,3 +285,15 @@ class _AsItsServices:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._network if name in self._ISSUER_SIDE else self._api, name)
+
+
+async def atc_acceptance_waits_on_a_lock(vault: LocalVault) -> bool:
+    """Whether a verification's ATC update (`store.accept_atc`) is waiting on a row lock: how a
+    test knows a verification is parked behind the lock it holds."""
+    rows = await sql(
+        vault,
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid() AND wait_event_type = 'Lock' "
+        "AND query LIKE '%last_verified_atc = greatest%'",
+    )
+    return bool(rows[0]["n"])
