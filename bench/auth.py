@@ -128,7 +128,7 @@ def report(results: dict[str, Result], base: Result, drift: tuple[Result, Result
             print(
                 f"  {key:<9} throughput {r.rps / base.rps:6.3f}x   "
                 f"p99 {r.pct(99) / base.pct(99):6.2f}x   "
-                f"server CPU/request {r.server_cpu / base.server_cpu * len(base.latencies) / len(r.latencies):6.2f}x"
+                f"server CPU/request {r.cpu_us(r.server_cpu) / base.cpu_us(base.server_cpu):6.2f}x"
                 f"   (p99 {r.pct(99):.2f} ms)"
             )
 

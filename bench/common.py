@@ -68,9 +68,16 @@ class Result:
     succeeded: int = 0  # answers counted as success in the measured window
     # CPU seconds over the measured window of each `CpuProbe` given (None: not measurable)
     cpu: dict[str, float | None] = field(default_factory=dict)
+    # Answers that arrived within the measured window (whenever their request started) and the
+    # window's length: throughput and CPU per request when latencies are long against the window
+    # (see `run_scenario`). 0: not counted (then `latencies` and `elapsed` stand in).
+    completed: int = 0
+    window: float = 0.0
 
     @property
     def rps(self) -> float:
+        if self.completed and self.window:
+            return self.completed / self.window
         return len(self.latencies) / self.elapsed if self.elapsed else 0.0
 
     def pct(self, q: float) -> float:
@@ -78,8 +85,9 @@ class Result:
         return percentile(self.latencies, q) * 1000
 
     def cpu_us(self, seconds: float) -> float:
-        """CPU microseconds per request."""
-        return seconds / len(self.latencies) * 1e6 if self.latencies else float("nan")
+        """CPU microseconds per request (per answer within the window the CPU was measured)."""
+        n = self.completed or len(self.latencies)
+        return seconds / n * 1e6 if n else float("nan")
 
     def merged(self, other: Result, name: str) -> Result:
         return Result(
@@ -90,6 +98,8 @@ class Result:
             self.server_cpu + other.server_cpu,
             self.client_cpu + other.client_cpu,
             self.succeeded + other.succeeded,
+            completed=self.completed + other.completed,
+            window=self.window + other.window,
         )
 
 
@@ -267,7 +277,14 @@ async def run_scenario(
     An answer is a success if it is 2xx (or, with `ok_status`, one of those codes); anything
     else, or a connection error, is recorded as an error. Once `max_errors` errors are recorded
     the workers stop: the scenario is broken and the caller fails the run. Each of `probes`
-    measures the same window as `server_pid` (`Result.cpu`)."""
+    measures the same window as `server_pid` (`Result.cpu`).
+
+    Latencies are those of requests started in the window [warm-up end, + `duration`).
+    Throughput and CPU per request count the answers that arrived in that same window, whenever
+    their request started, with the CPU measured over exactly that window: with latencies
+    longer than the window (500 clients at 1.2 s of network latency queue for seconds) the
+    requests started in it finish long after it, and dividing the CPU spent until the last of
+    them by their number alone counted ~4x the CPU per request."""
     result = Result(name)
     start = time.perf_counter()
     measure_from = start + warmup
@@ -280,6 +297,10 @@ async def run_scenario(
         cpu0[:] = [process_cpu(server_pid) if server_pid else 0.0, time.process_time()]
         for probe in probes:
             await probe.start()
+        await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
+        result.server_cpu = (process_cpu(server_pid) if server_pid else 0.0) - cpu0[0]
+        result.client_cpu = time.process_time() - cpu0[1]
+        result.cpu = {probe.name: await probe.stop() for probe in probes}
 
     async def worker(i: int) -> None:
         nonlocal last_done
@@ -294,6 +315,8 @@ async def run_scenario(
             except (httpx.HTTPError, OSError, asyncio.IncompleteReadError) as exc:
                 ok, detail = False, f"{type(exc).__name__}: {exc}"
             t1 = time.perf_counter()
+            if measure_from <= t1 < stop_at:
+                result.completed += 1
             if t0 >= measure_from:
                 result.latencies.append(t1 - t0)
                 last_done = max(last_done, t1)
@@ -305,9 +328,7 @@ async def run_scenario(
 
     await asyncio.gather(mark(), *(worker(i) for i in range(len(clients))))
     result.elapsed = last_done - measure_from
-    result.server_cpu = (process_cpu(server_pid) if server_pid else 0.0) - cpu0[0]
-    result.client_cpu = time.process_time() - cpu0[1]
-    result.cpu = {probe.name: await probe.stop() for probe in probes}
+    result.window = duration
     return result
 
 
